@@ -46,7 +46,7 @@ def parse_stage_config(stage: str, dataclass_types: tuple, argv: list[str] | Non
         if key in known:
             _check_type(config_path, key, value, known[key].type)
 
-    parser = TrlParser(dataclass_types)
+    parser = TrlParser(dataclass_types, allow_abbrev=False)  # `--epoch` must not silently mean `--epochs`
     try:
         return parser.parse_args_and_config(argv)
     except ValueError as error:  # HfArgumentParser's message for unused CLI arguments, or a field check
@@ -84,7 +84,11 @@ def _check_type(path: Path, key: str, value, annotation) -> None:
     if isinstance(annotation, str):  # postponed annotations we can't resolve cheaply: let the dataclass decide
         return
     allowed = _allowed_types(annotation)
-    if not allowed or isinstance(value, allowed):
+    if not allowed:
+        return
+    if isinstance(value, bool) and bool not in allowed:  # bool is an int subclass: `epochs: true` is a typo
+        pass
+    elif isinstance(value, allowed):
         return
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return
@@ -106,8 +110,7 @@ def _allowed_types(annotation) -> tuple:
     if origin is dict:
         return (dict, str)
     if annotation in (int, float, str, bool):
-        # bool is a subclass of int: an int field must not silently take `true`
-        return (annotation,) if annotation is not int else (int,)
+        return (annotation,)
     if annotation is type(None):
         return (type(None),)
     return ()  # enums, custom classes: the dataclass validates those

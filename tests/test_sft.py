@@ -1,0 +1,80 @@
+"""The SFT stage end to end on a tiny model: a loadable checkpoint, a complete
+manifest, and clean failures on bad input."""
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from align.models import sha256_file
+from tests.conftest import assert_ok, run_stage, write_jsonl
+
+
+def test_sft_run_produces_loadable_checkpoint_and_manifest(runs_root, tiny_sft_run, tiny_data):
+    folder = runs_root / tiny_sft_run / "sft"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["stage"] == "sft" and manifest["parent"] is None
+    inputs = {entry["role"]: entry for entry in manifest["inputs"]}
+    assert inputs["train"]["sha256"] == sha256_file(tiny_data["sft"]) and inputs["train"]["records"] == 16
+    assert inputs["eval"]["sha256"] == sha256_file(tiny_data["prompts"])
+    for key in ("seed", "versions", "git", "chat_template_sha256", "started_at", "finished_at", "config", "base_model"):
+        assert manifest[key] is not None, key
+    assert manifest["versions"]["trl"] and manifest["pad_token"] != manifest["eos_token"]
+    metrics = manifest["metrics"]
+    assert metrics["train_steps"] == 2 and metrics["eval_loss_before"] > 0 and metrics["eval_loss_after"] > 0
+    assert (folder / "config.yaml").is_file() and list((folder / "logs" / "tensorboard").iterdir())
+    # The adapter is kept apart; the merged model loads on its own and generates.
+    assert (folder / "adapter" / "adapter_config.json").is_file()
+    assert not (folder / "model" / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(folder / "model")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    assert tokenizer.pad_token != tokenizer.eos_token
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)  # fmt: skip
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 4 or out[0, -1] == tokenizer.eos_token_id
+
+
+def test_full_finetune_learns_on_tiny_model(runs_root, tiny_model_dir, tiny_data):
+    """Held-out loss falls when the tiny model trains for real (full fine-tuning, no adapter)."""
+    result = run_stage(
+        "sft", "--run", "tiny-learn", "--model_name_or_path", str(tiny_model_dir),
+        "--train_file", str(tiny_data["sft"]), "--eval_file", str(tiny_data["prompts"]),
+        "--max_steps", "12", "--learning_rate", "0.003", "--per_device_train_batch_size", "8", "--use_peft", "false",
+    )  # fmt: skip
+    assert_ok(result)
+    folder = runs_root / "tiny-learn" / "sft"
+    metrics = json.loads((folder / "manifest.json").read_text())["metrics"]
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 1.0, metrics
+    assert not (folder / "adapter").exists() and (folder / "model" / "model.safetensors").is_file()
+    assert "[sft] eval loss" in result.stdout
+
+
+def test_corrupt_data_fails_with_one_line_and_no_finished_folder(runs_root, tiny_model_dir, tmp_path, tiny_data):
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [{"id": "1", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
+    with open(bad, "a") as handle:
+        handle.write('{"id": "2", "messages": [{"role": "user"}]}\n')
+    result = run_stage("sft", "--run", "corrupt", "--model_name_or_path", str(tiny_model_dir),
+                       "--train_file", str(bad), "--eval_file", str(tiny_data["prompts"]))  # fmt: skip
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error_lines == [f"error: {bad}:2: messages[0].content: must be a non-empty string"], result.stderr
+    assert not (runs_root / "corrupt" / "sft").exists()
+
+
+def test_crash_mid_stage_leaves_only_a_failed_folder(runs_root, tiny_model_dir, tiny_data):
+    result = run_stage("sft", "--run", "crash", "--model_name_or_path", str(tiny_model_dir),
+                       "--train_file", str(tiny_data["sft"]), "--eval_file", str(tiny_data["prompts"]),
+                       "--lora_target_modules", "no_such_module")  # fmt: skip
+    assert result.returncode != 0
+    run_folder = runs_root / "crash"
+    assert not (run_folder / "sft").exists()
+    (failed,) = run_folder.glob("sft.failed-*")
+    assert json.loads((failed / "manifest.json").read_text())["status"] == "failed"
+
+
+def test_unknown_config_key_exits_2(tiny_model_dir):
+    result = run_stage("sft", "--lerning_rate", "0.1")
+    assert result.returncode == 2
+    assert "unknown option(s) --lerning_rate; did you mean 'learning_rate'" in result.stderr
