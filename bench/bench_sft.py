@@ -1,0 +1,116 @@
+"""SFT throughput: our default settings vs plain TRL SFTTrainer defaults, side by side.
+
+Both train the same model (default: SmolLM2-135M-Instruct) on the same
+examples (data/sft.jsonl) for the same number of steps in this one process,
+alternating A/B/A/B so a noisy shared machine hurts both alike. Reported:
+tokens/s (non-pad tokens seen by the trainer), achieved model FLOP/s (6 x
+parameters x tokens/s, the usual MFU convention) and MFU against fp32 and bf16
+matmul peaks measured in the same run, and the ratio ours / TRL defaults.
+
+    python bench/bench_sft.py [--steps 8] [--repeats 2] [--model default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config  # noqa: E402
+
+from align import data, models, training  # noqa: E402
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """Best-of FLOP/s of a square matmul: the roof we measure MFU against."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def our_config(steps: int, output: str) -> tuple[SFTConfig, object]:
+    values = yaml.safe_load((REPO / "configs" / "sft.yaml").read_text())
+    model_keys = {k: v for k, v in values.items() if k in ModelConfig.__dataclass_fields__}
+    sft_keys = {k: v for k, v in values.items() if k in SFTConfig.__dataclass_fields__}
+    config = SFTConfig(**{**sft_keys, "max_steps": steps, "logging_steps": 1, "report_to": [], "output_dir": output})
+    config = training.fit_to_hardware(config, values.get("precision", "auto"), Path(output))
+    return config, get_peft_config(ModelConfig(**model_keys))
+
+
+def trl_default_config(steps: int, output: str) -> SFTConfig:
+    # TRL's defaults, forced onto the CPU the only way they run here: use_cpu, no bf16.
+    return SFTConfig(output_dir=output, max_steps=steps, use_cpu=True, bf16=False, logging_steps=1, report_to=[],
+                     save_strategy="no")  # fmt: skip
+
+
+def run_once(name: str, model_path: str, train_set, config: SFTConfig, peft_config) -> dict:
+    tokenizer = models.load_tokenizer(model_path)
+    model = models.load_causal_lm(model_path)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_set, processing_class=tokenizer,
+                         peft_config=peft_config)  # fmt: skip
+    trainer.remove_callback(__import__("transformers").integrations.TensorBoardCallback)
+    started = time.perf_counter()
+    trainer.train()
+    elapsed = time.perf_counter() - started
+    tokens = training.last_logged(trainer, "num_tokens")
+    return {"name": name, "seconds": elapsed, "tokens": float(tokens), "tokens_per_s": float(tokens) / elapsed,
+            "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--train_file", default=str(REPO / "data" / "sft.jsonl"))
+    args = parser.parse_args()
+
+    model_path = models.resolve_model(args.model)
+    examples = data.completion_examples(data.load_conversations(args.train_file))
+    train_set = Dataset.from_list(examples)
+    print(f"[bench-sft] {args.model}: {len(examples)} examples, {args.steps} steps x {args.repeats} repeats, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"[bench-sft] matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    best: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for repeat in range(args.repeats):
+            ours, peft_config = our_config(args.steps, f"{scratch}/ours")
+            for name, config, peft in (("align defaults", ours, peft_config),
+                                       ("TRL defaults (CPU)", trl_default_config(args.steps, f"{scratch}/trl"), None)):  # fmt: skip
+                result = run_once(name, model_path, train_set, config, peft)
+                print(f"  repeat {repeat + 1}: {name:<20} {result['tokens_per_s']:8.0f} tokens/s "
+                      f"({result['tokens']:.0f} tokens in {result['seconds']:.1f} s)")  # fmt: skip
+                if name not in best or result["tokens_per_s"] > best[name]["tokens_per_s"]:
+                    best[name] = result
+
+    print("\n| settings | tokens/s | model TFLOP/s | MFU vs fp32 peak | MFU vs bf16 peak |")
+    print("|---|---:|---:|---:|---:|")
+    for name, result in best.items():
+        flops = 6 * result["parameters"] * result["tokens_per_s"]
+        print(f"| {name} | {result['tokens_per_s']:.0f} | {flops / 1e12:.3f} | "
+              f"{flops / peaks['fp32']:.1%} | {flops / peaks['bf16']:.1%} |")  # fmt: skip
+    ratio = best["align defaults"]["tokens_per_s"] / best["TRL defaults (CPU)"]["tokens_per_s"]
+    print(f"\n[bench-sft] ratio align / TRL defaults: {ratio:.2f}x tokens/s (target >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
