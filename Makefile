@@ -30,7 +30,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 STAGES := sft candidates reward dpo compare
 
-.PHONY: help setup model test lint clean-runs bench $(STAGES)
+.PHONY: help setup model test test-deps clean-runs bench $(STAGES)
 
 help:
 	@echo "align - staged preference alignment. Main job: make sft reward dpo ; tests: make test"
@@ -71,7 +71,10 @@ $(STAGES): $(INSTALLED)
 	$(PY) -m stages.$@ --run $(RUN) $(ARGS)
 
 # ---- tests and benchmarks ---------------------------------------------------
-test: $(INSTALLED) test-deps
+# The tests start a real Argilla server and drive its UI in Debian's Chromium.
+test-deps: $(INSTALLED) argilla-deps argilla-browser-deps
+
+test: test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(INSTALLED)

@@ -8,6 +8,8 @@ import time
 
 from align.errors import AlignError
 
+_STARTED = time.time()  # the stage process's start: summaries report wall time from here
+
 
 def quiet_libraries() -> None:
     """Keep third-party chatter out of the way of our own progress output."""
@@ -22,15 +24,17 @@ def quiet_libraries() -> None:
 def run_stage(main, argv=None) -> None:
     """Run a stage's `main`; a user error prints one line and exits 2."""
     quiet_libraries()
-    started = time.time()
     try:
         main(argv)
     except AlignError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"interrupted after {time.time() - started:.0f} s; no output was marked complete", file=sys.stderr)
+        print(f"interrupted after {time.time() - _STARTED:.0f} s; no output was marked complete", file=sys.stderr)
         sys.exit(130)
+    except MemoryError:
+        print("error: out of memory; try a smaller --per_device_train_batch_size or --max_length", file=sys.stderr)
+        sys.exit(3)
 
 
 def summary(stage: str, **numbers) -> str:
@@ -40,6 +44,7 @@ def summary(stage: str, **numbers) -> str:
         if isinstance(value, float):
             value = f"{value:.4g}"
         parts.append(f"{key.replace('_', ' ')} {value}")
+    parts.append(f"wall {time.time() - _STARTED:.0f} s")
     line = f"[{stage}] " + " | ".join(parts)
     print(line, flush=True)
     return line

@@ -45,12 +45,13 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> floa
     return 2 * size**3 / best
 
 
-def our_config(steps: int, output: str) -> tuple[SFTConfig, object]:
+def our_config(steps: int, output: str, precision: str | None = None) -> tuple[SFTConfig, object]:
     values = yaml.safe_load((REPO / "configs" / "sft.yaml").read_text())
+    precision = precision or values.get("precision", "auto")
     model_keys = {k: v for k, v in values.items() if k in ModelConfig.__dataclass_fields__}
     sft_keys = {k: v for k, v in values.items() if k in SFTConfig.__dataclass_fields__}
     config = SFTConfig(**{**sft_keys, "max_steps": steps, "logging_steps": 1, "report_to": [], "output_dir": output})
-    config = training.fit_to_hardware(config, values.get("precision", "auto"), Path(output))
+    config = training.fit_to_hardware(config, precision, Path(output))
     return config, get_peft_config(ModelConfig(**model_keys))
 
 
@@ -71,6 +72,7 @@ def run_once(name: str, model_path: str, train_set, config: SFTConfig, peft_conf
     elapsed = time.perf_counter() - started
     tokens = training.last_logged(trainer, "num_tokens")
     return {"name": name, "seconds": elapsed, "tokens": float(tokens), "tokens_per_s": float(tokens) / elapsed,
+            "train_loss": training.last_logged(trainer, "train_loss"),
             "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
 
 
@@ -94,22 +96,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):
             ours, peft_config = our_config(args.steps, f"{scratch}/ours")
-            for name, config, peft in (("align defaults", ours, peft_config),
-                                       ("TRL defaults (CPU)", trl_default_config(args.steps, f"{scratch}/trl"), None)):  # fmt: skip
+            ours_fp32, _ = our_config(args.steps, f"{scratch}/ours-fp32", precision="fp32")
+            arms = (("align defaults", ours, peft_config), ("align, fp32", ours_fp32, peft_config),
+                    ("TRL defaults (CPU)", trl_default_config(args.steps, f"{scratch}/trl"), None))  # fmt: skip
+            for name, config, peft in arms:
                 result = run_once(name, model_path, train_set, config, peft)
                 print(f"  repeat {repeat + 1}: {name:<20} {result['tokens_per_s']:8.0f} tokens/s "
                       f"({result['tokens']:.0f} tokens in {result['seconds']:.1f} s)")  # fmt: skip
                 if name not in best or result["tokens_per_s"] > best[name]["tokens_per_s"]:
                     best[name] = result
 
-    print("\n| settings | tokens/s | model TFLOP/s | MFU vs fp32 peak | MFU vs bf16 peak |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n| settings | tokens/s | model TFLOP/s | MFU vs fp32 peak | MFU vs bf16 peak | train loss |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, result in best.items():
         flops = 6 * result["parameters"] * result["tokens_per_s"]
         print(f"| {name} | {result['tokens_per_s']:.0f} | {flops / 1e12:.3f} | "
-              f"{flops / peaks['fp32']:.1%} | {flops / peaks['bf16']:.1%} |")  # fmt: skip
+              f"{flops / peaks['fp32']:.1%} | {flops / peaks['bf16']:.1%} | {result['train_loss']:.3f} |")  # fmt: skip
     ratio = best["align defaults"]["tokens_per_s"] / best["TRL defaults (CPU)"]["tokens_per_s"]
     print(f"\n[bench-sft] ratio align / TRL defaults: {ratio:.2f}x tokens/s (target >= 1.5x)")
+    bf16_gain = best["align defaults"]["tokens_per_s"] / best["align, fp32"]["tokens_per_s"]
+    print(f"[bench-sft] bf16 autocast / fp32 (same LoRA settings): {bf16_gain:.2f}x tokens/s; train loss "
+          f"{best['align defaults']['train_loss']:.3f} vs {best['align, fp32']['train_loss']:.3f}")
 
 
 if __name__ == "__main__":
