@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.argilla_fixtures"] if (Path(__file__).parent / "argilla_fixtures.py").exists() else []  # TODO(lead): unconditional once it lands
+pytest_plugins = ["tests.argilla_fixtures"]
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
