@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -24,6 +25,9 @@ def quiet_libraries() -> None:
 def run_stage(main, argv=None) -> None:
     """Run a stage's `main`; a user error prints one line and exits 2."""
     quiet_libraries()
+    # SIGTERM (make's ^C, a job scheduler) becomes SystemExit, so the stage's
+    # output is marked failed and renamed instead of left half-written.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     try:
         main(argv)
     except AlignError as error:
