@@ -1,0 +1,144 @@
+"""Candidate sampling throughput: vLLM vs transformers `generate`, side by side.
+
+Same model (default: SmolLM2-135M-Instruct), same prompts (data/eval_prompts.jsonl
+when present, else a built-in list), same sampling (n samples per prompt,
+temperature 1, top_p 0.95, max_new_tokens), in bf16 where the hardware has it
+natively and in fp32; best of `--repeats` timed runs each after one warm-up.
+Reported: generated tokens/s per configuration and the ratio of the best vLLM
+to the best transformers figure. The fastest configuration is written to the
+cache ($ALIGN_CACHE/generation-backend.json, keyed by this machine), where
+`backend: auto` finds it.
+
+One in-process vLLM engine can live in a process at a time, so the run has one
+phase per precision: that precision's vLLM engine and transformers model, timed
+alternately round by round, so a busy machine slows both alike.
+
+    python bench/bench_generation.py [--prompts 16] [--n 4] [--max-new-tokens 64] [--repeats 3]
+                                     [--dtypes bfloat16 float32] [--model default] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from align import data, models  # noqa: E402
+from align.generation import (  # noqa: E402
+    SamplingSettings,
+    create_generator,
+    machine_key,
+    native_bf16,
+    record_backend_choice,
+    vllm_installed,
+)
+
+BUILT_IN_PROMPTS = [
+    "How do I keep basil fresh?", "What can I make with leftover rice?", "How long do hard-boiled eggs keep?",
+    "Give me a quick tomato sauce.", "How do I stop pasta from sticking?", "What goes well with lentils?",
+    "How do I dice an onion?", "Can I freeze bread?", "How do I make a simple vinaigrette?",
+    "What is a good substitute for butter in baking?", "How do I roast carrots?", "How do I cook quinoa?",
+    "How should I store potatoes?", "How do I make scrambled eggs creamy?", "What spices go with chickpeas?",
+    "How do I know when salmon is cooked?", "How do I ripen an avocado quickly?", "What can I cook with tofu?",
+]  # fmt: skip
+
+
+def load_conversations(count: int) -> tuple[list[list[dict]], str]:
+    path = REPO / "data" / "eval_prompts.jsonl"
+    if path.is_file():
+        prompts = [record["prompt"] for record in data.load_prompts(path)]
+        source = str(path.relative_to(REPO))
+    else:
+        prompts, source = [[{"role": "user", "content": text}] for text in BUILT_IN_PROMPTS], "built-in list"
+    while len(prompts) < count:  # repeat when the file is short: the batch size is what we measure
+        prompts = prompts + prompts
+    return prompts[:count], source
+
+
+def timed_run(generator, conversations, settings) -> tuple[float, int]:
+    started = time.perf_counter()
+    results = generator.generate(conversations, settings)
+    seconds = time.perf_counter() - started
+    return seconds, sum(len(sample.token_ids) for samples in results for sample in samples)
+
+
+def measure(generators: dict, conversations, settings, repeats: int) -> dict[str, float]:
+    """Best-of tokens/s per generator, alternating generators round by round."""
+    warm = SamplingSettings(n=1, temperature=1.0, max_new_tokens=8, seed=0)
+    for generator in generators.values():
+        generator.generate(conversations[:2], warm)
+    best = {name: 0.0 for name in generators}
+    for round_index in range(repeats):
+        for name, generator in generators.items():
+            seconds, tokens = timed_run(generator, conversations, replace(settings, seed=round_index))
+            best[name] = max(best[name], tokens / seconds)
+            print(f"  round {round_index + 1}: {name:12s} {tokens:5d} tokens in {seconds:6.1f} s = "
+                  f"{tokens / seconds:6.0f} tok/s", flush=True)  # fmt: skip
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32"], default=None,
+                        help="precisions to compare (default: bfloat16 and float32 where bf16 is native)")
+    parser.add_argument("--no-record", action="store_true", help="do not write the choice for backend: auto")
+    args = parser.parse_args()
+
+    started = time.time()
+    model_path = models.resolve_model(args.model)
+    conversations, source = load_conversations(args.prompts)
+    settings = SamplingSettings(n=args.n, temperature=1.0, top_p=0.95, max_new_tokens=args.max_new_tokens)
+    dtypes = args.dtypes or (["bfloat16", "float32"] if native_bf16() else ["float32"])
+    print(f"[bench] {args.model}: {len(conversations)} prompts ({source}) x {args.n} samples x "
+          f"{args.max_new_tokens} new tokens, sampling; best of {args.repeats}; {machine_key()}", flush=True)
+
+    speeds: dict[str, float] = {}
+    for dtype in dtypes:
+        print(f"[bench] phase {dtype}: transformers generate vs vLLM in-process engine", flush=True)
+        contenders = {f"hf {dtype}": create_generator(model_path, "hf", dtype, batch_size=len(conversations),
+                                                      quiet=True)}  # fmt: skip
+        if vllm_installed():
+            contenders[f"vllm {dtype}"] = create_generator(model_path, "vllm", dtype, quiet=True)
+        try:
+            speeds.update(measure(contenders, conversations, settings, args.repeats))
+        finally:
+            for generator in contenders.values():
+                generator.close()
+    if not vllm_installed():
+        print("[bench] vllm is not installed: transformers only", flush=True)
+
+    print("\n[bench] tokens/s (best of runs):")
+    for name, value in sorted(speeds.items(), key=lambda item: -item[1]):
+        print(f"  {name:16s} {value:7.0f}")
+    best_hf = max(value for name, value in speeds.items() if name.startswith("hf"))
+    vllm_speeds = [value for name, value in speeds.items() if name.startswith("vllm")]
+    for dtype in dtypes:
+        if f"vllm {dtype}" in speeds:
+            print(f"  ratio vLLM / transformers, {dtype}: {speeds[f'vllm {dtype}'] / speeds[f'hf {dtype}']:.2f}x")
+    if vllm_speeds:
+        print(f"  ratio best vLLM / best transformers: {max(vllm_speeds) / best_hf:.2f}x")
+    winner = max(speeds, key=speeds.get)
+    backend, dtype = winner.split()
+    if not args.no_record:
+        path = record_backend_choice(backend, dtype, {name: round(value, 1) for name, value in speeds.items()},
+                                     args.model)  # fmt: skip
+        print(f"[bench] backend: auto -> {backend} ({dtype}) on this machine; written to {path}")
+    print(f"[bench] done in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
