@@ -2,7 +2,8 @@
 
 Consumes
     - runs/<run>/sft (the latest finished SFT checkpoint; `sft_dir` names another)
-    - `prompts_file`: prompts JSONL (data/README.md; default data/eval_prompts.jsonl),
+    - `prompts_file`: prompts JSONL (data/README.md; default data/candidate_prompts.jsonl,
+      unlabelled prompts kept apart from the held-out eval prompts),
       the first `max_prompts` of them (0 = all)
     - optionally runs/<run>/reward (or `reward_dir`): when a reward model exists its
       ranking of each prompt's candidates goes to Argilla as a suggestion
@@ -43,7 +44,7 @@ EMPTY_PLACEHOLDER = "(empty response)"  # Argilla refuses empty text fields
 class CandidatesStageArgs:
     run: str = field(default="default", metadata={"help": "parent runs/<run>/sft, output runs/<run>/candidates"})
     sft_dir: str | None = field(default=None, metadata={"help": "an explicit SFT stage folder (not runs/<run>/sft)"})
-    prompts_file: str = field(default="data/eval_prompts.jsonl", metadata={"help": "prompts JSONL"})
+    prompts_file: str = field(default="data/candidate_prompts.jsonl", metadata={"help": "prompts JSONL"})
     max_prompts: int = field(default=20, metadata={"help": "use the first N prompts (0 = all)"})
     k: int = field(default=4, metadata={"help": "candidates sampled per prompt"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0 = greedy)"})
