@@ -1,0 +1,147 @@
+"""Reward model on real human preferences: held-out pairwise accuracy on HH-RLHF (harmless).
+
+Reads ../shared/datasets/hh-rlhf-harmless/pairs.jsonl (1,800 crowdworker
+judgments, `{"chosen", "rejected"}` dialogues; outside the repository and never
+copied into it), turns each pair into the project's ranked format (the shared
+dialogue up to the last `Assistant:` becomes the prompt messages, the two final
+assistant answers the ranked responses), and trains a reward model on part of
+it by running the real stage, `python -m stages.reward`, from the default model
+(no SFT parent), in a temporary runs folder. Reported side by side on the same
+held-out prompts: the reward model's pairwise accuracy (with its bootstrap
+interval) and two baselines, "prefer the shorter answer" and "prefer the longer
+answer" (harmless answers are often short refusals, so length alone is a
+real competitor).
+
+    python bench/bench_reward_hh.py [--train_pairs 1500] [--max_length 256] [-- extra stage args]
+
+Prints "skipped: ... not found" and exits 0 when the data set is absent.
+
+Measured 2026-11-23 on the 2-core CPU while other jobs loaded it (load 6-9,
+OMP_NUM_THREADS=1), stage defaults (LoRA in the top 8 layers, 1 epoch):
+1,063 pairs trained (the 1,500 minus those over 256 tokens with the chat
+template), 221 held out: accuracy 0.624 (95% CI 0.557-0.688) vs 0.509 for the
+best length baseline; 133 steps, 1,231 s training, 1,400 s stage wall. The
+stage's own gate failed that model on length (Spearman -0.65: it learned that
+short answers, often refusals, are harmless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "datasets" / "hh-rlhf-harmless" / "pairs.jsonl"
+TARGET = 0.60
+TURN = re.compile(r"\n\n(Human|Assistant): ")
+ROLES = {"Human": "user", "Assistant": "assistant"}
+
+# Stage settings for this bench: one epoch, long dialogues capped (pairs beyond are
+# dropped and counted), bf16 held-out scoring. Anything after `--` overrides them.
+STAGE_ARGS = ["--num_train_epochs", "1", "--score_dtype", "bfloat16"]
+
+
+def parse_dialogue(text: str) -> list[dict] | None:
+    """`\\n\\nHuman: ..\\n\\nAssistant: ..` -> chat messages; None if it is not a clean alternation."""
+    parts = TURN.split(text)
+    if parts[0].strip():
+        return None
+    messages = [{"role": ROLES[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
+    for index, message in enumerate(messages):
+        if message["role"] != ("user" if index % 2 == 0 else "assistant") or not message["content"]:
+            return None
+    return messages
+
+
+def hh_to_ranked(path: Path) -> tuple[list[dict], int]:
+    """One ranked record per HH pair: shared prompt, [chosen rank 1, rejected rank 2]. (records, skipped)."""
+    records, skipped = [], 0
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            pair = json.loads(line)
+            chosen, rejected = parse_dialogue(pair["chosen"]), parse_dialogue(pair["rejected"])
+            if (not chosen or not rejected or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant"
+                    or chosen[:-1] != rejected[:-1] or chosen[-1]["content"] == rejected[-1]["content"]):  # fmt: skip
+                skipped += 1  # malformed, empty final answer, or no difference to learn from
+                continue
+            records.append({
+                "prompt_id": f"hh-{line_number}", "prompt": chosen[:-1], "annotator": "hh-crowdworker",
+                "responses": [{"text": chosen[-1]["content"], "rank": 1}, {"text": rejected[-1]["content"], "rank": 2}],
+            })  # fmt: skip
+    return records, skipped
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train_pairs", type=int, default=1500, help="pairs (= prompts) to train on; rest held out")
+    parser.add_argument("--max_length", type=int, default=256, help="longer pairs are dropped (tokens)")
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--keep", action="store_true", help="keep the temporary runs folder and print its path")
+    parser.add_argument("stage_args", nargs="*", help="extra `python -m stages.reward` arguments (after --)")
+    options = parser.parse_args()
+
+    data_path = Path(options.data)
+    if not data_path.is_file():
+        print(f"skipped: {data_path} not found (the HH-RLHF sample lives beside the project, not in it)")
+        return 0
+    records, skipped = hh_to_ranked(data_path)
+    heldout_fraction = 1 - options.train_pairs / len(records)
+    if not 0 < heldout_fraction < 1:
+        print(f"error: --train_pairs {options.train_pairs} leaves nothing held out of {len(records)} pairs")
+        return 2
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-reward-hh-"))
+    ranked = scratch / "hh_ranked.jsonl"
+    ranked.write_text("".join(json.dumps(record) + "\n" for record in records))
+    command = [sys.executable, "-m", "stages.reward", "--run", "hh", "--model_name_or_path", "default",
+               "--ranked_files", str(ranked), "--heldout_fraction", f"{heldout_fraction:.6f}",
+               "--max_length", str(options.max_length), *STAGE_ARGS, *options.stage_args]  # fmt: skip
+    env = {**os.environ, "ALIGN_RUNS": str(scratch / "runs"), "HF_HUB_OFFLINE": "1"}
+    print(f"[bench] {len(records)} HH pairs ({skipped} malformed skipped); training on ~{options.train_pairs}, "
+          f"held-out ~{len(records) - options.train_pairs}; stage: {' '.join(command[2:])}", flush=True)  # fmt: skip
+    started = time.time()
+    result = subprocess.run(command, cwd=REPO, env=env)
+    wall = time.time() - started
+    if result.returncode != 0:
+        print(f"[bench] the reward stage failed (exit {result.returncode}); scratch kept in {scratch}")
+        return result.returncode
+
+    folder = scratch / "runs" / "hh" / "reward"
+    metrics = json.loads((folder / "manifest.json").read_text())["metrics"]
+    scores = [json.loads(line) for line in (folder / "heldout_scores.jsonl").read_text().splitlines()]
+    shorter = sum((r["chosen_tokens"] < r["rejected_tokens"]) + 0.5 * (r["chosen_tokens"] == r["rejected_tokens"])
+                  for r in scores) / len(scores)  # fmt: skip
+    accuracy = metrics["pairwise_accuracy"]
+    low, high = metrics["pairwise_accuracy_ci95"]
+    print()
+    dropped = metrics["dropped_too_long_train"] + metrics["dropped_too_long_heldout"]
+    print(f"HH-RLHF harmless, held-out pairwise accuracy ({metrics['heldout_pairs']} pairs, "
+          f"{metrics['train_pairs']} trained; {dropped} dropped > {options.max_length} tokens)")  # fmt: skip
+    print(f"  reward model            {accuracy:.3f}  (95% CI {low:.3f}-{high:.3f})  target >= {TARGET:.2f}: "
+          f"{'MET' if accuracy >= TARGET else 'NOT MET'}")  # fmt: skip
+    print(f"  prefer shorter answer   {shorter:.3f}")
+    print(f"  prefer longer answer    {1 - shorter:.3f}")
+    print(f"  ratio model / best length baseline: {accuracy / max(shorter, 1 - shorter):.2f}")
+    print(f"  length correlation {metrics['length_correlation']:.3f}, ECE {metrics['ece']:.3f}, "
+          f"train loss {metrics['train_loss']:.3f}, steps {metrics['train_steps']}, "
+          f"train {metrics['train_runtime_s']:.0f} s, stage wall {wall:.0f} s")  # fmt: skip
+    if options.keep:
+        print(f"  kept: {scratch}")
+    else:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

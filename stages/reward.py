@@ -1,0 +1,375 @@
+"""Reward: a reward model from human rankings, and a verdict on whether it is usable.
+
+Consumes
+    - runs/<run>/sft (its manifest names the model folder); or `model_name_or_path`
+      to start from another model without an SFT parent
+    - `ranked_files`: ranked-responses JSONL (data/README.md), one or several;
+      and/or `argilla_dataset`: rankings pulled from Argilla (saved as rankings.jsonl)
+
+Produces runs/<run>/reward/: model/ (merged AutoModelForSequenceClassification,
+num_labels 1), adapter/ (LoRA + score head), pairs/{train,heldout}.jsonl,
+heldout_scores.jsonl, report.md with calibration.png and length.png, config.yaml,
+logs/, manifest.json (metrics include gate_passed and gate_reasons).
+
+Features and assumptions
+    - Rankings become pairs by align.preferences (ties, several annotators, bad
+      rankings reported with file:line); the held-out split is by prompt.
+    - TRL RewardTrainer, LoRA with the `score` head trained in full; pad != eos.
+    - The text scored is align.scoring.reward_text, in training, in the
+      evaluation here and in every later stage.
+    - Quality gate on the held-out pairs: pairwise accuracy, mean margin,
+      calibration (ECE), length correlation; thresholds `gate_*` in the config.
+      A failed gate is printed loudly and recorded; the stage still completes,
+      and later stages warn or refuse (their `reward_gate_policy`).
+
+Run: make reward [RUN=name] [ARGS="--num_train_epochs 2 ..."]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import ModelConfig, RewardConfig, RewardTrainer, get_peft_config
+
+from align import data, evaluation, models, preferences, runs, scoring, training
+from align.config import parse_stage_config, resolved_config
+from align.console import run_stage, summary, warn
+from align.errors import ConfigError
+
+
+@dataclass
+class RewardStageArgs:
+    run: str = field(default="default", metadata={"help": "run name: parent runs/<run>/sft, outputs runs/<run>/reward"})
+    sft_dir: str | None = field(default=None, metadata={"help": "an SFT stage folder instead of runs/<run>/sft"})
+    ranked_files: list[str] = field(default_factory=lambda: ["data/ranked.jsonl"],
+                                    metadata={"help": "ranked-responses JSONL file(s)"})  # fmt: skip
+    argilla_dataset: str | None = field(default=None, metadata={"help": "Argilla ranking dataset to pull"})
+    argilla_workspace: str = field(default="align", metadata={"help": "workspace of argilla_dataset"})
+    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32"})
+    ties: str = field(default="drop", metadata={"help": "drop | soft"})
+    aggregation: str = field(default="mean_rank", metadata={"help": "mean_rank | majority"})
+    bad_rankings: str = field(default="skip", metadata={"help": "skip | refuse"})
+    use_margin: bool = field(default=False, metadata={"help": "pass rank margins to the loss"})
+    heldout_fraction: float = field(default=0.2, metadata={"help": "share of prompts held out for the gate"})
+    gate_min_accuracy: float | None = field(default=0.6, metadata={"help": "min held-out pairwise accuracy"})
+    gate_min_mean_margin: float | None = field(default=0.0, metadata={"help": "min mean r_chosen - r_rejected"})
+    gate_max_ece: float | None = field(default=0.2, metadata={"help": "max expected calibration error"})
+    gate_max_abs_length_corr: float | None = field(default=0.5, metadata={"help": "max |Spearman(score, length)|"})
+    calibration_bins: int = field(default=10, metadata={"help": "bins for ECE and the calibration plot"})
+    score_batch_size: int = field(default=16, metadata={"help": "batch size when scoring held-out pairs"})
+    score_dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 for held-out scoring"})
+    lora_top_layers: int | None = field(default=None, metadata={
+        "help": "LoRA only in the top N transformer layers (peft layers_to_transform; all if the model has fewer); "
+                "backward stops there"})
+
+
+def main(argv=None):
+    args, model_args, reward_config = parse_stage_config("reward", (RewardStageArgs, ModelConfig, RewardConfig), argv)
+    if not args.ranked_files and not args.argilla_dataset:
+        raise ConfigError("ranked_files is empty and argilla_dataset is not set: nothing to train on")
+    preferences.check_options(args.ties, args.aggregation, args.bad_rankings)
+
+    # Inputs and pairs, checked before any output is written or model loads: bad data fails in seconds.
+    records, inputs = [], []
+    for path in args.ranked_files:
+        loaded = data.load_ranked(path)
+        records += loaded
+        inputs.append((path, len(loaded)))
+    pulled = pull_from_argilla(args) if args.argilla_dataset else None
+    if pulled is not None:
+        records += pulled
+    parent, base = find_start_model(args, model_args)
+    tokenizer = models.load_tokenizer(base)
+    pairs, pair_report = preferences.ranked_to_pairs(records, args.ties, args.aggregation, args.bad_rankings)
+    show_bad_rankings(pair_report)
+    train_pairs, heldout_pairs = preferences.split_by_prompt(pairs, args.heldout_fraction, reward_config.seed)
+    train_pairs, too_long_train = drop_too_long(tokenizer, train_pairs, reward_config.max_length)
+    heldout_pairs, too_long_heldout = drop_too_long(tokenizer, heldout_pairs, reward_config.max_length)
+    if not train_pairs:
+        raise ConfigError("no training pairs left after ties, bad rankings, the split and max_length; see above")
+    split_counts = {
+        "train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs),
+        "train_prompts": len(preferences.pairs_by_prompt(train_pairs)),
+        "heldout_prompts": len(preferences.pairs_by_prompt(heldout_pairs)),
+        "dropped_too_long_train": too_long_train, "dropped_too_long_heldout": too_long_heldout,
+    }  # fmt: skip
+
+    config = resolved_config(args, model_args, reward_config)
+    with runs.stage_output(args.run, "reward", config, reward_config.seed, parent=parent) as out:
+        for path, count in inputs:
+            out.add_input(path, "ranked", count)
+        if pulled is not None:
+            data.write_jsonl(out.path / "rankings.jsonl", [_without_source(r) for r in pulled])
+            out.add_input(out.path / "rankings.jsonl", "ranked (argilla)", len(pulled))
+        data.write_jsonl(out.path / "pairs" / "train.jsonl", train_pairs)
+        data.write_jsonl(out.path / "pairs" / "heldout.jsonl", heldout_pairs)
+        out.metrics.update(pair_report.as_metrics(), **split_counts)
+
+        training.record_model_facts(out, tokenizer, model_args.model_name_or_path or f"runs/{args.run}/sft", base)
+        trainer = RewardTrainer(
+            model=base,  # TRL loads it as AutoModelForSequenceClassification, num_labels=1, new score head
+            args=training.fit_to_hardware(reward_config, args.precision, out.path),
+            train_dataset=scoring.reward_dataset(tokenizer, train_pairs, args.use_margin),
+            processing_class=tokenizer,
+            peft_config=peft_config(model_args, args, base),
+        )
+        total, trainable = models.count_parameters(trainer.model)
+        print(f"[reward] {pair_report.records} rankings -> {len(pairs)} pairs on {pair_report.prompts} prompts; "
+              f"train {len(train_pairs)} pairs / held-out {len(heldout_pairs)} pairs "
+              f"({split_counts['heldout_prompts']} prompts); {trainable / 1e6:.2f}M of {total / 1e6:.1f}M "
+              "parameters trainable", flush=True)  # fmt: skip
+        result = trainer.train()
+
+        if model_args.use_peft:
+            out.set(outputs=training.save_peft_outputs(trainer.model, tokenizer, out))
+        else:
+            training.save_model(trainer.model, tokenizer, out.model_dir)
+            out.set(outputs={"model": "model"})
+        training.remove_trainer_scratch(out)
+        del trainer
+
+        # The gate is measured on the saved model, the artefact later stages load.
+        gate = evaluate_heldout(out, args, tokenizer, heldout_pairs)
+        out.metrics.update(
+            train_loss=result.training_loss,
+            train_steps=result.global_step,
+            train_runtime_s=result.metrics.get("train_runtime"),
+            trainable_parameters=trainable,
+            bf16=training.choose_bf16(args.precision),
+            **gate,
+        )
+        write_report(out, args, pair_report, split_counts, gate)
+        if not gate["gate_passed"]:  # loud, and in logs/stage.log too
+            warn("reward model FAILED its quality gate: " + "; ".join(gate["gate_reasons"]) + ". See "
+                 f"{runs.stage_dir(args.run, 'reward') / 'report.md'}. Later stages will warn or refuse "
+                 "(their reward_gate_policy).")  # fmt: skip
+    summary("reward", gate="PASS" if gate["gate_passed"] else "FAIL",
+            heldout_accuracy=_fmt(gate.get("pairwise_accuracy")), ece=_fmt(gate.get("ece")),
+            length_corr=_fmt(gate.get("length_correlation")), pairs=f"{len(train_pairs)}+{len(heldout_pairs)}",
+            train_loss=result.training_loss, output=str(out.path))  # fmt: skip
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def peft_config(model_args, args, base: str):
+    """TRL's LoRA config from ModelConfig, limited to the top `lora_top_layers` layers when set."""
+    config = get_peft_config(model_args)
+    if config is None or not args.lora_top_layers:
+        return config
+    from transformers import AutoConfig
+
+    if args.lora_top_layers < 1:
+        raise ConfigError(f"lora_top_layers: must be >= 1 (or null for every layer), got {args.lora_top_layers}")
+    layers = AutoConfig.from_pretrained(base).num_hidden_layers
+    top = min(args.lora_top_layers, layers)  # a model with fewer layers gets LoRA in all of them
+    config.layers_to_transform = list(range(layers - top, layers))
+    return config
+
+
+def find_start_model(args, model_args) -> tuple[runs.Checkpoint | None, str]:
+    """The SFT parent (its manifest names the model), unless model_name_or_path says otherwise."""
+    if model_args.model_name_or_path:
+        if args.sft_dir:
+            raise ConfigError("give either model_name_or_path or sft_dir, not both")
+        return None, models.resolve_model(model_args.model_name_or_path)
+    parent = runs.find_checkpoint(args.run, ["sft"], args.sft_dir)
+    return parent, parent.model_path
+
+
+def pull_from_argilla(args) -> list[dict]:
+    """Rankings from Argilla, checked like a file; their sources name the rankings.jsonl
+    line the stage will save them to (runs/<run>/reward/rankings.jsonl:N)."""
+    import tempfile
+
+    from align import argilla_io  # lazily: the stage needs Argilla only when asked to pull
+
+    client = argilla_io.connect()
+    pulled = argilla_io.pull_rankings(client, args.argilla_dataset, args.argilla_workspace)
+    for problem in getattr(pulled, "problems", []):
+        warn(f"argilla {args.argilla_dataset} record {problem['record_id']} ({problem['annotator']}): "
+             f"{problem['problem']}; left out")  # fmt: skip
+    print(f"[reward] pulled {len(pulled)} rankings from Argilla dataset {args.argilla_dataset!r}", flush=True)
+    if not pulled:
+        return []
+    final = runs.stage_dir(args.run, "reward") / "rankings.jsonl"
+    with tempfile.TemporaryDirectory() as folder:
+        scratch = Path(folder) / "rankings.jsonl"
+        data.write_jsonl(scratch, list(pulled))
+        records = data.load_ranked(scratch)
+    for record in records:
+        record["source"] = record["source"].replace(str(scratch), str(final))
+    return records
+
+
+def _without_source(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key != "source"}
+
+
+def show_bad_rankings(report: preferences.PairReport, limit: int = 20) -> None:
+    for bad in report.bad[:limit]:
+        warn(f"bad ranking skipped: {bad}")
+    if len(report.bad) > limit:
+        warn(f"... and {len(report.bad) - limit} more bad rankings (all listed in report.md)")
+
+
+def drop_too_long(tokenizer, pairs: list[dict], max_length: int | None) -> tuple[list[dict], int]:
+    """RewardTrainer silently drops pairs longer than max_length: drop them here, counted."""
+    if max_length is None:
+        return pairs, 0
+    kept = []
+    for pair in pairs:
+        lengths = [len(scoring.reward_ids(tokenizer, scoring.reward_text(tokenizer, pair["prompt"], pair[side])))
+                   for side in ("chosen", "rejected")]  # fmt: skip
+        if max(lengths) <= max_length:
+            kept.append(pair)
+    return kept, len(pairs) - len(kept)
+
+
+def evaluate_heldout(out, args, tokenizer, heldout_pairs: list[dict]) -> dict:
+    """Gate metrics on the held-out pairs, scored by the saved model through RewardScorer."""
+    thresholds = {
+        "min_accuracy": args.gate_min_accuracy,
+        "min_mean_margin": args.gate_min_mean_margin,
+        "max_ece": args.gate_max_ece,
+        "max_abs_length_corr": args.gate_max_abs_length_corr,
+    }
+    if not heldout_pairs:
+        reasons = ["no held-out pairs (heldout_fraction 0 or too few prompts): the gate could not be checked"]
+        return {"gate_passed": False, "gate_reasons": reasons, "gate_thresholds": thresholds}
+    scorer = scoring.RewardScorer(out.model_dir, batch_size=args.score_batch_size, dtype=args.score_dtype)
+    chosen, rejected = scorer.score_pairs(heldout_pairs, progress="[reward] scoring held-out pairs")
+    probabilities, outcomes = evaluation.pair_probabilities(chosen, rejected)
+    # Length bias: every distinct held-out response once, with its score and length in tokens.
+    responses: dict[tuple[str, str], tuple[float, int]] = {}
+    for pair, c, r in zip(heldout_pairs, chosen, rejected):
+        key = preferences.prompt_key(pair["prompt"])
+        responses[(key, pair["chosen"])] = (c, scoring.response_length(tokenizer, pair["chosen"]))
+        responses[(key, pair["rejected"])] = (r, scoring.response_length(tokenizer, pair["rejected"]))
+    scores, lengths = zip(*responses.values())
+    length_corr = evaluation.length_correlation(scores, lengths) if len(scores) > 1 else float("nan")
+    chosen_longer = sum(len_c > len_r for len_c, len_r in (
+        (responses[(preferences.prompt_key(p["prompt"]), p["chosen"])][1],
+         responses[(preferences.prompt_key(p["prompt"]), p["rejected"])][1]) for p in heldout_pairs))  # fmt: skip
+    metrics = {
+        "pairwise_accuracy": evaluation.pairwise_accuracy(chosen, rejected),
+        "mean_margin": evaluation.mean_margin(chosen, rejected),
+        "ece": evaluation.expected_calibration_error(probabilities, outcomes, args.calibration_bins),
+        "length_correlation": length_corr,
+        "chosen_longer_fraction": chosen_longer / len(heldout_pairs),  # the data's own length preference
+    }
+    low_high = evaluation.bootstrap_mean_ci(
+        [float(c > r) + 0.5 * float(c == r) for c, r in zip(chosen, rejected)], seed=0
+    )
+    metrics["pairwise_accuracy_ci95"] = [low_high[1], low_high[2]]
+    passed, reasons = evaluation.reward_gate(metrics, thresholds)
+    rows = [{"prompt_id": p["prompt_id"], "r_chosen": c, "r_rejected": r, "chosen_tokens":
+             responses[(preferences.prompt_key(p["prompt"]), p["chosen"])][1], "rejected_tokens":
+             responses[(preferences.prompt_key(p["prompt"]), p["rejected"])][1]}
+            for p, c, r in zip(heldout_pairs, chosen, rejected)]  # fmt: skip
+    data.write_jsonl(out.path / "heldout_scores.jsonl", rows)
+    plot_calibration(out.path / "calibration.png", probabilities, outcomes, args.calibration_bins)
+    plot_length(out.path / "length.png", scores, lengths, length_corr)
+    table = evaluation.calibration_bins(probabilities, outcomes, args.calibration_bins)
+    return {**metrics, "gate_passed": passed, "gate_reasons": reasons, "gate_thresholds": thresholds,
+            "calibration_table": table}  # fmt: skip
+
+
+def plot_calibration(path: Path, probabilities, outcomes, bins: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = [row for row in evaluation.calibration_bins(probabilities, outcomes, bins) if row["count"]]
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    axis.plot([row["mean_probability"] for row in table], [row["observed"] for row in table], marker="o",
+              label="reward model")  # fmt: skip
+    axis.set_xlabel("predicted P(A preferred) = sigmoid(r_A - r_B)")
+    axis.set_ylabel("observed frequency A preferred")
+    axis.set_title("Calibration on held-out pairs")
+    axis.legend(loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_length(path: Path, scores, lengths, correlation: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    axis.scatter(lengths, scores, s=12, alpha=0.6)
+    axis.set_xlabel("response length (tokens)")
+    axis.set_ylabel("reward score")
+    axis.set_title(f"Score vs length (Spearman {correlation:.2f})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+GATE_ROWS = (
+    ("pairwise accuracy", "pairwise_accuracy", "min_accuracy", ">="),
+    ("mean margin (r_chosen - r_rejected)", "mean_margin", "min_mean_margin", ">="),
+    ("calibration error (ECE)", "ece", "max_ece", "<="),
+    ("length correlation (Spearman)", "length_correlation", "max_abs_length_corr", "abs <="),
+)
+
+
+def write_report(out, args, pair_report: preferences.PairReport, split: dict, gate: dict) -> None:
+    verdict = "PASSED" if gate["gate_passed"] else "FAILED"
+    lines = [f"# Reward model report: run `{args.run}`", "",
+             f"**Quality gate: {verdict}.**" + ("" if gate["gate_passed"] else
+             " This reward model should not be optimized against as it is. Why: " + "; ".join(gate["gate_reasons"])
+             + ". Later stages warn, or refuse with `reward_gate_policy: refuse`."), "",
+             "## Data", "",
+             f"- {pair_report.records} rankings ({pair_report.records_used} used) on {pair_report.prompts} prompts "
+             f"by {pair_report.annotators} annotator(s) -> {pair_report.pairs} pairs "
+             f"(ties: `{args.ties}`, {pair_report.ties_dropped} tied pairs dropped, {pair_report.tie_pairs} soft "
+             f"tie pairs; aggregation: `{args.aggregation}`)",
+             f"- duplicates dropped: {pair_report.duplicates_dropped}; bad rankings: {len(pair_report.bad)} "
+             f"(policy `{args.bad_rankings}`)",
+             f"- split by prompt: train {split['train_pairs']} pairs / {split['train_prompts']} prompts, held-out "
+             f"{split['heldout_pairs']} pairs / {split['heldout_prompts']} prompts; longer than max_length "
+             f"(dropped): {split['dropped_too_long_train']} train, "
+             f"{split['dropped_too_long_heldout']} held-out"]  # fmt: skip
+    if pair_report.agreement_rate is not None:
+        per_prompt = ", ".join(f"{n} annotators: {count} prompts"
+                               for n, count in sorted(pair_report.annotators_per_prompt.items()))  # fmt: skip
+        lines.append(f"- annotator agreement: {pair_report.agreement_rate:.1%} of "
+                     f"{pair_report.agreement_comparisons} pairwise comparisons ({per_prompt})")  # fmt: skip
+    else:
+        lines.append("- annotator agreement: no prompt was ranked by two annotators")
+    if pair_report.bad:
+        lines += ["", "### Bad rankings (left out)", ""] + [f"- `{bad}`" for bad in pair_report.bad]
+    lines += ["", "## Quality gate (held-out pairs)", ""]
+    if "pairwise_accuracy" in gate:
+        lines += ["| check | value | threshold | result |", "| --- | --- | --- | --- |"]
+        for label, metric, key, rule in GATE_ROWS:
+            limit = gate["gate_thresholds"].get(key)
+            value = gate.get(metric)
+            failed = any(reason.startswith((metric, f"|{metric}|")) for reason in gate["gate_reasons"])
+            result = "-" if limit is None else ("FAIL" if failed else "PASS")
+            lines.append(f"| {label} | {_fmt(value)} | {'-' if limit is None else f'{rule} {limit}'} | {result} |")
+        low, high = gate["pairwise_accuracy_ci95"]
+        lines += ["",
+                  f"Pairwise accuracy: share of held-out pairs where the chosen response scores higher (95% "
+                  f"bootstrap interval {low:.3f}-{high:.3f}). ECE: each pair read both ways, predicted "
+                  f"sigmoid(r_A - r_B) against what annotators chose, {args.calibration_bins} equal-width bins. "
+                  f"Length correlation: Spearman between score and response length over the distinct held-out "
+                  f"responses; for reference, the chosen response is the longer one in "
+                  f"{gate['chosen_longer_fraction']:.0%} of held-out pairs.", "",
+                  "![calibration](calibration.png) ![score vs length](length.png)"]  # fmt: skip
+    else:
+        lines.append("Not measured: " + "; ".join(gate["gate_reasons"]))
+    (out.path / "report.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    run_stage(main)
