@@ -42,6 +42,7 @@ help:
 	@echo "  reward           reward model from ranked preferences -> runs/$(RUN)/reward"
 	@echo "  dpo              DPO against preferences / reward model -> runs/$(RUN)/dpo"
 	@echo "  compare          aligned vs SFT report            -> runs/$(RUN)/compare"
+	@echo "  compare-to-argilla / compare-pull   blind A/B of the compare run in Argilla -> human win rate in the report"
 	@echo "  argilla, argilla-stop, argilla-status, annotators   the local Argilla server"
 	@echo "  test             the test suite; bench: the benchmarks"
 	@echo
@@ -85,3 +86,5 @@ clean-runs:
 
 # test-deps (Argilla server venv, Redis, Chromium) and the argilla-* targets
 include mk/argilla.mk
+# compare-to-argilla, compare-pull: the human A/B verdict
+include mk/compare.mk

@@ -1,0 +1,238 @@
+"""Compare: did alignment make the model better, and at what cost?
+
+Consumes
+    - two or more checkpoints: by default runs/<run>/sft (the baseline) and the newest
+      finished aligned stage among `aligned_stages` (dpo, ...); or `checkpoints:` stage
+      folders, the first being the baseline
+    - the reward model runs/<run>/reward (or `reward_checkpoint`), checked against its gate
+    - `prompts_file`: held-out prompts (data/eval_prompts.jsonl)
+
+Produces runs/<run>/compare/: report.md (+ report.html), report.json (every number),
+samples.jsonl (every response with its reward, length, style checks), PNG plots
+(reward distributions, win rate, length vs reward, style pass rates), config.yaml,
+logs/, manifest.json; and a one-line verdict per aligned model.
+
+How
+    - Every model answers every prompt with the same decoding settings and seed
+      (align.generation), `samples_per_prompt` samples each.
+    - The reward model scores every response in THE reward layout (align.scoring).
+    - KL(aligned || baseline) on samples drawn from the aligned model at
+      `kl_temperature` (1.0: the estimate is unbiased only for the model's own
+      distribution), both log-probabilities from a forward pass with the same
+      settings (align.logprobs), so a model compared with itself gives exactly 0.
+    - Numbers, plots and report: align/comparison.py (definitions in its docstring).
+
+Run: make compare [RUN=name] [ARGS="--samples_per_prompt 4 ..."]
+Then, for a human verdict: make compare-to-argilla, annotate, make compare-pull.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import asdict
+
+from align import comparison, data, logprobs, models, runs
+from align.comparison import CompareArgillaArgs, CompareArgs
+from align.config import parse_stage_config, resolved_config
+from align.console import run_stage, summary, warn
+from align.errors import AlignError, ConfigError, LineageError
+from align.generation import SamplingSettings, create_generator, render_prompts
+from align.scoring import load_reward_checkpoint
+from align.style import check_response, is_unsafe_prompt, style_score, word_count
+
+
+def checkpoints_to_compare(args: CompareArgs) -> list[runs.Checkpoint]:
+    if args.checkpoints:
+        if len(args.checkpoints) < 2:
+            raise ConfigError(f"checkpoints: give at least two stage folders (baseline first), got {args.checkpoints}")
+        found = [runs.read_checkpoint(folder) for folder in args.checkpoints]
+    else:
+        found = [runs.find_checkpoint(args.run, [args.baseline_stage]), runs.find_checkpoint(args.run, args.aligned_stages)]
+    for checkpoint in found:
+        if not (checkpoint.folder / "model" / "config.json").is_file():
+            raise LineageError(f"{checkpoint.folder}: no model/ folder with config.json; is this a model stage?")
+    return found
+
+
+def model_labels(checkpoints: list[runs.Checkpoint]) -> list[str]:
+    """Stage names, made unique with the run name (and a number) when two share one."""
+    labels = [checkpoint.stage for checkpoint in checkpoints]
+    if len(set(labels)) < len(labels):
+        labels = [f"{c.manifest.get('run', c.folder.parent.name)}/{c.stage}" for c in checkpoints]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label}#{index}" for index, label in enumerate(labels)]
+    return labels
+
+
+def check_same_prompt_format(checkpoints, labels) -> None:
+    """Identical inputs need identical chat templates: otherwise prompts (and the KL) differ."""
+    hashes = {label: models.chat_template_hash(models.load_tokenizer(c.model_path)) for c, label in zip(checkpoints, labels)}
+    if len(set(hashes.values())) > 1:
+        raise AlignError(f"the checkpoints' chat templates differ ({hashes}); the comparison would feed them "
+                         "different prompts: compare models fine-tuned from the same base")  # fmt: skip
+
+
+def generate_all(args, checkpoints, labels, conversations, settings, kl_settings):
+    """{label: per prompt, per sample: Sample} and, for aligned models, the KL samples."""
+    outputs, kl_outputs = {}, {}
+    for index, (checkpoint, label) in enumerate(zip(checkpoints, labels)):
+        print(f"[compare] generating with {label} ({checkpoint.model_path})", flush=True)
+        with create_generator(checkpoint.model_path, args.backend, args.dtype, server_url=args.server_url,
+                              seed=args.seed) as generator:  # fmt: skip
+            outputs[label] = generator.generate(conversations, settings, progress=True)
+            if index > 0 and kl_settings is not None:
+                kl_outputs[label] = generator.generate(conversations, kl_settings, progress=True)
+            backend = generator.describe()
+        gc.collect()
+    if kl_settings is None:  # the comparison samples were drawn at the KL temperature: reuse them
+        kl_outputs = {label: outputs[label] for label in labels[1:]}
+    return outputs, kl_outputs, backend
+
+
+def kl_estimates(args, checkpoints, labels, conversations, prompt_ids, kl_outputs) -> dict[str, dict]:
+    """Per aligned model: per-sample KL(aligned || baseline) from forward passes of both models."""
+    tokenizer = models.load_tokenizer(checkpoints[0].model_path, padding_side="left")
+    rendered = render_prompts(tokenizer, conversations)
+    flat = {}
+    for label in labels[1:]:
+        rows = [(prompt_ids[i], rendered[i], sample.token_ids) for i, samples in enumerate(kl_outputs[label]) for sample in samples]
+        flat[label] = rows
+    policy_logprobs = {}
+    for checkpoint, label in zip(checkpoints[1:], labels[1:]):
+        model = models.load_causal_lm(checkpoint.model_path, args.kl_dtype)
+        rows = flat[label]
+        policy_logprobs[label] = logprobs.completion_logprobs(
+            model, [r[1] for r in rows], [r[2] for r in rows], tokenizer.pad_token_id, args.kl_batch_size,
+            progress=f"log p {label}")  # fmt: skip
+        del model
+        gc.collect()
+    baseline = models.load_causal_lm(checkpoints[0].model_path, args.kl_dtype)
+    results = {}
+    for label in labels[1:]:
+        rows = flat[label]
+        reference = logprobs.completion_logprobs(
+            baseline, [r[1] for r in rows], [r[2] for r in rows], tokenizer.pad_token_id, args.kl_batch_size,
+            progress=f"log p {labels[0]} on {label} samples")  # fmt: skip
+        results[label] = {
+            "estimator": args.kl_estimator,
+            "values": logprobs.kl_per_sequence(policy_logprobs[label], reference, args.kl_estimator),
+            "k1": logprobs.kl_per_sequence(policy_logprobs[label], reference, "k1"),
+            "prompt_ids": [r[0] for r in rows],
+            "tokens": sum(len(r[2]) for r in rows),
+        }
+    del baseline
+    gc.collect()
+    return results
+
+
+def sample_rows(prompts, labels, outputs, checkpoints) -> list[dict]:
+    """One row per response (no rewards yet): what samples.jsonl holds."""
+    rows = []
+    for label, checkpoint in zip(labels, checkpoints):
+        for prompt, samples in zip(prompts, outputs[label]):
+            user = next(m["content"] for m in reversed(prompt["prompt"]) if m["role"] == "user")
+            unsafe = is_unsafe_prompt(user)
+            for index, sample in enumerate(samples):
+                tokens = len(sample.token_ids) - (1 if sample.finish_reason == "stop" else 0)  # without the eos
+                rows.append({
+                    "prompt_id": prompt["prompt_id"], "prompt": prompt["prompt"], "unsafe_prompt": unsafe,
+                    "model": label, "checkpoint": str(checkpoint.folder), "sample": index, "text": sample.text,
+                    "tokens": tokens, "words": word_count(sample.text), "finish_reason": sample.finish_reason,
+                    "style": check_response(sample.text, unsafe), "style_score": style_score(sample.text, unsafe),
+                })  # fmt: skip
+    return rows
+
+
+def score_rows(scorer, rows: list[dict]) -> None:
+    """Reward of every row; each distinct (prompt, response) scored once, so identical responses tie exactly."""
+    keys, unique = {}, []
+    for row in rows:
+        key = (row["prompt_id"], row["text"])
+        if key not in keys:
+            keys[key] = len(unique)
+            unique.append(row)
+    scores = scorer.score([row["prompt"] for row in unique], [row["text"] for row in unique], progress="reward")
+    for row in rows:
+        row["reward"] = scores[keys[(row["prompt_id"], row["text"])]]
+
+
+def main(argv=None):
+    args, _argilla = parse_stage_config("compare", (CompareArgs, CompareArgillaArgs), argv)
+    if args.kl_estimator not in logprobs.KL_ESTIMATORS:
+        raise ConfigError(f"kl_estimator: expected one of {', '.join(logprobs.KL_ESTIMATORS)}, got {args.kl_estimator!r}")
+    if not 0 < args.confidence < 1:
+        raise ConfigError(f"confidence: must be between 0 and 1, got {args.confidence}")
+    settings = SamplingSettings(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed)  # fmt: skip
+    reuse = args.temperature == args.kl_temperature and args.top_p == 1.0 and args.kl_samples_per_prompt == args.samples_per_prompt
+    kl_settings = None if reuse else SamplingSettings(n=args.kl_samples_per_prompt, temperature=args.kl_temperature,
+                                                      max_new_tokens=args.max_new_tokens, seed=args.seed)  # fmt: skip
+
+    # Inputs, all checked before any generation.
+    prompts = data.load_prompts(args.prompts_file)[: args.max_prompts]
+    checkpoints = checkpoints_to_compare(args)
+    labels = model_labels(checkpoints)
+    check_same_prompt_format(checkpoints, labels)
+    scorer = load_reward_checkpoint(args.run, args.reward_gate_policy, args.reward_checkpoint, batch_size=args.score_batch_size)
+    reward_info = {**scorer.checkpoint.as_parent(), "gate_passed": scorer.checkpoint.manifest.get("metrics", {}).get("gate_passed")}
+    conversations = [prompt["prompt"] for prompt in prompts]
+    prompt_ids = [prompt["prompt_id"] for prompt in prompts]
+    print(f"[compare] {', '.join(labels)} on {len(prompts)} prompts x {settings.n} samples "
+          f"(temperature {settings.temperature}, seed {settings.seed}); baseline {labels[0]}", flush=True)  # fmt: skip
+
+    config = resolved_config(args, _argilla)
+    with runs.stage_output(args.run, "compare", config, args.seed, parent=checkpoints[-1]) as out:
+        out.add_input(args.prompts_file, "prompts", len(prompts))
+        out.set(checkpoints={label: c.as_parent() for label, c in zip(labels, checkpoints)},
+                reward_model=scorer.checkpoint.as_parent())  # fmt: skip
+        outputs, kl_outputs, backend = generate_all(args, checkpoints, labels, conversations, settings, kl_settings)
+        rows = sample_rows(prompts, labels, outputs, checkpoints)
+        score_rows(scorer, rows)
+        del scorer
+        gc.collect()
+        kl = kl_estimates(args, checkpoints, labels, conversations, prompt_ids, kl_outputs)
+        data.write_jsonl(out.path / comparison.SAMPLES, rows)
+
+        options = {"bootstrap_resamples": args.bootstrap_resamples, "seed": args.seed, "confidence": args.confidence,
+                   "tie_tolerance": args.tie_tolerance, "length_warn": args.length_warn, "style_warn": args.style_warn,
+                   "example_rows": args.example_rows}  # fmt: skip
+        by_model = {label: [row for row in rows if row["model"] == label] for label in labels}
+        summaries = {label: comparison.summarize_model(by_model[label], args.bootstrap_resamples, args.seed,
+                                                       args.confidence) for label in labels}  # fmt: skip
+        for label, checkpoint in zip(labels, checkpoints):
+            summaries[label]["checkpoint"] = checkpoint.as_parent()
+        comparisons = [comparison.compare_pair(label, labels[0], by_model, summaries, kl[label], options) for label in labels[1:]]
+        kl_text = ("the comparison samples themselves" if kl_settings is None else
+                   f"{args.kl_samples_per_prompt} separate sample(s) per prompt from each aligned model at temperature "
+                   f"{args.kl_temperature}, top_p 1.0, seed {args.seed} (the estimate is unbiased only for the model's "
+                   f"own distribution)")  # fmt: skip
+        results = {
+            "title": f"Compare: {', '.join(labels[1:])} vs {labels[0]} (run {args.run})",
+            "run": args.run, "baseline": labels[0], "model_order": labels, "prompts": len(prompts),
+            "prompts_file": args.prompts_file, "backend": backend, "settings": asdict(settings),
+            "kl_settings": f"{kl_text}; estimator {args.kl_estimator}; forward passes in {args.kl_dtype}",
+            "reward_model": reward_info, "options": options, "models": summaries,
+            "comparisons": comparisons,
+        }  # fmt: skip
+        comparison.write_outputs(out.path, results, rows)
+        out.metrics.update(comparison.json_safe({"verdicts": {c["aligned"]: c["verdict"] for c in comparisons},
+                           **{f"{c['aligned']}_{key}": value for c in comparisons for key, value in flat_metrics(c).items()}}))  # fmt: skip
+    for c in comparisons:
+        print(c["verdict_line"], flush=True)
+        if c["verdict"] == "worse":
+            warn(f"{c['aligned']} scores worse than {c['baseline']}; see {out.path / comparison.REPORT_MD}")
+    summary("compare", prompts=len(prompts), models=", ".join(labels), report=str(out.path / comparison.REPORT_MD))
+
+
+def flat_metrics(c: dict) -> dict:
+    metrics = {"reward_difference": c["reward_difference"]["difference"], "reward_difference_low": c["reward_difference"]["low"],
+               "reward_difference_high": c["reward_difference"]["high"], "win_rate": c["win_rate"]["rate"],
+               "win_rate_low": c["win_rate"]["low"], "win_rate_high": c["win_rate"]["high"],
+               "length_change": c["length_change"]}  # fmt: skip
+    if c["kl"]:
+        metrics["kl"] = c["kl"]["mean"]
+    return metrics
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,113 @@
+"""Human verdict of the compare stage: blind A/B through a real local Argilla server.
+
+A real compare run on tiny checkpoints (tests/test_compare.py builds them), then
+`stages.compare_to_argilla` pushes its responses, an annotator answers through the
+REST API as the web UI does (token login), and `stages.compare_pull` decodes the
+sides and adds the human win rate to the report.
+"""
+
+import json
+
+import httpx
+import pytest
+
+from align import argilla_io, comparison, runs
+from tests.conftest import assert_ok, run_stage
+from tests.test_compare import make_compare_run
+
+WORKSPACE = "compare-test"
+
+
+@pytest.fixture(scope="module")
+def pushed(runs_root, tiny_model_dir, tiny_data, argilla_server, monkeypatch_module):
+    """A finished compare run whose A/B pairs are in Argilla, and an annotator account."""
+    monkeypatch_module.setenv("ARGILLA_API_URL", argilla_server.url)
+    monkeypatch_module.setenv("ARGILLA_API_KEY", argilla_server.api_key)
+    run = "cmp-ab"
+    assert_ok(make_compare_run(run, tiny_model_dir, tiny_data["prompts"], "--max_prompts", "6"))
+    dataset = f"compare-{run}"
+    result = run_stage("compare_to_argilla", "--run", run, "--argilla_workspace", WORKSPACE)
+    assert_ok(result)
+    client = argilla_server.client()
+    creds = argilla_io.create_annotators(client, WORKSPACE, ["carol"], out=lambda line: None)
+    return {"run": run, "dataset": dataset, "client": client, "password": creds[0]["password"],
+            "folder": runs.stage_dir(run, "compare"), "stdout": result.stdout}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def raw_records(client, dataset_name: str) -> dict[str, dict]:
+    dataset = client.datasets(name=dataset_name, workspace=WORKSPACE)
+    page = client.http_client.get(f"/api/v1/datasets/{dataset.id}/records", params={"limit": 1000}).json()
+    return {record["external_id"]: record for record in page["items"]}
+
+
+def test_push_is_blind_and_keeps_the_mapping(pushed):
+    folder = pushed["folder"]
+    mapping = [json.loads(line) for line in (folder / comparison.AB_PAIRS).read_text().splitlines()]
+    rows = comparison.read_samples(folder)
+    records = raw_records(pushed["client"], pushed["dataset"])
+    assert len(mapping) == 6 and set(records) == {m["pair_id"] for m in mapping}
+    texts = {(r["model"], r["prompt_id"], r["sample"]): r["text"] for r in rows}
+    sides_seen = set()
+    for m in mapping:
+        record = records[m["pair_id"]]
+        assert "dpo" not in m["pair_id"] and "sft" not in m["pair_id"]  # opaque id
+        a, b = record["metadata"]["model_a"], record["metadata"]["model_b"]
+        assert {a, b} == {"dpo", "sft"} and m["sample"] == 0
+        sides_seen.add(a)
+        # exactly the responses the reward model scored, on the sides the metadata says
+        assert record["fields"]["response_a"] == texts[(a, m["prompt_id"], 0)]
+        assert record["fields"]["response_b"] == texts[(b, m["prompt_id"], 0)]
+    assert sides_seen == {"dpo", "sft"}, "sides should be randomised across 6 records"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["argilla"]["dataset"] == pushed["dataset"] and manifest["argilla"]["pairs"] == 6
+    assert "pushed 6 blind A/B pairs" in pushed["stdout"]
+
+
+def test_pull_decodes_sides_and_adds_the_human_win_rate(pushed, argilla_server):
+    folder, client = pushed["folder"], pushed["client"]
+    before = run_stage("compare_pull", "--run", pushed["run"])
+    assert_ok(before)
+    assert "no submitted answers yet" in before.stdout
+
+    mapping = [json.loads(line) for line in (folder / comparison.AB_PAIRS).read_text().splitlines()]
+    records = raw_records(client, pushed["dataset"])
+    token = httpx.post(f"{argilla_server.url}/api/v1/token", data={"username": "carol", "password": pushed["password"]},
+                       timeout=60).json()["access_token"]  # fmt: skip
+    # carol prefers dpo on 4 pairs, sft on 1, tie on 1; she must click the side where that model is shown
+    wanted = ["dpo", "dpo", "sft", "dpo", "tie", "dpo"]
+    for m, winner in zip(mapping, wanted):
+        record = records[m["pair_id"]]
+        label = "tie" if winner == "tie" else ("A" if record["metadata"]["model_a"] == winner else "B")
+        response = httpx.post(f"{argilla_server.url}/api/v1/records/{record['id']}/responses",
+                              headers={"Authorization": f"Bearer {token}"},
+                              json={"status": "submitted", "values": {argilla_io.PREFERENCE: {"value": label}}},
+                              timeout=60)  # fmt: skip
+        assert response.status_code == 201, response.text
+
+    result = run_stage("compare_pull", "--run", pushed["run"])
+    assert_ok(result)
+    results = json.loads((folder / comparison.REPORT_JSON).read_text())
+    human = results["comparisons"][0]["human"]
+    assert (human["wins"], human["losses"], human["ties"]) == (4, 1, 1)
+    assert human["rate"] == pytest.approx(0.8) and human["low"] < 0.8 < human["high"]
+    assert human["annotators"] == ["carol"] and human["answers"] == 6 and human["pairs_pushed"] == 6
+    # agreement: decided pairs where the reward model's margin has the humans' sign
+    decided = [(m, w) for m, w in zip(mapping, wanted) if w != "tie"]
+    agree = sum((m["reward"]["dpo"] - m["reward"]["sft"] > 0) == (w == "dpo") for m, w in decided)
+    assert human["reward_model_agreement"] == pytest.approx(agree / len(decided))
+
+    report = (folder / comparison.REPORT_MD).read_text()
+    assert "**human win rate** | 80% [" in report and "Not collected yet" not in report
+    assert f"`{pushed['dataset']}`" in report
+    assert "human win rate 80%" in result.stdout
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["metrics"]["dpo_human_rate"] == pytest.approx(0.8) and manifest["argilla"]["answers"] == 6
+    assert manifest["argilla"]["dataset"] == pushed["dataset"]  # kept from the push
+    answers = [json.loads(line) for line in (folder / "human_answers.jsonl").read_text().splitlines()]
+    assert sorted(a["winner"] for a in answers) == sorted(wanted)
