@@ -1,0 +1,249 @@
+"""The DPO stage end to end on the tiny model: offline on human pairs, and on-policy rounds
+that must raise the reward of the policy's samples (real TRL DPOTrainer, real vLLM).
+
+The reward model of these tests is built by hand so its score is a known function: a
+real LlamaForSequenceClassification (saved in Hugging Face format, scored through
+align.scoring like any trained reward model) whose score is
+
+    SCALE * (number of "cold" tokens - number of "dry" tokens) / (sequence length in tokens)
+
+The tiny policy comes from the real SFT stage (LoRA, as by default), trained on answers
+that are "cold" or "dry" half the time each, so its samples differ in exactly the tokens
+the reward model counts and on-policy DPO has something to chase. Its embeddings are
+scaled up (std 0.15 instead of 0.02): with tiny random embeddings no LoRA update of a
+2-layer model can make any token likely, so neither SFT nor DPO could move it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from align import dpo_rounds, runs
+from tests.conftest import TOPICS, assert_ok, build_tiny_model, run_stage, write_jsonl
+
+REWARDED_WORDS = {"cold": 1.0, "dry": -1.0}  # each one token in the SmolLM2 vocabulary
+SCALE = 30.0  # ~ +1 score per rewarded token in a ~30-token sequence
+
+
+def build_token_reward_model(tokenizer_dir, folder, token_values: dict[int, float], scale: float = SCALE) -> None:
+    """A 1-layer Llama reward model: score = scale * mean over the sequence of value(token).
+
+    Residual stream (hidden 8): dim 0 carries value(t), dim 1 a constant 10 that keeps
+    RMSNorm's scale nearly fixed; attention with zero queries/keys averages dim 0 over the
+    causal prefix into dim 2 (values copy dim 0, the output writes dim 2); the MLP is zero;
+    the score head reads dim 2 at the last token."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from align.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    hidden = 8
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=8, num_hidden_layers=1,
+        num_attention_heads=1, num_key_value_heads=1, head_dim=hidden, max_position_embeddings=2048,
+        num_labels=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, rms_norm_eps=1e-6,
+    )  # fmt: skip
+    model = LlamaForSequenceClassification(config)
+    gain = (hidden**0.5) / 10.0  # each RMSNorm maps x to ~ x * sqrt(hidden) / 10 (the constant 10 dominates)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        embed = model.model.embed_tokens.weight
+        for token, value in token_values.items():
+            embed[token, 0] = value
+        embed[:, 1] = 10.0
+        layer = model.model.layers[0]
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm, model.model.norm):
+            norm.weight.fill_(1.0)
+        layer.self_attn.v_proj.weight[0, 0] = 1.0
+        layer.self_attn.o_proj.weight[2, 0] = 1.0
+        model.score.weight[0, 2] = scale / gain**2
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def rewarded_tokens(tokenizer) -> dict[int, float]:
+    values = {}
+    for word, value in REWARDED_WORDS.items():
+        (token,) = tokenizer(word, add_special_tokens=False)["input_ids"]
+        values[token] = value
+    return values
+
+
+def make_reward_run(run: str, tokenizer_dir) -> None:
+    """A finished `reward` stage output holding the hand-built model (gate passed)."""
+    from align.models import load_tokenizer
+
+    values = rewarded_tokens(load_tokenizer(str(tokenizer_dir)))
+    with runs.stage_output(run, "reward", {"built_by": "tests/test_dpo.py", "token_values": values}, seed=0) as out:
+        build_token_reward_model(tokenizer_dir, out.model_dir, values)
+        out.metrics.update(gate_passed=True, gate_reasons=[])
+
+
+def test_token_reward_model_scores_the_known_function(tmp_path, tiny_model_dir):
+    from align.models import load_tokenizer
+    from align.scoring import RewardScorer, reward_ids, reward_text
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    values = rewarded_tokens(tokenizer)
+    build_token_reward_model(tiny_model_dir, tmp_path / "rm", values)
+    scorer = RewardScorer(tmp_path / "rm")
+    prompt = [{"role": "user", "content": "How should I store rice?"}]
+    responses = ["drydry", "Keep it so.", "cold", "coldcoldcold"]
+    scores = scorer.score([prompt] * 4, responses)
+    for response, score in zip(responses, scores):
+        ids = reward_ids(tokenizer, reward_text(tokenizer, prompt, response))
+        expected = SCALE * sum(values.get(token, 0.0) for token in ids) / len(ids)
+        assert score == pytest.approx(expected, abs=0.02 * SCALE)
+    assert scores[1] == pytest.approx(0.0, abs=1e-4) and scores == sorted(scores)
+
+
+def test_select_pairs_keeps_best_vs_worst_above_the_margin():
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    responses = [["a", "b", "c"], ["a", "b"], ["same", "same"], ["x", "y"]]
+    scores = [[0.1, 2.0, -1.0], [0.0, 0.3], [5.0, -5.0], [1.0, 1.0]]
+    pairs, counts = dpo_rounds.select_pairs(prompts, responses, scores, min_margin=0.5)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("b", "c")]
+    assert pairs[0]["margin"] == pytest.approx(3.0) and pairs[0]["prompt"] == prompts[0]
+    assert counts == {"prompts": 4, "pairs": 1, "dropped_small_margin": 2, "dropped_identical": 1,
+                      "pair_margin_mean": pytest.approx(3.0)}  # fmt: skip
+    assert len(dpo_rounds.select_pairs(prompts, responses, scores, min_margin=0.0)[0]) == 2  # a tie is no pair
+    with pytest.raises(ValueError):
+        dpo_rounds.select_pairs(prompts, responses[:3], scores, 0.5)
+
+
+def test_round_prompts_rotate_through_a_seeded_shuffle():
+    prompts = list(range(10))
+    first, second, third = (dpo_rounds.round_prompts(prompts, i, 4, seed=1) for i in range(3))
+    assert len(first) == len(second) == 4 and not set(first) & set(second)
+    assert set(first) | set(second) | set(third) == set(prompts)  # wraps around after 10
+    assert dpo_rounds.round_prompts(prompts, 0, 4, seed=1) == first
+    assert sorted(dpo_rounds.round_prompts(prompts, 0, 50, seed=1)) == prompts
+
+
+# ---------------------------------------------------------------------------
+# The stage, end to end
+
+SFT_ARGS = ("--max_steps", "40", "--learning_rate", "0.01", "--per_device_train_batch_size", "8", "--warmup_steps", "0",
+            "--lr_scheduler_type", "constant", "--logging_steps", "10", "--precision", "fp32")  # fmt: skip
+DPO_ARGS = ("--max_new_tokens", "16", "--eval_max_new_tokens", "16", "--eval_samples_per_prompt", "4",
+            "--prompts_per_round", "16", "--samples_per_prompt", "4", "--min_reward_margin", "0.3",
+            "--per_device_train_batch_size", "8", "--learning_rate", "0.003", "--num_train_epochs", "2",
+            "--warmup_steps", "0", "--logging_steps", "1", "--kl_max_samples", "32", "--generation_backend", "vllm",
+            "--kv_cache_gib", "0.25")  # fmt: skip
+
+
+def cold_or_dry_data(folder) -> dict:
+    """SFT answers are "cold" or "dry" equally often; the human rankings prefer cold."""
+    sft = [{"id": f"sft-{i}-{word}", "messages": [
+               {"role": "user", "content": f"How should I store {topic}?"},
+               {"role": "assistant", "content": word}]}
+           for i, topic in enumerate(TOPICS) for word in ("cold", "dry")]  # fmt: skip
+    prompts = [{"prompt_id": f"eval-{i}", "prompt": [{"role": "user", "content": f"How do I keep {topic}?"}],
+                "reference": "cold"} for i, topic in enumerate(TOPICS[:8])]  # fmt: skip
+    ranked = [{"prompt_id": f"pref-{i}", "prompt": [{"role": "user", "content": f"How should I store {topic}?"}],
+               "responses": [{"text": "cold", "rank": 1}, {"text": "dry", "rank": 2}],
+               "annotator": "fixture"} for i, topic in enumerate(TOPICS)]  # fmt: skip
+    return {"sft": write_jsonl(folder / "sft.jsonl", sft), "prompts": write_jsonl(folder / "prompts.jsonl", prompts),
+            "ranked": write_jsonl(folder / "ranked.jsonl", ranked)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cold_dry(runs_root, tmp_path_factory, default_model_dir) -> dict:
+    """A finished SFT run of the tiny model on the cold-or-dry data, plus the hand-built reward run."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("cold-dry")
+    files = cold_or_dry_data(folder)
+    build_tiny_model(folder / "model", default_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(folder / "model")
+    embeddings = model.get_input_embeddings().weight
+    with torch.no_grad():
+        embeddings.mul_(0.15 / embeddings.std())
+    model.save_pretrained(folder / "model")
+    run = "cold-dry"
+    result = run_stage("sft", "--run", run, "--model_name_or_path", str(folder / "model"), "--train_file",
+                       str(files["sft"]), "--eval_file", str(files["prompts"]), *SFT_ARGS)  # fmt: skip
+    assert_ok(result)
+    make_reward_run(run, runs_root / run / "sft" / "model")
+    return {"run": run, **files}
+
+
+def dpo_manifest(runs_root, run: str) -> dict:
+    return json.loads((runs_root / run / "dpo" / "manifest.json").read_text())
+
+
+def read_rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_on_policy_round_raises_the_reward_of_fresh_samples(runs_root, cold_dry):
+    run = cold_dry["run"]
+    result = run_stage("dpo", "--run", run, "--mode", "on_policy", "--rounds", "1", "--ranked_files",
+                       str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]), *DPO_ARGS)  # fmt: skip
+    assert_ok(result)
+    folder = runs_root / run / "dpo"
+    facts = dpo_manifest(runs_root, run)
+    metrics = facts["metrics"]
+    # Lineage: SFT is the parent, the reward model is recorded beside it.
+    assert facts["status"] == "complete" and facts["parent"]["stage"] == "sft"
+    assert facts["reward_model"]["stage"] == "reward" and facts["reward_model"]["manifest_sha256"]
+    # The done-when number: held-out samples of the DPO policy score higher than the SFT model's,
+    # by more than the noise (3 standard errors of the SFT samples' mean).
+    sft_rows = read_rows(folder / "samples" / "eval_sft.jsonl")
+    dpo_rows = read_rows(folder / "samples" / "eval_dpo.jsonl")
+    assert len(sft_rows) == len(dpo_rows) == 8 * 4
+    sft_mean = statistics.fmean(row["reward"] for row in sft_rows)
+    dpo_mean = statistics.fmean(row["reward"] for row in dpo_rows)
+    noise = statistics.stdev(row["reward"] for row in sft_rows) / len(sft_rows) ** 0.5
+    assert dpo_mean > sft_mean + 3 * noise, (sft_mean, dpo_mean, noise)
+    assert metrics["mean_reward_sft"] == pytest.approx(sft_mean) and metrics["mean_reward_dpo"] == pytest.approx(dpo_mean)
+    assert metrics["beats_sft"] is True and metrics["kl"] > 0
+    # It learned what the reward model counts: more "cold" than before.
+    assert sum(r["response"].count("cold") for r in dpo_rows) > sum(r["response"].count("cold") for r in sft_rows)
+    # Per-round and per-step metrics, time split, TensorBoard, the summary line.
+    (round_row,) = metrics["rounds"]
+    assert round_row["pairs"] >= 1 and round_row["train_steps"] >= 1
+    for key in ("fresh_mean_reward", "fresh_style_score", "fresh_response_tokens", "fresh_kl", "train_loss",
+                "train_rewards_accuracies", "train_rewards_margins", "train_logps_chosen", "train_logps_rejected"):  # fmt: skip
+        assert key in round_row, key
+    steps = read_rows(folder / "logs" / "steps.jsonl")
+    assert any("rewards/margins" in row and "logps/chosen" in row for row in steps)
+    for phase in ("generate", "score", "train", "sync", "eval"):
+        assert metrics[f"time_{phase}_s"] > 0, phase
+    assert list((folder / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (folder / "model" / "config.json").is_file() and not (folder / "model" / "adapter_config.json").exists()
+    assert (folder / "adapter" / "adapter_config.json").is_file()
+    assert "[dpo] mode on_policy" in result.stdout and "mean reward SFT" in result.stdout
+
+
+def test_offline_mode_trains_on_the_human_pairs(runs_root, cold_dry):
+    run = cold_dry["run"]
+    result = run_stage("dpo", "--run", run, "--mode", "offline", "--ranked_files", str(cold_dry["ranked"]),
+                       "--eval_file", str(cold_dry["prompts"]), "--precompute_ref_log_probs", "false",
+                       "--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "0.1", *DPO_ARGS)  # fmt: skip
+    assert_ok(result)
+    folder = runs_root / run / "dpo"
+    facts = dpo_manifest(runs_root, run)
+    assert facts["config"]["mode"] == "offline" and facts["config"]["loss_type"] == ["sigmoid", "sft"]
+    assert facts["pair_report"]["pairs"] == 16
+    assert len(read_rows(folder / "rounds" / "offline-pairs.jsonl")) == 16
+    metrics = facts["metrics"]
+    assert metrics["train_steps"] == 4  # 16 pairs / batch 8 x 2 epochs
+    assert metrics["rounds"][0]["train_rewards_accuracies"] > 0.5
+    assert metrics["mean_reward_dpo"] > metrics["mean_reward_sft"]
+
+
+def test_bad_config_and_missing_parents_fail_clearly(runs_root, tiny_data):
+    result = run_stage("dpo", "--run", "nowhere", "--mode", "online")
+    assert result.returncode == 2 and "mode: expected one of on_policy, offline, got 'online'" in result.stderr
+    result = run_stage("dpo", "--run", "nowhere", "--ranked_files", str(tiny_data["ranked"]),
+                       "--eval_file", str(tiny_data["prompts"]))  # fmt: skip
+    assert result.returncode == 2 and "runs/nowhere/sft" in result.stderr and "make sft" in result.stderr
+    assert not (runs_root / "nowhere" / "dpo").exists()
