@@ -29,7 +29,7 @@ def pushed(runs_root, tiny_model_dir, tiny_data, argilla_server, monkeypatch_mod
     result = run_stage("compare_to_argilla", "--run", run, "--argilla_workspace", WORKSPACE)
     assert_ok(result)
     client = argilla_server.client()
-    creds = argilla_io.create_annotators(client, WORKSPACE, ["carol"], out=lambda line: None)
+    creds = argilla_io.create_annotators(client, WORKSPACE, ["ab-judge"], out=lambda line: None)
     return {"run": run, "dataset": dataset, "client": client, "password": creds[0]["password"],
             "folder": runs.stage_dir(run, "compare"), "stdout": result.stdout}  # fmt: skip
 
@@ -77,9 +77,9 @@ def test_pull_decodes_sides_and_adds_the_human_win_rate(pushed, argilla_server):
 
     mapping = [json.loads(line) for line in (folder / comparison.AB_PAIRS).read_text().splitlines()]
     records = raw_records(client, pushed["dataset"])
-    token = httpx.post(f"{argilla_server.url}/api/v1/token", data={"username": "carol", "password": pushed["password"]},
+    token = httpx.post(f"{argilla_server.url}/api/v1/token", data={"username": "ab-judge", "password": pushed["password"]},
                        timeout=60).json()["access_token"]  # fmt: skip
-    # carol prefers dpo on 4 pairs, sft on 1, tie on 1; she must click the side where that model is shown
+    # the judge prefers dpo on 4 pairs, sft on 1, tie on 1; the judge must click the side where that model is shown
     wanted = ["dpo", "dpo", "sft", "dpo", "tie", "dpo"]
     for m, winner in zip(mapping, wanted):
         record = records[m["pair_id"]]
@@ -96,7 +96,7 @@ def test_pull_decodes_sides_and_adds_the_human_win_rate(pushed, argilla_server):
     human = results["comparisons"][0]["human"]
     assert (human["wins"], human["losses"], human["ties"]) == (4, 1, 1)
     assert human["rate"] == pytest.approx(0.8) and human["low"] < 0.8 < human["high"]
-    assert human["annotators"] == ["carol"] and human["answers"] == 6 and human["pairs_pushed"] == 6
+    assert human["annotators"] == ["ab-judge"] and human["answers"] == 6 and human["pairs_pushed"] == 6
     # agreement: decided pairs where the reward model's margin has the humans' sign
     decided = [(m, w) for m, w in zip(mapping, wanted) if w != "tie"]
     agree = sum((m["reward"]["dpo"] - m["reward"]["sft"] > 0) == (w == "dpo") for m, w in decided)
