@@ -30,7 +30,6 @@ Run: make dpo [RUN=name] [ARGS="--mode offline --beta 0.2 ..."]
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -62,7 +61,7 @@ class DPOStageArgs:
     ties: str = field(default="drop", metadata={"help": "drop | soft (align.preferences)"})
     aggregation: str = field(default="mean_rank", metadata={"help": "mean_rank | majority"})
     bad_rankings: str = field(default="skip", metadata={"help": "skip | refuse"})
-    offline_pairs: str = field(default="all", metadata={"help": "all | best_vs_worst (one pair per prompt)"})
+    offline_pairs: str = field(default="best_vs_worst", metadata={"help": "best_vs_worst (one pair per prompt) | all"})
     # on-policy rounds
     rounds: int = field(default=2, metadata={"help": "on-policy rounds"})
     prompts_per_round: int = field(default=64, metadata={"help": "train prompts sampled per round"})
@@ -266,7 +265,7 @@ def run_rounds(args, trainer, generator, scorer, prompts, timer, writer, out, bf
         else:
             print(f"[dpo] round {number}: no pair reached min_reward_margin {args.min_reward_margin}; "
                   "nothing to train on (lower min_reward_margin or raise samples_per_prompt)", flush=True)  # fmt: skip
-        row.update({f"time_{k}": v for k, v in timer.as_metrics().items()})
+        row.update(timer.as_metrics())  # cumulative seconds per phase after this round
         rows.append(row)
         print(f"[dpo] round {number}/{args.rounds}: fresh mean reward {row['fresh_mean_reward']:.3f}, "
               f"style {row['fresh_style_score']:.2f}, KL {row.get('fresh_kl', 0):.2f}, {counts['pairs']} pairs, "
@@ -290,7 +289,7 @@ def write_pairs(out, name: str, pairs: list[dict]) -> None:
 
 
 def write_jsonl(path, rows) -> None:
-    data.write_jsonl(path, ({k: v for k, v in row.items()} for row in rows))
+    data.write_jsonl(path, rows)  # atomic: temporary file, then rename
 
 
 def tensorboard_writer(out):

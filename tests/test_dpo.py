@@ -247,3 +247,15 @@ def test_bad_config_and_missing_parents_fail_clearly(runs_root, tiny_data):
                        "--eval_file", str(tiny_data["prompts"]))  # fmt: skip
     assert result.returncode == 2 and "runs/nowhere/sft" in result.stderr and "make sft" in result.stderr
     assert not (runs_root / "nowhere" / "dpo").exists()
+
+
+def test_reward_model_that_failed_its_gate_is_refused_on_request(runs_root, cold_dry):
+    run = "gate-failed"
+    with runs.stage_output(run, "reward", {"built_by": "tests/test_dpo.py"}, seed=0) as out:
+        out.metrics.update(gate_passed=False, gate_reasons=["pairwise_accuracy 0.400 < min_accuracy 0.6"])
+    common = ("--run", run, "--sft_dir", str(runs_root / cold_dry["run"] / "sft"), "--ranked_files",
+              str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]))  # fmt: skip
+    result = run_stage("dpo", *common, "--reward_gate_policy", "refuse")
+    assert result.returncode == 2
+    assert "FAILED its quality gate" in result.stderr and "reward_gate_policy: warn" in result.stderr
+    assert not (runs_root / run / "dpo").exists()
