@@ -355,11 +355,16 @@ class VLLMGenerator(Generator):
     def _generate_ids(self, prompt_ids, settings, progress):
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=settings.n, temperature=settings.temperature, top_p=settings.top_p if not settings.greedy else 1.0,
-            max_tokens=settings.max_new_tokens, seed=settings.seed, logprobs=0, stop_token_ids=[self.eos_id],
-            detokenize=False,
-        )  # fmt: skip
+        # One SamplingParams per prompt, seeded seed + index: a single seed shared by every
+        # prompt would give each prompt the same random stream (correlated samples).
+        params = [
+            SamplingParams(
+                n=settings.n, temperature=settings.temperature, top_p=settings.top_p if not settings.greedy else 1.0,
+                max_tokens=settings.max_new_tokens, seed=None if settings.seed is None else settings.seed + index,
+                logprobs=0, stop_token_ids=[self.eos_id], detokenize=False,
+            )
+            for index in range(len(prompt_ids))
+        ]  # fmt: skip
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=progress)
         results = []
         for output in outputs:
