@@ -379,6 +379,16 @@ def _usernames(client) -> dict[str, str]:
     return {str(u.id): u.username for u in client.users}
 
 
+def _provenance(dataset, record_id: str, response: dict) -> dict:
+    """Where a pulled answer came from: dataset, record, annotator, time."""
+    return {
+        "dataset": dataset.name,
+        "record_id": record_id,
+        "annotator_id": str(response.get("user_id")),
+        "submitted_at": response.get("updated_at") or response.get("inserted_at"),
+    }
+
+
 class Pulled(list):
     """A list of pulled rows with `.problems`: [{"record_id", "annotator", "problem"}]."""
 
@@ -456,12 +466,7 @@ def pull_rankings(client, dataset_name: str, workspace: str) -> Pulled:
                     "prompt": prompt,
                     "responses": responses,
                     "annotator": annotator,
-                    "provenance": {
-                        "dataset": dataset.name,
-                        "record_id": record_id,
-                        "annotator_id": str(resp.get("user_id")),
-                        "submitted_at": resp.get("updated_at") or resp.get("inserted_at"),
-                    },
+                    "provenance": _provenance(dataset, record_id, resp),
                 }
             )
     return Pulled(rows, problems)
@@ -648,12 +653,7 @@ def pull_ab_answers(client, dataset_name: str, workspace: str) -> Pulled:
                     "winner": "tie" if label == "tie" else sides[label],
                     "comment": (values.get(COMMENT) or {}).get("value"),
                     "annotator": annotator,
-                    "provenance": {
-                        "dataset": dataset.name,
-                        "record_id": record_id,
-                        "annotator_id": str(resp.get("user_id")),
-                        "submitted_at": resp.get("updated_at") or resp.get("inserted_at"),
-                    },
+                    "provenance": _provenance(dataset, record_id, resp),
                 }
             )
     return Pulled(rows, problems)

@@ -62,6 +62,15 @@ def save_peft_outputs(peft_model, tokenizer, out) -> dict:
     return {"model": "model", "adapter": "adapter"}
 
 
+def save_outputs(model, tokenizer, out, use_peft: bool) -> None:
+    """Save what a training stage produced: merged model (+ adapter when LoRA)."""
+    if use_peft:
+        out.set(outputs=save_peft_outputs(model, tokenizer, out))
+    else:
+        save_model(model, tokenizer, out.model_dir)
+        out.set(outputs={"model": "model"})
+
+
 def record_model_facts(out, tokenizer, base_model: str, resolved_path: str) -> None:
     """Where the weights came from: the config's name, the folder, and its conversion stamp if any."""
     stamp = Path(resolved_path) / CONVERSION_STAMP

@@ -122,11 +122,7 @@ def main(argv=None):
               "parameters trainable", flush=True)  # fmt: skip
         result = trainer.train()
 
-        if model_args.use_peft:
-            out.set(outputs=training.save_peft_outputs(trainer.model, tokenizer, out))
-        else:
-            training.save_model(trainer.model, tokenizer, out.model_dir)
-            out.set(outputs={"model": "model"})
+        training.save_outputs(trainer.model, tokenizer, out, model_args.use_peft)
         training.remove_trainer_scratch(out)
         del trainer
 

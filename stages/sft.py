@@ -72,11 +72,7 @@ def main(argv=None):
         result = trainer.train()
         eval_after = trainer.evaluate()["eval_loss"]
 
-        if model_args.use_peft:
-            out.set(outputs=training.save_peft_outputs(trainer.model, tokenizer, out))
-        else:
-            training.save_model(trainer.model, tokenizer, out.model_dir)
-            out.set(outputs={"model": "model"})
+        training.save_outputs(trainer.model, tokenizer, out, model_args.use_peft)
         training.remove_trainer_scratch(out)
         out.metrics.update(
             eval_loss_before=eval_before,
