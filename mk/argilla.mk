@@ -15,7 +15,8 @@ ARGILLA_PYTHON    ?= python3
 ARGILLA_PORT      ?= 6900
 ARGILLA_LOCAL_HOME ?= $(CURDIR)/.argilla
 export ARGILLA_LOCAL_HOME
-ARGILLA_WORKSPACE ?= feedback
+# the workspace `make candidates` and `make reward` use by default
+ARGILLA_WORKSPACE ?= align
 ARGILLA_CTL        = $(ARGILLA_VENV)/bin/python services/argilla/ctl.py --home $(ARGILLA_LOCAL_HOME)
 ARGILLA_SUDO      := $(if $(filter 0,$(shell id -u)),,sudo)
 ARGILLA_APT        = $(ARGILLA_SUDO) env DEBIAN_FRONTEND=noninteractive apt-get

@@ -7,7 +7,7 @@ Produces: annotator accounts in the workspace. Each new account's generated
   password is printed once, here, and stored nowhere; users that already exist
   are added to the workspace and keep their password.
 
-    make annotators USERS=alice,bob [WORKSPACE=feedback]
+    make annotators USERS=alice,bob [WORKSPACE=align]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from align.argilla_io import AlignError, connect, create_annotators
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Create Argilla annotator accounts.")
     parser.add_argument("--users", required=True, help="comma-separated usernames, e.g. alice,bob")
-    parser.add_argument("--workspace", default="feedback", help="workspace the annotators work in")
+    parser.add_argument("--workspace", default="align", help="workspace the annotators work in (where make candidates pushes)")
     args = parser.parse_args(argv)
     usernames = [u.strip() for u in args.users.split(",") if u.strip()]
     if not usernames:
