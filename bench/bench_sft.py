@@ -13,7 +13,9 @@ matmul peaks measured in the same run, and the ratio ours / TRL defaults.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,35 +78,53 @@ def run_once(name: str, model_path: str, train_set, config: SFTConfig, peft_conf
             "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
 
 
+ARMS = ("align defaults", "align, fp32", "TRL defaults (CPU)")
+
+
+def run_arm(arm: str, model_path: str, train_file: str, steps: int, scratch: str) -> dict:
+    """One arm in this process (accelerate fixes mixed precision once per process)."""
+    train_set = Dataset.from_list(data.completion_examples(data.load_conversations(train_file)))
+    if arm == "TRL defaults (CPU)":
+        return run_once(arm, model_path, train_set, trl_default_config(steps, scratch), None)
+    config, peft_config = our_config(steps, scratch, precision="fp32" if arm == "align, fp32" else None)
+    return run_once(arm, model_path, train_set, config, peft_config)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--train_file", default=str(REPO / "data" / "sft.jsonl"))
+    parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     model_path = models.resolve_model(args.model)
-    examples = data.completion_examples(data.load_conversations(args.train_file))
-    train_set = Dataset.from_list(examples)
-    print(f"[bench-sft] {args.model}: {len(examples)} examples, {args.steps} steps x {args.repeats} repeats, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+    if args.child:
+        with tempfile.TemporaryDirectory() as scratch:
+            result = run_arm(args.child, model_path, args.train_file, args.steps, scratch)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
 
+    examples = data.completion_examples(data.load_conversations(args.train_file))
+    print(f"[bench-sft] {args.model}: {len(examples)} examples, {args.steps} steps x {args.repeats} repeats, "
+          f"{torch.get_num_threads()} threads; each arm in its own process, arms alternate")  # fmt: skip
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(f"[bench-sft] matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     best: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        for repeat in range(args.repeats):
-            ours, peft_config = our_config(args.steps, f"{scratch}/ours")
-            ours_fp32, _ = our_config(args.steps, f"{scratch}/ours-fp32", precision="fp32")
-            arms = (("align defaults", ours, peft_config), ("align, fp32", ours_fp32, peft_config),
-                    ("TRL defaults (CPU)", trl_default_config(args.steps, f"{scratch}/trl"), None))  # fmt: skip
-            for name, config, peft in arms:
-                result = run_once(name, model_path, train_set, config, peft)
-                print(f"  repeat {repeat + 1}: {name:<20} {result['tokens_per_s']:8.0f} tokens/s "
-                      f"({result['tokens']:.0f} tokens in {result['seconds']:.1f} s)")  # fmt: skip
-                if name not in best or result["tokens_per_s"] > best[name]["tokens_per_s"]:
-                    best[name] = result
+    for repeat in range(args.repeats):
+        for arm in ARMS:
+            command = [sys.executable, __file__, "--child", arm, "--model", args.model, "--steps", str(args.steps),
+                       "--train_file", args.train_file]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                sys.exit(f"[bench-sft] arm {arm!r} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(lines[-1][len("RESULT "):])
+            print(f"  repeat {repeat + 1}: {arm:<20} {result['tokens_per_s']:8.0f} tokens/s "
+                  f"({result['tokens']:.0f} tokens in {result['seconds']:.1f} s)", flush=True)  # fmt: skip
+            if arm not in best or result["tokens_per_s"] > best[arm]["tokens_per_s"]:
+                best[arm] = result
 
     print("\n| settings | tokens/s | model TFLOP/s | MFU vs fp32 peak | MFU vs bf16 peak | train loss |")
     print("|---|---:|---:|---:|---:|---:|")
