@@ -10,6 +10,8 @@ import json
 import httpx
 import pytest
 
+from tests.conftest import run_stage
+
 from align import argilla_io as aio
 
 K = 3
@@ -295,12 +297,11 @@ def test_connect_uses_local_credentials_and_never_prints_the_key(argilla_server,
     client = aio.connect()
     assert client.me.username == argilla_server.owner
     aio.create_annotators(client, "feedback-test", ["alice"])
-    from stages import argilla_status
-
-    argilla_status.main([])
+    status = run_stage("argilla_status")  # as a user runs it (nothing imports a stage)
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert "ranking-test" in status.stdout
     out = capsys.readouterr()
-    assert "ranking-test" in out.out
-    assert argilla_server.api_key not in out.out + out.err
+    assert argilla_server.api_key not in status.stdout + status.stderr + out.out + out.err
     mode = (argilla_server.home / "credentials.json").stat().st_mode & 0o777
     assert mode == 0o600
 
