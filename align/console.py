@@ -22,9 +22,31 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*gguf.*", category=UserWarning)
 
 
+FAST_ALLOCATORS = ("tcmalloc", "jemalloc")
+
+
+def fast_allocator_loaded(maps_file: str = "/proc/self/maps") -> str | None:
+    """The preloaded tcmalloc/jemalloc this process runs with, or None (glibc malloc or not Linux)."""
+    try:
+        with open(maps_file) as maps:
+            text = maps.read()
+    except OSError:
+        return None
+    return next((name for name in FAST_ALLOCATORS if f"lib{name}" in text), None)
+
+
+def note_allocator() -> None:
+    """One line when torch runs on glibc malloc: CPU steps are measurably slower there."""
+    if sys.platform.startswith("linux") and fast_allocator_loaded() is None:
+        print("note: running on glibc malloc; CPU training steps were 1.6x faster with tcmalloc preloaded "
+              "(`make <stage>` does it; by hand: LD_PRELOAD=$(ls /usr/lib/*/libtcmalloc_minimal.so.4), "
+              "Debian package libtcmalloc-minimal4)", file=sys.stderr, flush=True)  # fmt: skip
+
+
 def run_stage(main, argv=None) -> None:
     """Run a stage's `main`; a user error prints one line and exits 2."""
     quiet_libraries()
+    note_allocator()
     # SIGTERM (make's ^C, a job scheduler) becomes SystemExit, so the stage's
     # output is marked failed and renamed instead of left half-written.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))

@@ -44,6 +44,28 @@ def fit_to_hardware(trl_config, precision: str, output_dir: Path):
     return dataclasses.replace(trl_config, **changes)
 
 
+def lora_config(model_args, top_layers: int | None, base: str):
+    """TRL's LoRA config from ModelConfig (None without use_peft), limited to the top
+    `top_layers` transformer layers when set (peft's layers_to_transform).
+
+    Why the top layers only: backward stops at the lowest adapted layer, so on a CPU a
+    step costs about half of all-layer LoRA (bench/bench_dpo.py and the reward stage
+    measured it side by side)."""
+    from trl import get_peft_config
+
+    config = get_peft_config(model_args)
+    if config is None or not top_layers:
+        return config
+    if top_layers < 1:
+        raise ConfigError(f"lora_top_layers: must be >= 1 (or null for every layer), got {top_layers}")
+    from transformers import AutoConfig
+
+    layers = AutoConfig.from_pretrained(base).num_hidden_layers
+    top = min(top_layers, layers)  # a model with fewer layers gets LoRA in all of them
+    config.layers_to_transform = list(range(layers - top, layers))
+    return config
+
+
 def save_model(model, tokenizer, folder: Path) -> None:
     """Save a plain (merged) Hugging Face model folder that any later stage can load."""
     model.save_pretrained(folder, safe_serialization=True)

@@ -18,8 +18,6 @@ export ARGILLA_LOCAL_HOME
 # the workspace `make candidates` and `make reward` use by default
 ARGILLA_WORKSPACE ?= align
 ARGILLA_CTL        = $(ARGILLA_VENV)/bin/python services/argilla/ctl.py --home $(ARGILLA_LOCAL_HOME)
-ARGILLA_SUDO      := $(if $(filter 0,$(shell id -u)),,sudo)
-ARGILLA_APT        = $(ARGILLA_SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
 .PHONY: argilla argilla-stop argilla-status annotators argilla-deps argilla-browser-deps
 
@@ -28,14 +26,14 @@ argilla-deps: $(ARGILLA_VENV)/.installed $(ARGILLA_VENV)/.debs
 # Debian packages, installed once (stamp); dpkg -s skips apt when they are already there.
 $(ARGILLA_VENV)/.debs:
 	@mkdir -p $(ARGILLA_VENV)
-	@dpkg -s redis-server >/dev/null 2>&1 || { $(ARGILLA_APT) update -q && \
-	  $(ARGILLA_APT) install -y -q --no-install-recommends redis-server; }
+	@dpkg -s redis-server >/dev/null 2>&1 || { $(APT) update -q && \
+	  $(APT) install -y -q --no-install-recommends redis-server; }
 	@touch $@
 
 $(ARGILLA_VENV)/.browser-debs:
 	@mkdir -p $(ARGILLA_VENV)
-	@dpkg -s chromium fonts-dejavu-core >/dev/null 2>&1 || { $(ARGILLA_APT) update -q && \
-	  $(ARGILLA_APT) install -y -q --no-install-recommends chromium fonts-dejavu-core; }
+	@dpkg -s chromium fonts-dejavu-core >/dev/null 2>&1 || { $(APT) update -q && \
+	  $(APT) install -y -q --no-install-recommends chromium fonts-dejavu-core; }
 	@touch $@
 
 argilla-browser-deps: $(ARGILLA_VENV)/.browser-debs

@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from trl import DPOConfig, ModelConfig, get_peft_config
+from trl import DPOConfig, ModelConfig
 
 from align import data, dpo_rounds, models, preferences, runs, training
 from align.config import parse_stage_config, resolved_config
@@ -85,6 +85,8 @@ class DPOStageArgs:
     weight_push_timeout_s: float = field(default=120.0, metadata={"help": "give up on a stuck weight push"})
     score_batch_size: int = field(default=16, metadata={"help": "reward model batch"})
     score_dtype: str = field(default="auto", metadata={"help": "reward model weights: auto | bf16 | fp32"})
+    lora_top_layers: int | None = field(default=None, metadata={
+        "help": "LoRA only in the top N transformer layers (null: every layer); backward stops there"})
 
 
 def check_args(args: DPOStageArgs, dpo_config: DPOConfig) -> None:
@@ -146,7 +148,7 @@ def main(argv=None):
 
     tokenizer = models.load_tokenizer(sft.model_path)
     policy = models.load_causal_lm(sft.model_path)
-    peft_config = get_peft_config(model_args)
+    peft_config = training.lora_config(model_args, args.lora_top_layers, sft.model_path)
     reference = None if peft_config else models.load_causal_lm(sft.model_path).eval()
     bf16 = training.choose_bf16(args.precision)
     score_dtype = {"auto": "bfloat16" if bf16 else "float32", "bf16": "bfloat16", "fp32": "float32"}[args.score_dtype]

@@ -31,7 +31,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import ModelConfig, RewardConfig, RewardTrainer, get_peft_config
+from trl import ModelConfig, RewardConfig, RewardTrainer
 
 from align import data, evaluation, models, preferences, runs, scoring, training
 from align.config import parse_stage_config, resolved_config
@@ -113,7 +113,7 @@ def main(argv=None):
             args=training.fit_to_hardware(reward_config, args.precision, out.path),
             train_dataset=scoring.reward_dataset(tokenizer, train_pairs, args.use_margin),
             processing_class=tokenizer,
-            peft_config=peft_config(model_args, args, base),
+            peft_config=training.lora_config(model_args, args.lora_top_layers, base),
         )
         total, trainable = models.count_parameters(trainer.model)
         print(f"[reward] {pair_report.records} rankings -> {len(pairs)} pairs on {pair_report.prompts} prompts; "
@@ -149,21 +149,6 @@ def main(argv=None):
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def peft_config(model_args, args, base: str):
-    """TRL's LoRA config from ModelConfig, limited to the top `lora_top_layers` layers when set."""
-    config = get_peft_config(model_args)
-    if config is None or not args.lora_top_layers:
-        return config
-    from transformers import AutoConfig
-
-    if args.lora_top_layers < 1:
-        raise ConfigError(f"lora_top_layers: must be >= 1 (or null for every layer), got {args.lora_top_layers}")
-    layers = AutoConfig.from_pretrained(base).num_hidden_layers
-    top = min(args.lora_top_layers, layers)  # a model with fewer layers gets LoRA in all of them
-    config.layers_to_transform = list(range(layers - top, layers))
-    return config
 
 
 def find_start_model(args, model_args) -> tuple[runs.Checkpoint | None, str]:
