@@ -9,10 +9,11 @@ Backends
     hf      transformers `generate`, batched with left padding; works everywhere.
     openai  HTTP client for a running vLLM OpenAI-compatible server (`server_url` or
             $ALIGN_VLLM_URL), for users whose generation runs on another machine.
-    auto    the backend bench/bench_generation.py measured fastest on this machine
-            (cached in $ALIGN_CACHE/generation-backend.json, keyed by CPU/GPU model and
-            core count); without a measurement: vllm when it is installed and the machine
-            has CUDA or native bf16, else hf.
+    auto    what bench/bench_generation.py chose for this machine (cached in
+            $ALIGN_CACHE/generation-backend.json, keyed by CPU/GPU model and core count):
+            vllm only where it measured at least VLLM_MIN_SPEEDUP (2x) the best
+            transformers figure, else transformers; without a measurement: vllm when it
+            is installed and the machine has CUDA or native bf16, else hf.
 
 Every backend consumes the same prompt token ids (`render_prompts`: the project
 tokenizer's chat template with the generation prompt) and stops at the tokenizer's
@@ -507,6 +508,31 @@ def choice_path() -> Path:
     return cache_dir() / CHOICE_FILE
 
 
+# vLLM must be this much faster than transformers to be worth it: an in-process engine
+# costs 10-20 s to import and start, a KV cache (1 GiB by default) and a second copy of
+# the weights, and an online loop pushes every round's weights into it.
+VLLM_MIN_SPEEDUP = 2.0
+
+
+def pick_backend(tokens_per_s: dict[str, float]) -> tuple[str, str, str]:
+    """(backend, dtype, reason) from benchmark speeds named "<backend> <dtype>" (e.g. "vllm bfloat16")."""
+    best = {}
+    for name, speed in tokens_per_s.items():
+        backend, dtype = name.split()
+        if backend not in best or speed > best[backend][1]:
+            best[backend] = (dtype, speed)
+    if "hf" not in best:
+        raise AlignError(f"backend benchmark has no transformers figure to compare with: {tokens_per_s}")
+    hf_dtype, hf_speed = best["hf"]
+    if "vllm" not in best:
+        return "hf", hf_dtype, "vllm not measured"
+    vllm_dtype, vllm_speed = best["vllm"]
+    ratio = vllm_speed / hf_speed
+    if ratio >= VLLM_MIN_SPEEDUP:
+        return "vllm", vllm_dtype, f"vllm {ratio:.2f}x transformers (>= {VLLM_MIN_SPEEDUP:g}x)"
+    return "hf", hf_dtype, f"vllm only {ratio:.2f}x transformers (< {VLLM_MIN_SPEEDUP:g}x: not worth its start-up and memory)"
+
+
 def record_backend_choice(backend: str, dtype: str, tokens_per_s: dict, model: str) -> Path:
     """Called by bench/bench_generation.py: remember the fastest backend for this machine."""
     path = choice_path()
@@ -547,12 +573,12 @@ def choose_backend() -> tuple[str, str, str]:
         if measured and (measured["backend"] != "vllm" or vllm_installed()):
             speeds = ", ".join(f"{name} {value:.0f}" for name, value in measured.get("tokens_per_s", {}).items())
             return measured["backend"], measured.get("dtype", "auto"), (
-                f"measured fastest here by bench/bench_generation.py on {measured.get('measured_at', '?')} "
-                f"(tokens/s: {speeds}; {path})")  # fmt: skip
-    if vllm_installed() and native_bf16():
-        return "vllm", "auto", "no benchmark on record for this machine; default: vllm is installed and bf16 is native"
+                f"chosen by bench/bench_generation.py on {measured.get('measured_at', '?')} (tokens/s: {speeds}; "
+                f"vllm needs >= {VLLM_MIN_SPEEDUP:g}x transformers; {path})")  # fmt: skip
     if not vllm_installed():
         return "hf", "auto", "no benchmark on record; vllm is not installed"
+    if native_bf16():
+        return "vllm", "auto", "no benchmark on record for this machine; default: vllm is installed and bf16 is native"
     return "hf", "auto", "no benchmark on record; no CUDA and no native bf16 on this CPU, where vllm's gain is small"
 
 

@@ -15,7 +15,7 @@ import torch
 
 from align.errors import AlignError
 from align.generation import (SamplingSettings, choose_backend, create_generator, machine_key, merged_weights,
-                              record_backend_choice, render_prompts)
+                              pick_backend, record_backend_choice, render_prompts)
 
 pytestmark = pytest.mark.slow
 
@@ -196,6 +196,17 @@ def test_auto_uses_the_benchmark_choice_for_this_machine(tmp_path, monkeypatch, 
     assert (backend, dtype) == ("hf", "float32") and "bench_generation" in reason
     with create_generator(str(tiny_model_dir), "auto") as generator:
         assert generator.backend == "hf" and generator.dtype == "float32"
+
+
+def test_auto_wants_vllm_at_least_twice_as_fast_as_transformers():
+    measured_here = {"hf bfloat16": 233.0, "hf float32": 147.0, "vllm bfloat16": 431.0, "vllm float32": 308.0}
+    backend, dtype, reason = pick_backend(measured_here)  # 1.85x: below the bar
+    assert (backend, dtype) == ("hf", "bfloat16") and "1.85x" in reason
+    backend, dtype, _ = pick_backend({**measured_here, "vllm bfloat16": 470.0})
+    assert (backend, dtype) == ("vllm", "bfloat16")
+    assert pick_backend({"hf float32": 100.0})[0] == "hf"
+    with pytest.raises(AlignError, match="no transformers figure"):
+        pick_backend({"vllm bfloat16": 400.0})
 
 
 def test_weight_push_times_out_loudly(tiny_model_dir, vllm_generator):
