@@ -35,7 +35,7 @@ APT = $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive 
 
 # tcmalloc for every torch process: with glibc malloc a CPU training step spends about
 # a third of its time in the kernel (page faults on freshly mapped buffers); preloading
-# tcmalloc made SFT steps 1.6x faster here (bench/bench_malloc.py, side by side), and
+# tcmalloc made SFT steps 1.6-2x faster here (bench/bench_malloc.py, side by side), and
 # vLLM's CPU docs ask for it too. Debian's libtcmalloc-minimal4; a user's LD_PRELOAD is kept.
 MALLOC_DEBS := $(VENV)/.malloc-debs
 WITH_TCMALLOC = LD_PRELOAD="$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -n1)$${LD_PRELOAD:+:$$LD_PRELOAD}"

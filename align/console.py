@@ -38,7 +38,7 @@ def fast_allocator_loaded(maps_file: str = "/proc/self/maps") -> str | None:
 def note_allocator() -> None:
     """One line when torch runs on glibc malloc: CPU steps are measurably slower there."""
     if sys.platform.startswith("linux") and fast_allocator_loaded() is None:
-        print("note: running on glibc malloc; CPU training steps were 1.6x faster with tcmalloc preloaded "
+        print("note: running on glibc malloc; CPU training steps were 1.6-2x faster with tcmalloc preloaded "
               "(`make <stage>` does it; by hand: LD_PRELOAD=$(ls /usr/lib/*/libtcmalloc_minimal.so.4), "
               "Debian package libtcmalloc-minimal4)", file=sys.stderr, flush=True)  # fmt: skip
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+import bench_sft  # noqa: E402  (its arms, each in a fresh process)
 ALLOCATORS = {  # arm name -> (shared library glob, extra environment)
     "glibc": (None, {}),
     "tcmalloc": ("/usr/lib/*/libtcmalloc_minimal.so.4", {}),
@@ -39,14 +40,8 @@ def run_arm(library: str | None, extra_env: dict, model: str, steps: int) -> dic
     if library:
         env["LD_PRELOAD"] = library
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    command = [sys.executable, str(REPO / "bench" / "bench_sft.py"), "--child", "align defaults",
-               "--model", model, "--steps", str(steps)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = bench_sft.run_child("align defaults", model, steps, str(REPO / "data" / "sft.jsonl"), env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        sys.exit(f"[bench-malloc] arm with LD_PRELOAD={library} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(lines[-1][len("RESULT "):])
     result.update(user_s=after.ru_utime - before.ru_utime, kernel_s=after.ru_stime - before.ru_stime)
     return result
 

@@ -1,8 +1,8 @@
 """SFT throughput: our default settings vs plain TRL SFTTrainer defaults, side by side.
 
 Both train the same model (default: SmolLM2-135M-Instruct) on the same
-examples (data/sft.jsonl) for the same number of steps in this one process,
-alternating A/B/A/B so a noisy shared machine hurts both alike. Reported:
+examples (data/sft.jsonl) for the same number of steps, each arm in its own
+process, alternating A/B/A/B so a noisy shared machine hurts both alike. Reported:
 tokens/s (non-pad tokens seen by the trainer), achieved model FLOP/s (6 x
 parameters x tokens/s, the usual MFU convention) and MFU against fp32 and bf16
 matmul peaks measured in the same run, and the ratio ours / TRL defaults.
@@ -90,6 +90,17 @@ def run_arm(arm: str, model_path: str, train_file: str, steps: int, scratch: str
     return run_once(arm, model_path, train_set, config, peft_config)
 
 
+def run_child(arm: str, model: str, steps: int, train_file: str, env: dict | None = None) -> dict:
+    """Run one arm in a fresh process (this script with --child) and return its RESULT."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--model", model, "--steps", str(steps),
+               "--train_file", train_file]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.exit(f"[bench-sft] arm {arm!r} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -114,13 +125,7 @@ def main() -> None:
     best: dict[str, dict] = {}
     for repeat in range(args.repeats):
         for arm in ARMS:
-            command = [sys.executable, __file__, "--child", arm, "--model", args.model, "--steps", str(args.steps),
-                       "--train_file", args.train_file]  # fmt: skip
-            done = subprocess.run(command, capture_output=True, text=True)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                sys.exit(f"[bench-sft] arm {arm!r} failed:\n{done.stderr[-3000:]}")
-            result = json.loads(lines[-1][len("RESULT "):])
+            result = run_child(arm, args.model, args.steps, args.train_file)
             print(f"  repeat {repeat + 1}: {arm:<20} {result['tokens_per_s']:8.0f} tokens/s "
                   f"({result['tokens']:.0f} tokens in {result['seconds']:.1f} s)", flush=True)  # fmt: skip
             if arm not in best or result["tokens_per_s"] > best[arm]["tokens_per_s"]:

@@ -1,5 +1,5 @@
 # Human verdict for the compare stage (blind A/B in Argilla).
-# Included by the Makefile (`include mk/compare.mk`), which defines PY, RUN, ARGS and $(VENV)/.installed.
+# Included by the Makefile (`include mk/compare.mk`), which defines PY, RUN, ARGS, $(VENV)/.installed, MALLOC_DEBS and WITH_TCMALLOC.
 # `make compare` itself is one of the Makefile's STAGES.
 #
 #   make compare-to-argilla [RUN=...]   push blind A/B pairs of runs/$(RUN)/compare's responses to Argilla
@@ -7,8 +7,8 @@
 
 .PHONY: compare-to-argilla compare-pull
 
-compare-to-argilla: $(VENV)/.installed
-	$(PY) -m stages.compare_to_argilla --run $(RUN) $(ARGS)
+compare-to-argilla: $(VENV)/.installed $(MALLOC_DEBS)
+	$(WITH_TCMALLOC) $(PY) -m stages.compare_to_argilla --run $(RUN) $(ARGS)
 
-compare-pull: $(VENV)/.installed
-	$(PY) -m stages.compare_pull --run $(RUN) $(ARGS)
+compare-pull: $(VENV)/.installed $(MALLOC_DEBS)
+	$(WITH_TCMALLOC) $(PY) -m stages.compare_pull --run $(RUN) $(ARGS)
