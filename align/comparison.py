@@ -36,7 +36,6 @@ import hashlib
 import html
 import json
 import math
-import os
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from align.evaluation import bootstrap_mean_ci, length_correlation, win_rate
+from align.files import atomic_path, atomic_write_text, json_safe, read_jsonl_records
 
 REPORT_MD, REPORT_HTML, REPORT_JSON, SAMPLES = "report.md", "report.html", "report.json", "samples.jsonl"
 AB_PAIRS = "ab_pairs.jsonl"
@@ -374,40 +374,8 @@ def human_comparison(answers: list[dict], mapping: list[dict], aligned: str, bas
 # ----------------------------------------------------------------------------- files
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def update_manifest(folder: Path, **fields) -> None:
-    """Add top-level fields to a finished stage's manifest.json (temp file + rename)."""
-    path = Path(folder) / "manifest.json"
-    manifest = json.loads(path.read_text())
-    for key, value in fields.items():
-        if isinstance(value, dict) and isinstance(manifest.get(key), dict):
-            manifest[key].update(json_safe(value))
-        else:
-            manifest[key] = json_safe(value)
-    atomic_write(path, json.dumps(manifest, indent=2, default=str) + "\n")
-
-
 def read_samples(folder: Path) -> list[dict]:
-    path = folder / SAMPLES
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def json_safe(value):
-    """NaN -> null, numpy scalars -> Python (strict JSON for other tools)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return None if math.isnan(float(value)) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
+    return read_jsonl_records(folder / SAMPLES)
 
 
 def write_outputs(folder: Path, results: dict, rows: list[dict]) -> list[str]:
@@ -416,9 +384,9 @@ def write_outputs(folder: Path, results: dict, rows: list[dict]) -> list[str]:
     results = json_safe(results)  # render what report.json holds (NaN -> null), here and in compare-pull alike
     results["plots"] = make_plots(folder, results, rows)
     plots = results["plots"]
-    atomic_write(folder / REPORT_JSON, json.dumps(results, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(folder / REPORT_JSON, json.dumps(results, indent=2, allow_nan=False) + "\n")
     markdown_text = render_report(results, rows)
-    atomic_write(folder / REPORT_MD, markdown_text)
+    atomic_write_text(folder / REPORT_MD, markdown_text)
     written = [REPORT_JSON, REPORT_MD, *plots.values()]
     try:
         import markdown
@@ -430,7 +398,7 @@ def write_outputs(folder: Path, results: dict, rows: list[dict]) -> list[str]:
             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;"
             "vertical-align:top}th{background:#eee}img{max-width:100%}code{background:#f4f4f4}</style>"
             f"</head><body>{body}</body></html>\n")  # fmt: skip
-    atomic_write(folder / REPORT_HTML, page)
+    atomic_write_text(folder / REPORT_HTML, page)
     return [*written, REPORT_HTML]
 
 
@@ -450,11 +418,9 @@ def make_plots(folder: Path, results: dict, rows: list[dict]) -> dict[str, str]:
 
     def save(fig, key):
         fig.tight_layout()
-        path = folder / PLOTS[key]
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")  # keeps legends placed below the axes
+        with atomic_path(folder / PLOTS[key], suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")  # keeps legends placed below the axes
         plt.close(fig)
-        os.replace(tmp, path)
 
     # 1. reward distributions
     fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from align.errors import ConfigError
+from align.files import json_safe
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -121,15 +122,5 @@ def resolved_config(*configs) -> dict:
     merged: dict = {}
     for config in configs:
         values = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
-        merged.update({key: _plain(value) for key, value in values.items()})
+        merged.update(json_safe(values))
     return merged
-
-
-def _plain(value):
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
-    return str(value)

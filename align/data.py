@@ -13,33 +13,10 @@ any training starts.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 from align.errors import DataError
+from align.files import read_jsonl
 
 ROLES = ("system", "user", "assistant")
-
-
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; refuses empty files and bad JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, None, None, "file not found")
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(path, number, None, f"not valid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(path, number, None, f"expected a JSON object, got {type(obj).__name__}")
-            rows.append((number, obj))
-    if not rows:
-        raise DataError(path, None, None, "file is empty", "add at least one JSON object per line")
-    return rows
 
 
 def _require(path, line, obj: dict, field: str, kind, what: str):
@@ -136,20 +113,6 @@ def load_ranked(path) -> list[dict]:
             record["provenance"] = obj["provenance"]
         records.append(record)
     return records
-
-
-def write_jsonl(path: str | Path, records) -> int:
-    """Write records atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    count = 0
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-    tmp.replace(path)
-    return count
 
 
 def completion_examples(conversations: list[dict]) -> list[dict]:

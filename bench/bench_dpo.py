@@ -44,7 +44,7 @@ def child(setup: str, steps: int, batch: int, max_length: int, ranked: str) -> d
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from align import data, dpo_rounds, models, preferences, training
+    from align import data, dpo_rounds, hardware, models, preferences, training
 
     pairs, _ = preferences.ranked_to_pairs(data.load_ranked(ranked))
     pairs = pairs[: steps * batch]
@@ -69,7 +69,7 @@ def child(setup: str, steps: int, batch: int, max_length: int, ranked: str) -> d
             output_dir=scratch, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-5,
             max_length=max_length, precompute_ref_log_probs=setup.endswith("precompute"), logging_steps=steps,
             gradient_checkpointing=False, report_to="none", seed=0, save_strategy="no",
-            use_cpu=not models.has_cuda(), bf16=False,  # fit_to_hardware picks the precision next
+            use_cpu=not hardware.has_cuda(), bf16=False,  # fit_to_hardware picks the precision next
         )  # fmt: skip
         config = training.fit_to_hardware(config, "auto", Path(scratch))
         config = dataclasses.replace(config, report_to="none")

@@ -5,7 +5,7 @@ when present, else a built-in list), same sampling (n samples per prompt,
 temperature 1, top_p 0.95, max_new_tokens), in bf16 where the hardware has it
 natively and in fp32; best of `--repeats` timed runs each after one warm-up.
 Reported: generated tokens/s per configuration and the ratio of the best vLLM
-to the best transformers figure. The choice (align.generation.pick_backend: vLLM
+to the best transformers figure. The choice (align.hardware.pick_backend: vLLM
 only at >= 2x transformers) is written to the cache
 ($ALIGN_CACHE/generation-backend.json, keyed by this machine), where
 `backend: auto` finds it.
@@ -34,15 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from align import data, models  # noqa: E402
-from align.generation import (  # noqa: E402
-    SamplingSettings,
-    create_generator,
-    machine_key,
-    native_bf16,
-    pick_backend,
-    record_backend_choice,
-    vllm_installed,
-)
+from align.generation import SamplingSettings, create_generator  # noqa: E402
+from align.hardware import machine_key, native_bf16, pick_backend, record_backend_choice, vllm_installed  # noqa: E402
 
 BUILT_IN_PROMPTS = [
     "How do I keep basil fresh?", "What can I make with leftover rice?", "How long do hard-boiled eggs keep?",

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align import data, generation, runs
+from align import data, files, generation, runs
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import ConfigError
@@ -143,7 +143,7 @@ def main(argv=None):
             suggested = rank_by_score(scores[index]) if scores is not None else None
             records.append({"prompt_id": record["prompt_id"], "prompt": record["prompt"], "candidates": candidates,
                             "suggested_ranking": suggested})  # fmt: skip
-        data.write_jsonl(out.path / "candidates.jsonl", records)
+        files.write_jsonl(out.path / "candidates.jsonl", records)
 
         empty = sum(not candidate["text"].strip() for record in records for candidate in record["candidates"])
         if empty:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import gc
 from dataclasses import asdict
 
-from align import comparison, data, logprobs, models, runs
+from align import comparison, data, files, logprobs, models, runs
 from align.comparison import CompareArgillaArgs, CompareArgs
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
@@ -191,7 +191,7 @@ def main(argv=None):
         del scorer
         gc.collect()
         kl = kl_estimates(args, checkpoints, labels, conversations, prompt_ids, kl_outputs)
-        data.write_jsonl(out.path / comparison.SAMPLES, rows)
+        files.write_jsonl(out.path / comparison.SAMPLES, rows)
 
         options = {"bootstrap_resamples": args.bootstrap_resamples, "seed": args.seed, "confidence": args.confidence,
                    "tie_tolerance": args.tie_tolerance, "length_warn": args.length_warn, "style_warn": args.style_warn,
@@ -215,7 +215,7 @@ def main(argv=None):
             "comparisons": comparisons,
         }  # fmt: skip
         comparison.write_outputs(out.path, results, rows)
-        out.metrics.update(comparison.json_safe({"verdicts": {c["aligned"]: c["verdict"] for c in comparisons},
+        out.metrics.update(files.json_safe({"verdicts": {c["aligned"]: c["verdict"] for c in comparisons},
                            **{f"{c['aligned']}_{key}": value for c in comparisons for key, value in flat_metrics(c).items()}}))  # fmt: skip
     for c in comparisons:
         print(c["verdict_line"], flush=True)

@@ -16,7 +16,7 @@ Run: make compare-pull [RUN=name]
 import json
 from datetime import datetime, timezone
 
-from align import argilla_io, comparison, data, runs
+from align import argilla_io, comparison, files, runs
 from align.comparison import CompareArgillaArgs, CompareArgs
 from align.config import parse_stage_config
 from align.console import run_stage, summary, warn
@@ -32,7 +32,7 @@ def main(argv=None):
     pushed = checkpoint.manifest.get("argilla")
     if not pushed or not (folder / comparison.AB_PAIRS).is_file():
         raise AlignError(f"{folder}: no A/B pairs pushed from this compare run; run `make compare-to-argilla RUN={args.run}` first")
-    mapping = [row for _, row in data.read_jsonl(folder / comparison.AB_PAIRS)]
+    mapping = files.read_jsonl_records(folder / comparison.AB_PAIRS)
     name, workspace = pushed["dataset"], pushed["workspace"]
 
     client = argilla_io.connect()
@@ -60,9 +60,9 @@ def main(argv=None):
                          f"{comparison.fmt_pct(human['reward_model_agreement'])} of the pairs humans decided")  # fmt: skip
     pulled_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results["argilla"] = {**pushed, "pulled_at": pulled_at, "answers": len(answers), "problems": len(answers.problems)}
-    data.write_jsonl(folder / HUMAN_ANSWERS, list(answers))
+    files.write_jsonl(folder / HUMAN_ANSWERS, list(answers))
     comparison.write_outputs(folder, results, rows)
-    comparison.update_manifest(
+    runs.update_manifest(
         folder, argilla={"pulled_at": pulled_at, "answers": len(answers)},
         metrics={f"{e['aligned']}_human_{key}": e["human"][key] for e in results["comparisons"] if e.get("human")
                  for key in ("rate", "low", "high", "wins", "ties", "losses")},

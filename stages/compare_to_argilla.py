@@ -19,7 +19,7 @@ Then annotators answer in the Argilla UI, and `make compare-pull` adds their ver
 import json
 from datetime import datetime, timezone
 
-from align import argilla_io, comparison, data, runs
+from align import argilla_io, comparison, files, runs
 from align.comparison import CompareArgillaArgs, CompareArgs
 from align.config import parse_stage_config
 from align.console import run_stage, summary
@@ -55,10 +55,10 @@ def main(argv=None):
     if len(pushed) != len(items):
         raise AlignError(f"Argilla accepted {len(pushed)} of {len(items)} records in dataset {name!r}; push again")
 
-    data.write_jsonl(folder / comparison.AB_PAIRS, mapping)
+    files.write_jsonl(folder / comparison.AB_PAIRS, mapping)
     info = {"dataset": name, "workspace": ab.argilla_workspace, "url": client.api_url, "pairs": len(items),
             "identical_pairs_left_out": identical, "pushed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
-    comparison.update_manifest(folder, argilla=info)
+    runs.update_manifest(folder, argilla=info)
     summary("compare-to-argilla", pushed=f"{len(items)} blind A/B pairs", identical_pairs_left_out=identical,
             dataset=name, workspace=ab.argilla_workspace, url=client.api_url,
             next="annotate, then `make compare-pull`")  # fmt: skip

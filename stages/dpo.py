@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig, ModelConfig
 
-from align import data, dpo_rounds, models, preferences, runs, training
+from align import data, dpo_rounds, hardware, models, preferences, runs, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary
 from align.errors import ConfigError
@@ -150,7 +150,7 @@ def main(argv=None):
     policy = models.load_causal_lm(sft.model_path)
     peft_config = training.lora_config(model_args, args.lora_top_layers, sft.model_path)
     reference = None if peft_config else models.load_causal_lm(sft.model_path).eval()
-    bf16 = training.choose_bf16(args.precision)
+    bf16 = hardware.use_bf16(args.precision)
     score_dtype = {"auto": "bfloat16" if bf16 else "float32", "bf16": "bfloat16", "fp32": "float32"}[args.score_dtype]
 
     config = resolved_config(args, model_args, dpo_config)

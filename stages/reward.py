@@ -33,7 +33,7 @@ from pathlib import Path
 
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
-from align import data, evaluation, models, preferences, runs, scoring, training
+from align import data, evaluation, files, hardware, models, preferences, runs, scoring, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import ConfigError
@@ -101,10 +101,10 @@ def main(argv=None):
         for path, count in inputs:
             out.add_input(path, "ranked", count)
         if pulled is not None:
-            data.write_jsonl(out.path / "rankings.jsonl", [_without_source(r) for r in pulled])
+            files.write_jsonl(out.path / "rankings.jsonl", [_without_source(r) for r in pulled])
             out.add_input(out.path / "rankings.jsonl", "ranked (argilla)", len(pulled))
-        data.write_jsonl(out.path / "pairs" / "train.jsonl", train_pairs)
-        data.write_jsonl(out.path / "pairs" / "heldout.jsonl", heldout_pairs)
+        files.write_jsonl(out.path / "pairs" / "train.jsonl", train_pairs)
+        files.write_jsonl(out.path / "pairs" / "heldout.jsonl", heldout_pairs)
         out.metrics.update(pair_report.as_metrics(), **split_counts)
 
         training.record_model_facts(out, tokenizer, model_args.model_name_or_path or f"runs/{args.run}/sft", base)
@@ -133,7 +133,7 @@ def main(argv=None):
             train_steps=result.global_step,
             train_runtime_s=result.metrics.get("train_runtime"),
             trainable_parameters=trainable,
-            bf16=training.choose_bf16(args.precision),
+            bf16=hardware.use_bf16(args.precision),
             **gate,
         )
         write_report(out, args, pair_report, split_counts, gate)
@@ -179,7 +179,7 @@ def pull_from_argilla(args) -> list[dict]:
     final = runs.stage_dir(args.run, "reward") / "rankings.jsonl"
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder) / "rankings.jsonl"
-        data.write_jsonl(scratch, list(pulled))
+        files.write_jsonl(scratch, list(pulled))
         records = data.load_ranked(scratch)
     for record in records:
         record["source"] = record["source"].replace(str(scratch), str(final))
@@ -251,7 +251,7 @@ def evaluate_heldout(out, args, tokenizer, heldout_pairs: list[dict]) -> dict:
              responses[(preferences.prompt_key(p["prompt"]), p["chosen"])][1], "rejected_tokens":
              responses[(preferences.prompt_key(p["prompt"]), p["rejected"])][1]}
             for p, c, r in zip(heldout_pairs, chosen, rejected)]  # fmt: skip
-    data.write_jsonl(out.path / "heldout_scores.jsonl", rows)
+    files.write_jsonl(out.path / "heldout_scores.jsonl", rows)
     plot_calibration(out.path / "calibration.png", probabilities, outcomes, args.calibration_bins)
     plot_length(out.path / "length.png", scores, lengths, length_corr)
     table = evaluation.calibration_bins(probabilities, outcomes, args.calibration_bins)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from align import data
+from align import files
 from tests.conftest import assert_ok, run_stage
 
 pytestmark = pytest.mark.slow
@@ -19,7 +19,7 @@ OFFLINE = ("--push", "false", "--suggest_with_reward", "false", *FAST)
 def read_output(runs_root, run: str) -> tuple[dict, list[dict]]:
     folder = runs_root / run / "candidates"
     manifest = json.loads((folder / "manifest.json").read_text())
-    return manifest, [obj for _, obj in data.read_jsonl(folder / "candidates.jsonl")]
+    return manifest, files.read_jsonl_records(folder / "candidates.jsonl")
 
 
 def test_offline_candidates_file_and_manifest(runs_root, tiny_sft_run, tiny_data):
@@ -41,7 +41,7 @@ def test_offline_candidates_file_and_manifest(runs_root, tiny_sft_run, tiny_data
     assert metrics["prompts"] == 5 and metrics["candidates"] == 15 and metrics["sampling_s"] > 0
     assert metrics["tokens"] == sum(c["tokens"] for r in records for c in r["candidates"]) and metrics["tokens"] > 0
 
-    expected = [obj for _, obj in data.read_jsonl(tiny_data["prompts"])][:5]
+    expected = files.read_jsonl_records(tiny_data["prompts"])[:5]
     assert [r["prompt_id"] for r in records] == [e["prompt_id"] for e in expected]
     assert [r["prompt"] for r in records] == [e["prompt"] for e in expected]
     for record in records:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from align import data
+from align import data, files
 from align.errors import DataError
 
 
@@ -77,6 +77,6 @@ def test_completion_examples_split_every_assistant_turn():
 
 def test_write_jsonl_roundtrip_is_atomic(tmp_path):
     target = tmp_path / "out" / "x.jsonl"
-    assert data.write_jsonl(target, [{"a": 1}, {"b": "é"}]) == 2
+    assert files.write_jsonl(target, [{"a": 1}, {"b": "é"}]) == 2
     assert [json.loads(line) for line in target.read_text().splitlines()] == [{"a": 1}, {"b": "é"}]
-    assert not list(target.parent.glob(".*tmp"))
+    assert not list(target.parent.glob(".*tmp*"))

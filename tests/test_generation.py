@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from align.errors import AlignError
-from align.generation import (SamplingSettings, choose_backend, create_generator, machine_key, merged_weights,
-                              pick_backend, record_backend_choice, render_prompts)
+from align.generation import SamplingSettings, create_generator, merged_weights, render_prompts
+from align.hardware import choose_backend, machine_key, pick_backend, record_backend_choice
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from align import data, preferences
+from align import data, files, preferences
 from align.errors import AlignError, DataError
 from tests.conftest import assert_ok, run_stage, write_jsonl
 
@@ -48,8 +48,8 @@ def test_reward_run_outputs_and_gate(runs_root, good_run):
     assert "Quality gate: PASSED" in report and "calibration.png" in report and "length.png" in report
     assert (folder / "calibration.png").stat().st_size > 1000 and (folder / "length.png").stat().st_size > 1000
     # No prompt on both sides of the split.
-    train = {obj["prompt_id"] for _, obj in data.read_jsonl(folder / "pairs" / "train.jsonl")}
-    heldout = {obj["prompt_id"] for _, obj in data.read_jsonl(folder / "pairs" / "heldout.jsonl")}
+    train = {obj["prompt_id"] for _, obj in files.read_jsonl(folder / "pairs" / "train.jsonl")}
+    heldout = {obj["prompt_id"] for _, obj in files.read_jsonl(folder / "pairs" / "heldout.jsonl")}
     assert train and heldout and not train & heldout
 
 
@@ -59,8 +59,8 @@ def test_saved_model_reproduces_recorded_scores(runs_root, good_run):
 
     folder = runs_root / good_run / "reward"
     scorer = load_reward_checkpoint(good_run, gate_policy="refuse")
-    pairs = [obj for _, obj in data.read_jsonl(folder / "pairs" / "heldout.jsonl")]
-    recorded = [obj for _, obj in data.read_jsonl(folder / "heldout_scores.jsonl")]
+    pairs = files.read_jsonl_records(folder / "pairs" / "heldout.jsonl")
+    recorded = files.read_jsonl_records(folder / "heldout_scores.jsonl")
     chosen, rejected = scorer.score_pairs(pairs)
     assert chosen == pytest.approx([row["r_chosen"] for row in recorded], abs=1e-4)
     assert rejected == pytest.approx([row["r_rejected"] for row in recorded], abs=1e-4)
@@ -153,7 +153,7 @@ def test_rankings_pulled_from_argilla(runs_root, tiny_sft_run, tiny_data, argill
     assert_ok(result)
     assert argilla_server.api_key not in result.stdout + result.stderr
     folder = runs_root / run / "reward"
-    pulled = [obj for _, obj in data.read_jsonl(folder / "rankings.jsonl")]
+    pulled = files.read_jsonl_records(folder / "rankings.jsonl")
     assert len(pulled) == 16 and {r["annotator"] for r in pulled} == {user}
     assert all(r["provenance"]["dataset"] == name for r in pulled)
     facts = manifest(runs_root, run)

@@ -6,7 +6,7 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from align.models import sha256_file
+from align.files import sha256_file
 from tests.conftest import assert_ok, run_stage, write_jsonl
 
 
