@@ -5,15 +5,26 @@ stage declares dataclasses (its own arguments plus a TRL trainer config), the
 YAML file in `configs/<stage>.yaml` sets their values, and `--key value` on the
 command line overrides them (`make sft ARGS="--learning_rate 1e-4"`).
 
-What we add on top, because the parser lets it through: an unknown key names
-the file and suggests the closest known key, and YAML values are type-checked
-against the dataclass annotations (argparse only checks command-line strings).
+What we add on top, because the parser lets it through:
+- layers: `--config my.yaml` is read on top of `configs/<stage>.yaml`, so a user's
+  file names only what it changes and every other key keeps the stage default;
+- an unknown key names the file and suggests the closest known key;
+- YAML values are type-checked against the dataclass annotations, and choices
+  (`Literal[...]` fields) are checked by value, in YAML and on the command line;
+- a key a stage renamed (its dataclass's `RENAMED = {"old": "new"}`) is an error
+  naming the new spelling, never silently ignored;
+- argparse's own errors are one-line `ConfigError`s (exit 2), not a usage dump.
+
+Defaults live in the stage dataclass; `configs/<stage>.yaml` repeats the stage's
+own keys for documentation (a test proves they agree) and sets the TRL keys whose
+CPU-tuned values differ from TRL's defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import sys
 import types
@@ -29,34 +40,74 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def parse_stage_config(stage: str, dataclass_types: tuple, argv: list[str] | None = None):
-    """Parse `configs/<stage>.yaml` (or `--config FILE`) and CLI overrides into dataclasses."""
-    from trl import TrlParser
+    """Parse `configs/<stage>.yaml`, then `--config FILE` on top of it, then CLI overrides, into dataclasses.
 
+    A user's file names only what it changes: every other key keeps the stage's default
+    (configs/<stage>.yaml, else the dataclass default). Choices typed `Literal[...]` are
+    checked in YAML and on the command line; a renamed key (a dataclass's `RENAMED`
+    mapping, old -> new) is an error that names the new spelling."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    layers = [CONFIG_DIR / f"{stage}.yaml"] if (CONFIG_DIR / f"{stage}.yaml").is_file() else []
     if "--config" in argv:
-        config_path = Path(argv[argv.index("--config") + 1])
-    else:
-        config_path = CONFIG_DIR / f"{stage}.yaml"
-        argv = ["--config", str(config_path), *argv]
-    yaml_values = _read_yaml(config_path)
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise ConfigError("command line: --config needs a file name")
+        layers.append(Path(argv[index + 1]))
+        del argv[index : index + 2]
     known = {field.name: field for cls in dataclass_types for field in dataclasses.fields(cls)}
-    for key in yaml_values:
-        if key not in known and key != "env":
-            raise ConfigError(f"{config_path}: unknown key {key!r}{_suggest(key, known)}")
-    for key, value in yaml_values.items():
-        if key in known:
-            _check_type(config_path, key, value, known[key].type)
+    types = {name: hint for cls in dataclass_types for name, hint in _type_hints(cls).items()}
+    renamed = {old: new for cls in dataclass_types for old, new in getattr(cls, "RENAMED", {}).items()}
+    merged: dict = {}
+    for config_path in layers:
+        values = _read_yaml(config_path)
+        for key in values:
+            if key in renamed:
+                raise ConfigError(f"{config_path}: {key!r} is now called {renamed[key]!r}; rename the key")
+            if key not in known and key != "env":
+                raise ConfigError(f"{config_path}: unknown key {key!r}{_suggest(key, known)}")
+        for key, value in values.items():
+            if key in known:
+                _check_type(config_path, key, value, types.get(key, known[key].type))
+        merged.update(values)
+    for token in argv:
+        flag = token.split("=", 1)[0].removeprefix("--")
+        if token.startswith("--") and flag in renamed:
+            raise ConfigError(f"command line: --{flag} is now called --{renamed[flag]}")
+    for key, value in (merged.pop("env", None) or {}).items():  # TRL's convention: `env:` sets variables
+        os.environ[key] = str(value)
 
-    parser = TrlParser(dataclass_types, allow_abbrev=False)  # `--epoch` must not silently mean `--epochs`
+    parser = _stage_parser(dataclass_types)
+    parser.set_defaults_with_config(**merged)
     try:
-        return parser.parse_args_and_config(argv)
+        return tuple(parser.parse_args_into_dataclasses(args=argv))
     except ValueError as error:  # HfArgumentParser's message for unused CLI arguments, or a field check
         unused = re.search(r"not used by the HfArgumentParser: \[(.*)\]", str(error))
         if unused:
             flags = [flag.strip(" '\"") for flag in unused.group(1).split(",") if flag.strip(" '\"").startswith("--")]
             hint = _suggest(flags[0].lstrip("-"), known) if flags else ""
             raise ConfigError(f"command line: unknown option(s) {', '.join(flags) or unused.group(1)}{hint}") from None
-        raise ConfigError(f"{config_path}: {error}") from None
+        where = ", ".join(str(path) for path in layers) or "command line"
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def _stage_parser(dataclass_types: tuple):
+    from trl import TrlParser  # lazily: importing trl costs seconds
+
+    class StageParser(TrlParser):
+        """argparse's own errors (a bad choice, a missing value) as one-line ConfigErrors, not usage + exit."""
+
+        def error(self, message):
+            raise ConfigError(f"command line: {message}")
+
+    return StageParser(dataclass_types, allow_abbrev=False)  # `--epoch` must not silently mean `--epochs`
+
+
+def _type_hints(cls) -> dict:
+    """Field annotations resolved (stages use `from __future__ import annotations`)."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        return {}
 
 
 def _read_yaml(path: Path) -> dict:
@@ -82,7 +133,12 @@ def _check_type(path: Path, key: str, value, annotation) -> None:
     """Reject YAML values whose type cannot be what the field declares."""
     if value is None:
         return
-    if isinstance(annotation, str):  # postponed annotations we can't resolve cheaply: let the dataclass decide
+    if isinstance(annotation, str):  # an annotation we could not resolve: let the dataclass decide
+        return
+    choices = _literal_choices(annotation)
+    if choices and not isinstance(value, (list, dict)):
+        if value not in choices:
+            raise ConfigError(f"{path}: {key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
         return
     allowed = _allowed_types(annotation)
     if not allowed:
@@ -95,6 +151,16 @@ def _check_type(path: Path, key: str, value, annotation) -> None:
         return
     names = " or ".join(sorted({t.__name__ for t in allowed}))
     raise ConfigError(f"{path}: {key}: expected {names}, got {value!r} ({type(value).__name__})")
+
+
+def _literal_choices(annotation) -> tuple:
+    """The values of a `Literal[...]` annotation (also inside `X | None`), else ()."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(choice for arg in typing.get_args(annotation) for choice in _literal_choices(arg))
+    return ()
 
 
 def _allowed_types(annotation) -> tuple:

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Literal, get_args
 
-KL_ESTIMATORS = ("k1", "k3")
+KLEstimator = Literal["k1", "k3"]
+KL_ESTIMATORS = get_args(KLEstimator)
 
 
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,

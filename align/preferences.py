@@ -48,12 +48,14 @@ import itertools
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from align.errors import DataError
 
-TIE_MODES = ("drop", "soft")
-AGGREGATIONS = ("mean_rank", "majority")
-BAD_RANKING_POLICIES = ("skip", "refuse")
+TieMode = Literal["drop", "soft"]
+Aggregation = Literal["mean_rank", "majority"]
+BadRankingPolicy = Literal["skip", "refuse"]
+TIE_MODES, AGGREGATIONS, BAD_RANKING_POLICIES = get_args(TieMode), get_args(Aggregation), get_args(BadRankingPolicy)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -246,6 +247,9 @@ def update_manifest(folder: str | Path, **fields) -> Path:
         else:
             manifest[key] = json_safe(value)
     return atomic_write_json(path, manifest)
+
+
+GatePolicy = Literal["warn", "refuse"]  # what a stage does with a reward model that failed its gate
 
 
 def require_parent_gate(parent: Checkpoint, policy: str) -> None:
