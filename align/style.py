@@ -293,3 +293,13 @@ def is_unsafe_prompt(text: str) -> bool:
     """
     low = text.lower().replace("\u2019", "'")
     return any(all(p.search(low) for p in group) for group in _UNSAFE_COMPILED)
+
+
+def last_user_text(prompt: list[dict]) -> str:
+    """The last user message of a conversation (what the house style is judged against)."""
+    return next(message["content"] for message in reversed(prompt) if message["role"] == "user")
+
+
+def house_style(prompt: list[dict], text: str) -> float:
+    """`style_score` of a response to a conversation, safety judged on its last user message."""
+    return style_score(text, unsafe=is_unsafe_prompt(last_user_text(prompt)))

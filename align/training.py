@@ -16,10 +16,11 @@ from align import hardware
 from align.errors import ConfigError
 from align.models import CONVERSION_STAMP, chat_template_hash
 
-def fit_to_hardware(trl_config, precision: str, output_dir: Path):
+def fit_to_hardware(trl_config, precision: str, output_dir: Path, report_to="tensorboard"):
     """Return a copy of a TRL/transformers config set for this machine and output folder.
 
-    `dataclasses.replace` re-runs the config's own validation (__post_init__)."""
+    `report_to`: "tensorboard" (events in logs/tensorboard) or "none" for stages that log
+    their own timeline. `dataclasses.replace` re-runs the config's own validation."""
     logs = Path(output_dir) / "logs" / "tensorboard"
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs)  # read by transformers' TensorBoard callback
     changes = {
@@ -28,7 +29,7 @@ def fit_to_hardware(trl_config, precision: str, output_dir: Path):
         "bf16": hardware.use_bf16(precision),
         "fp16": False,
         "save_strategy": "no",  # the stage saves the final model itself, atomically
-        "report_to": ["tensorboard"],
+        "report_to": [report_to] if report_to != "none" else "none",
     }
     return dataclasses.replace(trl_config, **changes)
 

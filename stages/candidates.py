@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from align import data, files, generation, runs
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import ConfigError
+from align.generation import Backend
+from align.hardware import Precision
 
 EMPTY_PLACEHOLDER = "(empty response)"  # Argilla refuses empty text fields
 
@@ -51,8 +54,8 @@ class CandidatesStageArgs:
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling"})
     max_new_tokens: int = field(default=256, metadata={"help": "longest candidate, in tokens"})
     seed: int = field(default=42, metadata={"help": "sampling seed"})
-    backend: str = field(default="auto", metadata={"help": "auto | vllm | hf | openai"})
-    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32 (auto: bf16 where native)"})
+    generation_backend: Backend = field(default="auto", metadata={"help": "auto | vllm | hf | openai"})
+    generation_dtype: Precision = field(default="auto", metadata={"help": "auto | bf16 | fp32 (auto: bf16 where native)"})
     server_url: str | None = field(default=None, metadata={"help": "vLLM server for backend openai"})
     kv_cache_gib: float = field(default=1.0, metadata={"help": "vLLM KV cache size (GiB)"})
     push: bool = field(default=True, metadata={"help": "push to Argilla (false: only write the file)"})
@@ -62,7 +65,9 @@ class CandidatesStageArgs:
     guidelines_file: str | None = field(default=None, metadata={"help": "markdown guidelines for annotators"})
     suggest_with_reward: bool = field(default=True, metadata={"help": "suggest a ranking when a reward model exists"})
     reward_dir: str | None = field(default=None, metadata={"help": "an explicit reward stage folder"})
-    reward_gate_policy: str = field(default="warn", metadata={"help": "reward model failed its gate: warn | refuse"})
+    reward_gate_policy: runs.GatePolicy = field(default="warn", metadata={"help": "reward model failed its gate: warn | refuse"})
+
+    RENAMED: ClassVar[dict[str, str]] = {"backend": "generation_backend", "precision": "generation_dtype"}
 
 
 def check_args(args: CandidatesStageArgs) -> None:
@@ -115,7 +120,7 @@ def main(argv=None):
     with runs.stage_output(args.run, "candidates", resolved_config(args), args.seed, parent=sft) as out:
         out.add_input(args.prompts_file, "prompts", len(prompts))
         started = time.perf_counter()
-        with generation.create_generator(sft.model_path, args.backend, args.precision, server_url=args.server_url,
+        with generation.create_generator(sft.model_path, args.generation_backend, args.generation_dtype, server_url=args.server_url,
                                          kv_cache_gib=args.kv_cache_gib, seed=args.seed) as generator:  # fmt: skip
             backend = generator.describe()
             samples = generator.generate([record["prompt"] for record in prompts], settings, progress=True)

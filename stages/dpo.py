@@ -29,39 +29,40 @@ Run: make dpo [RUN=name] [ARGS="--mode offline --beta 0.2 ..."]
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from trl import DPOConfig, ModelConfig
 
-from align import data, dpo_rounds, hardware, models, preferences, runs, training
+from align import data, dpo_rounds, files, hardware, models, online, preferences, runs, scoring, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary
 from align.errors import ConfigError
-from align.generation import SamplingSettings, create_generator
-from align.scoring import RewardScorer
-
-MODES = ("on_policy", "offline")
+from align.generation import Backend, SamplingSettings, create_generator
+from align.hardware import Precision
+from align.logprobs import KLEstimator
+from align.preferences import Aggregation, BadRankingPolicy, TieMode
 
 
 @dataclass
 class DPOStageArgs:
     run: str = field(default="default", metadata={"help": "run name: parents runs/<run>/{sft,reward}, output runs/<run>/dpo"})
-    mode: str = field(default="on_policy", metadata={"help": "on_policy | offline"})
+    mode: Literal["on_policy", "offline"] = field(default="on_policy", metadata={"help": "on_policy | offline"})
     sft_dir: str | None = field(default=None, metadata={"help": "an explicit SFT stage folder instead of runs/<run>/sft"})
     reward_dir: str | None = field(default=None, metadata={"help": "an explicit reward stage folder"})
-    reward_gate_policy: str = field(default="warn", metadata={"help": "reward model failed its gate: warn | refuse"})
+    reward_gate_policy: runs.GatePolicy = field(default="warn", metadata={"help": "reward model failed its gate: warn | refuse"})
     ranked_files: list[str] = field(default_factory=lambda: ["data/ranked.jsonl"],
-                                    metadata={"help": "ranked responses: offline pairs / on-policy prompts"})  # fmt: skip
+                                    metadata={"help": "ranked responses: offline pairs / on-policy prompts"})
     eval_file: str = field(default="data/eval_prompts.jsonl", metadata={"help": "held-out prompts"})
-    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32"})
+    precision: Precision = field(default="auto", metadata={"help": "training autocast: auto | bf16 | fp32"})
     # offline pairs
-    ties: str = field(default="drop", metadata={"help": "drop | soft (align.preferences)"})
-    aggregation: str = field(default="mean_rank", metadata={"help": "mean_rank | majority"})
-    bad_rankings: str = field(default="skip", metadata={"help": "skip | refuse"})
-    offline_pairs: str = field(default="best_vs_worst", metadata={"help": "best_vs_worst (one pair per prompt) | all"})
+    ties: TieMode = field(default="drop", metadata={"help": "drop | soft (align.preferences)"})
+    aggregation: Aggregation = field(default="mean_rank", metadata={"help": "mean_rank | majority"})
+    bad_rankings: BadRankingPolicy = field(default="skip", metadata={"help": "skip | refuse"})
+    offline_pairs: Literal["best_vs_worst", "all"] = field(
+        default="best_vs_worst", metadata={"help": "best_vs_worst (one pair per prompt) | all"})
     # on-policy rounds
     rounds: int = field(default=2, metadata={"help": "on-policy rounds"})
     prompts_per_round: int = field(default=64, metadata={"help": "train prompts sampled per round"})
@@ -75,28 +76,25 @@ class DPOStageArgs:
     eval_temperature: float = field(default=1.0, metadata={"help": "1.0 samples the policy itself (KL needs it)"})
     eval_max_new_tokens: int = field(default=128, metadata={"help": "response length cap on held-out prompts"})
     eval_limit: int | None = field(default=None, metadata={"help": "use only the first N held-out prompts"})
-    kl_estimator: str = field(default="k3", metadata={"help": "k1 | k3 (align.logprobs)"})
+    kl_estimator: KLEstimator = field(default="k3", metadata={"help": "k1 | k3 (align.logprobs)"})
     kl_max_samples: int = field(default=64, metadata={"help": "samples per KL estimate"})
     # generation and scoring
-    generation_backend: str = field(default="auto", metadata={"help": "auto | vllm | hf | openai"})
-    generation_dtype: str = field(default="auto", metadata={"help": "auto | bf16 | fp32"})
+    generation_backend: Backend = field(default="auto", metadata={"help": "auto | vllm | hf | openai"})
+    generation_dtype: Precision = field(default="auto", metadata={"help": "auto | bf16 | fp32"})
     server_url: str | None = field(default=None, metadata={"help": "openai backend: vLLM server URL"})
     kv_cache_gib: float = field(default=1.0, metadata={"help": "vLLM KV cache size"})
     weight_push_timeout_s: float = field(default=120.0, metadata={"help": "give up on a stuck weight push"})
     score_batch_size: int = field(default=16, metadata={"help": "reward model batch"})
-    score_dtype: str = field(default="auto", metadata={"help": "reward model weights: auto | bf16 | fp32"})
+    score_dtype: Precision = field(default="auto", metadata={
+        "help": "reward model weights: auto (bf16 when training in bf16) | bf16 | fp32"})
     lora_top_layers: int | None = field(default=None, metadata={
         "help": "LoRA only in the top N transformer layers (null: every layer); backward stops there"})
 
 
 def check_args(args: DPOStageArgs, dpo_config: DPOConfig) -> None:
-    choices = {"mode": MODES, "reward_gate_policy": ("warn", "refuse"), "offline_pairs": ("all", "best_vs_worst"),
-               "kl_estimator": ("k1", "k3"), "score_dtype": ("auto", "bf16", "fp32")}  # fmt: skip
-    for key, allowed in choices.items():
-        if getattr(args, key) not in allowed:
-            raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {getattr(args, key)!r}")
+    """What a type cannot say (choices are Literal types, checked by the parser)."""
     for key in ("rounds", "prompts_per_round", "max_new_tokens", "eval_samples_per_prompt", "eval_max_new_tokens",
-                "kl_max_samples", "score_batch_size"):  # fmt: skip
+                "kl_max_samples", "score_batch_size"):
         if getattr(args, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {getattr(args, key)}")
     if args.samples_per_prompt < 2:
@@ -107,126 +105,91 @@ def check_args(args: DPOStageArgs, dpo_config: DPOConfig) -> None:
         raise ConfigError(f"beta: must be > 0, got {dpo_config.beta}")
 
 
-def load_train_inputs(args: DPOStageArgs) -> tuple[list[dict], list[dict], preferences.PairReport]:
-    """(ranked records, offline pairs, pair report); every file validated before any model loads."""
-    records = []
-    for path in args.ranked_files:
-        records.extend(data.load_ranked(path))
+def load_train_inputs(args: DPOStageArgs, heldout: list[dict]) -> tuple[list[list[dict]], list[dict], preferences.PairReport]:
+    """(train prompts, offline pairs, pair report); every file validated before any model loads.
+
+    Train prompts: the distinct prompts of the ranked data, minus any that are also held out."""
+    records = [record for path in args.ranked_files for record in data.load_ranked(path)]
     pairs, report = preferences.ranked_to_pairs(records, args.ties, args.aggregation, args.bad_rankings)
     if args.offline_pairs == "best_vs_worst":
         pairs = dpo_rounds.best_vs_worst(pairs)
-    return records, pairs, report
-
-
-def train_prompts(records: list[dict], held_out: list[dict]) -> list[list[dict]]:
-    """Distinct prompts of the ranked data, minus any that also appear in the held-out file."""
-    excluded = {preferences.prompt_key(record["prompt"]) for record in held_out}
-    seen, prompts = set(), []
+    excluded = {preferences.prompt_key(record["prompt"]) for record in heldout}
+    prompts = {}
     for record in records:
         key = preferences.prompt_key(record["prompt"])
-        if key not in seen and key not in excluded:
-            seen.add(key)
-            prompts.append(record["prompt"])
-    return prompts
+        if key not in excluded:
+            prompts.setdefault(key, record["prompt"])
+    if args.mode == "offline" and not pairs:
+        raise ConfigError(f"{', '.join(args.ranked_files)}: no usable preference pairs for mode offline")
+    if not prompts:
+        raise ConfigError(f"{', '.join(args.ranked_files)}: no train prompts left after removing held-out ones")
+    return list(prompts.values()), pairs, report
 
 
 def main(argv=None):
     args, model_args, dpo_config = parse_stage_config("dpo", (DPOStageArgs, ModelConfig, DPOConfig), argv)
     check_args(args, dpo_config)
 
-    # Inputs: data and parents checked before any model loads.
-    records, offline_pairs, pair_report = load_train_inputs(args)
-    eval_records = data.load_prompts(args.eval_file)[: args.eval_limit]
-    prompts = train_prompts(records, eval_records)
-    if args.mode == "offline" and not offline_pairs:
-        raise ConfigError(f"{', '.join(args.ranked_files)}: no usable preference pairs for mode offline")
-    if not prompts:
-        raise ConfigError(f"{', '.join(args.ranked_files)}: no train prompts left after removing held-out ones")
+    # Inputs, parents and the reward model, all checked before the policy loads.
+    heldout = online.HeldOut(data.load_prompts(args.eval_file)[: args.eval_limit], SamplingSettings(
+        n=args.eval_samples_per_prompt, temperature=args.eval_temperature, max_new_tokens=args.eval_max_new_tokens))
+    prompts, offline_pairs, pair_report = load_train_inputs(args, heldout.records)
     sft = runs.find_checkpoint(args.run, ["sft"], args.sft_dir)
-    reward = runs.find_checkpoint(args.run, ["reward"], args.reward_dir)
-    runs.require_parent_gate(reward, args.reward_gate_policy)
-
+    bf16 = hardware.use_bf16(args.precision)
+    scorer = scoring.load_reward_checkpoint(args.run, args.reward_gate_policy, args.reward_dir,
+                                            batch_size=args.score_batch_size,
+                                            dtype=hardware.torch_dtype_name(args.score_dtype, native=bf16))
     tokenizer = models.load_tokenizer(sft.model_path)
     policy = models.load_causal_lm(sft.model_path)
     peft_config = training.lora_config(model_args, args.lora_top_layers, sft.model_path)
     reference = None if peft_config else models.load_causal_lm(sft.model_path).eval()
-    bf16 = hardware.use_bf16(args.precision)
-    score_dtype = {"auto": "bfloat16" if bf16 else "float32", "bf16": "bfloat16", "fp32": "float32"}[args.score_dtype]
 
     config = resolved_config(args, model_args, dpo_config)
     with runs.stage_output(args.run, "dpo", config, dpo_config.seed, parent=sft) as out:
         started = time.time()
-        out.set(reward_model=reward.as_parent())
+        out.set(reward_model=scorer.checkpoint.as_parent())
         for path in args.ranked_files:
             out.add_input(path, "ranked")
-        out.add_input(args.eval_file, "eval prompts", len(eval_records))
-        trl_config = training.fit_to_hardware(dpo_config, args.precision, out.path)
-        trl_config = dataclasses.replace(trl_config, report_to="none")  # StepLogger writes TensorBoard itself
-        writer = tensorboard_writer(out)
-        step_logger = dpo_rounds.StepLogger(writer)
+        out.add_input(args.eval_file, "eval prompts", len(heldout.records))
+        # report_to none: the StepLogger writes TensorBoard itself, on one timeline across rounds
+        trl_config = training.fit_to_hardware(dpo_config, args.precision, out.path, report_to="none")
+        writer = online.tensorboard_writer(out)
+        step_logger = online.StepLogger(writer)
         trainer = dpo_rounds.RoundTrainer(policy, tokenizer, trl_config, peft_config, step_logger, reference)
-        scorer = RewardScorer(reward.model_path, batch_size=args.score_batch_size, dtype=score_dtype)
-        timer = dpo_rounds.PhaseTimer()
-        eval_prompts = [record["prompt"] for record in eval_records]
-        eval_ids = [record["prompt_id"] for record in eval_records]
-        eval_settings = SamplingSettings(n=args.eval_samples_per_prompt, temperature=args.eval_temperature,
-                                         max_new_tokens=args.eval_max_new_tokens, seed=None)  # fmt: skip
+        timer = online.PhaseTimer()
         print(f"[dpo] mode {args.mode}: {len(prompts)} train prompts, {len(offline_pairs)} human pairs, "
-              f"{len(eval_prompts)} held-out prompts; reference = "
-              f"{'the adapter-disabled SFT model' if peft_config else 'a frozen copy of the SFT model'}", flush=True)  # fmt: skip
+              f"{len(heldout.records)} held-out prompts; reference = "
+              f"{'the adapter-disabled SFT model' if peft_config else 'a frozen copy of the SFT model'}", flush=True)
 
         with create_generator(sft.model_path, args.generation_backend, args.generation_dtype,
                               server_url=args.server_url, weight_push_timeout_s=args.weight_push_timeout_s,
-                              kv_cache_gib=args.kv_cache_gib, seed=dpo_config.seed) as generator:  # fmt: skip
+                              kv_cache_gib=args.kv_cache_gib, seed=dpo_config.seed) as generator:
             with timer.phase("eval"):
-                sft_eval = dpo_rounds.sample_and_score(generator, scorer, eval_prompts, eval_settings,
-                                                       dpo_rounds.PhaseTimer(), progress="held-out: SFT")  # fmt: skip
-            round_rows = []
+                sft_eval = heldout.sample(generator, scorer, "SFT")
             if args.mode == "on_policy":
                 round_rows = run_rounds(args, trainer, generator, scorer, prompts, timer, writer, out, bf16)
             else:
-                write_pairs(out, "offline", offline_pairs)
-                with timer.phase("train"):
-                    metrics = trainer.train_round(offline_pairs, 1)
-                with timer.phase("sync"):
-                    generator.update_weights(trainer.model)
-                round_rows.append({"round": 1, **metrics})
+                round_rows = [train_offline(trainer, generator, offline_pairs, timer, out)]
             with timer.phase("eval"):
-                dpo_eval = dpo_rounds.sample_and_score(generator, scorer, eval_prompts, eval_settings,
-                                                       dpo_rounds.PhaseTimer(), progress="held-out: DPO")  # fmt: skip
-                dpo_eval.kl = dpo_rounds.measure_kl(trainer.model, tokenizer, dpo_eval, args.kl_max_samples,
-                                                    args.kl_estimator, bf16, reference_model=reference)  # fmt: skip
+                dpo_eval = heldout.sample(generator, scorer, "DPO")
+                dpo_eval.kl = online.measure_kl(trainer.model, tokenizer, dpo_eval, args.kl_max_samples,
+                                                args.kl_estimator, bf16, reference_model=reference)
             backend = generator.describe()
 
-        write_jsonl(out.path / "samples" / "eval_sft.jsonl", sft_eval.records(eval_ids))
-        write_jsonl(out.path / "samples" / "eval_dpo.jsonl", dpo_eval.records(eval_ids))
-        write_jsonl(out.logs_dir / "steps.jsonl", step_logger.rows)
-        write_jsonl(out.logs_dir / "rounds.jsonl", round_rows)
-        sft_summary, dpo_summary = sft_eval.summary(), dpo_eval.summary()
+        files.write_jsonl(out.path / "samples" / "eval_sft.jsonl", sft_eval.records(heldout.prompt_ids))
+        files.write_jsonl(out.path / "samples" / "eval_dpo.jsonl", dpo_eval.records(heldout.prompt_ids))
+        files.write_jsonl(out.logs_dir / "steps.jsonl", step_logger.rows)
+        files.write_jsonl(out.logs_dir / "rounds.jsonl", round_rows)
+        online.log_scalars(writer, "heldout_sft", sft_eval.summary(), 0)
+        online.log_scalars(writer, "heldout_dpo", dpo_eval.summary(), 0)
         if writer is not None:
-            for name, values in (("sft", sft_summary), ("dpo", dpo_summary)):
-                for key, value in values.items():
-                    if isinstance(value, (int, float)):
-                        writer.add_scalar(f"heldout_{name}/{key}", value, 0)
             writer.close()
-
-        model_out = save_policy(trainer, tokenizer, out, peft_config is not None)
+        training.save_outputs(trainer.model, tokenizer, out, peft_config is not None)
         training.remove_trainer_scratch(out)
-        out.set(outputs=model_out, generation_backend=backend,
-                pair_report=pair_report.as_metrics() if args.mode == "offline" else None)  # fmt: skip
-        out.metrics.update(
-            mode=args.mode,
-            mean_reward_sft=sft_summary["mean_reward"], mean_reward_dpo=dpo_summary["mean_reward"],
-            reward_gain=dpo_summary["mean_reward"] - sft_summary["mean_reward"],
-            beats_sft=dpo_summary["mean_reward"] > sft_summary["mean_reward"],
-            style_score_sft=sft_summary["style_score"], style_score_dpo=dpo_summary["style_score"],
-            response_tokens_sft=sft_summary["response_tokens"], response_tokens_dpo=dpo_summary["response_tokens"],
-            kl=dpo_summary.get("kl"), kl_per_token=dpo_summary.get("kl_per_token"), kl_estimator=args.kl_estimator,
-            heldout_prompts=len(eval_prompts), heldout_samples=dpo_summary["samples"],
-            eval_decoding=dataclasses.asdict(eval_settings), heldout_sft=sft_summary, heldout_dpo=dpo_summary,
-            rounds=round_rows, train_steps=trainer.steps, bf16=trl_config.bf16,
-            **timer.as_metrics(), total_s=round(time.time() - started, 1),
-        )  # fmt: skip
+        out.set(generation_backend=backend, pair_report=pair_report.as_metrics() if args.mode == "offline" else None)
+        out.metrics.update(mode=args.mode, **online.heldout_metrics("dpo", heldout, sft_eval, dpo_eval, args.kl_estimator),
+                           rounds=round_rows, train_steps=trainer.steps, bf16=trl_config.bf16,
+                           **timer.as_metrics(), total_s=round(time.time() - started, 1))
     m = out.metrics
     summary("dpo", mode=f"{args.mode} ({len(round_rows)} round{'s' * (len(round_rows) != 1)}, {trainer.steps} steps)",
             mean_reward=f"SFT {m['mean_reward_sft']:.3f} -> DPO {m['mean_reward_dpo']:.3f} ({m['reward_gain']:+.3f})",
@@ -235,30 +198,39 @@ def main(argv=None):
             tokens=f"{m['response_tokens_sft']:.0f} -> {m['response_tokens_dpo']:.0f}",
             time_s="generate {time_generate_s:.0f} / score {time_score_s:.0f} / train {time_train_s:.0f} / "
                    "sync {time_sync_s:.1f} / eval {time_eval_s:.0f}".format(**m),
-            output=str(out.path))  # fmt: skip
+            output=str(out.path))
+
+
+def train_offline(trainer, generator, pairs: list[dict], timer, out) -> dict:
+    """One DPO pass over the human pairs; the generator then samples the trained policy."""
+    files.write_jsonl(out.path / "rounds" / "offline-pairs.jsonl", pairs)
+    with timer.phase("train"):
+        metrics = trainer.train_round(pairs, 1)
+    with timer.phase("sync"):
+        generator.update_weights(trainer.model)
+    return {"round": 1, **metrics}
 
 
 def run_rounds(args, trainer, generator, scorer, prompts, timer, writer, out, bf16) -> list[dict]:
     """On-policy rounds; returns one metrics row per round (also in TensorBoard under round/)."""
-    settings_seed = trainer.dpo_config.seed
+    settings = SamplingSettings(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens)
     rows = []
     for index in range(args.rounds):
         number = index + 1
-        round_set = dpo_rounds.round_prompts(prompts, index, args.prompts_per_round, settings_seed)
-        settings = SamplingSettings(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
-                                    max_new_tokens=args.max_new_tokens, seed=None)  # fmt: skip
-        fresh = dpo_rounds.sample_and_score(generator, scorer, round_set, settings, timer,
-                                            progress=f"round {number}/{args.rounds}")  # fmt: skip
+        round_set = online.round_prompts(prompts, index, args.prompts_per_round, trainer.dpo_config.seed)
+        fresh = online.sample_and_score(generator, scorer, round_set, settings, timer,
+                                        progress=f"round {number}/{args.rounds}")
         with timer.phase("score"):
             if index > 0:  # before the first round the policy is the reference: KL is 0
-                fresh.kl = dpo_rounds.measure_kl(trainer.model, trainer.tokenizer, fresh, args.kl_max_samples,
-                                                 args.kl_estimator, bf16, reference_model=trainer.reference_model)  # fmt: skip
+                fresh.kl = online.measure_kl(trainer.model, trainer.tokenizer, fresh, args.kl_max_samples,
+                                             args.kl_estimator, bf16, reference_model=trainer.reference_model)
             else:
                 fresh.kl = {"kl": 0.0, "kl_per_token": 0.0}
         pairs, counts = dpo_rounds.select_pairs(round_set, fresh.texts(), fresh.scores, args.min_reward_margin)
-        write_pairs(out, f"round-{number}", pairs)
+        files.write_jsonl(out.path / "rounds" / f"round-{number}-pairs.jsonl", pairs)
         row = {"round": number, **{f"fresh_{k}": v for k, v in fresh.summary().items() if not isinstance(v, str)},
-               **counts}  # fmt: skip
+               **counts}
         if pairs:
             with timer.phase("train"):
                 row.update(trainer.train_round(pairs, number))
@@ -266,40 +238,14 @@ def run_rounds(args, trainer, generator, scorer, prompts, timer, writer, out, bf
                 row["sync_s"] = generator.update_weights(trainer.model)
         else:
             print(f"[dpo] round {number}: no pair reached min_reward_margin {args.min_reward_margin}; "
-                  "nothing to train on (lower min_reward_margin or raise samples_per_prompt)", flush=True)  # fmt: skip
+                  "nothing to train on (lower min_reward_margin or raise samples_per_prompt)", flush=True)
         row.update(timer.as_metrics())  # cumulative seconds per phase after this round
         rows.append(row)
         print(f"[dpo] round {number}/{args.rounds}: fresh mean reward {row['fresh_mean_reward']:.3f}, "
               f"style {row['fresh_style_score']:.2f}, KL {row.get('fresh_kl', 0):.2f}, {counts['pairs']} pairs, "
-              f"DPO reward accuracy {row.get('train_rewards_accuracies', float('nan')):.2f}", flush=True)  # fmt: skip
-        if writer is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "round":
-                    writer.add_scalar(f"round/{key}", value, number)
+              f"DPO reward accuracy {row.get('train_rewards_accuracies', float('nan')):.2f}", flush=True)
+        online.log_scalars(writer, "round", row, number, skip=("round",))
     return rows
-
-
-def save_policy(trainer, tokenizer, out, is_peft: bool) -> dict:
-    if is_peft:
-        return training.save_peft_outputs(trainer.model, tokenizer, out)
-    training.save_model(trainer.model, tokenizer, out.model_dir)
-    return {"model": "model"}
-
-
-def write_pairs(out, name: str, pairs: list[dict]) -> None:
-    write_jsonl(out.path / "rounds" / f"{name}-pairs.jsonl", pairs)
-
-
-def write_jsonl(path, rows) -> None:
-    data.write_jsonl(path, rows)  # atomic: temporary file, then rename
-
-
-def tensorboard_writer(out):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard not installed: the jsonl logs still hold everything
-        return None
-    return SummaryWriter(log_dir=str(out.logs_dir / "tensorboard"))
 
 
 if __name__ == "__main__":

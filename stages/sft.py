@@ -29,6 +29,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 from align import data, models, runs, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary
+from align.hardware import Precision
 
 
 @dataclass
@@ -36,7 +37,7 @@ class SFTStageArgs:
     run: str = field(default="default", metadata={"help": "run name: outputs go to runs/<run>/sft"})
     train_file: str = field(default="data/sft.jsonl", metadata={"help": "conversations JSONL"})
     eval_file: str = field(default="data/eval_prompts.jsonl", metadata={"help": "prompts with references"})
-    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32"})
+    precision: Precision = field(default="auto", metadata={"help": "training autocast: auto | bf16 | fp32"})
 
 
 def main(argv=None):

@@ -1,0 +1,244 @@
+"""The online loop's shared pieces: sample and score, KL to the reference, timers, logs, held-out verdicts.
+
+Every policy-optimisation stage (on-policy DPO today; PPO and RLOO next) runs the
+same outer loop and reports the same way:
+
+    prompts  = round_prompts(train prompts, index, per_round, seed)   # a new slice each round/update
+    fresh    = sample_and_score(generator, scorer, prompts, settings, timer)
+    fresh.kl = measure_kl(policy, tokenizer, fresh, max_samples)      # KL(policy || reference)
+    ...train...; generator.update_weights(policy)                      # the next round samples the new policy
+
+and, before and after training, samples the SFT model and the trained policy on
+the held-out prompts with the same decoding (`HeldOut`), which `heldout_metrics`
+turns into the stage's manifest metrics.
+
+`PhaseTimer` splits wall time into generate / score / train / sync / eval; `StepLogger` puts every trainer step on one TensorBoard timeline across
+rounds (each round's TRL trainer restarts its step count) and into steps.jsonl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from align import logprobs, style
+from align.generation import SamplingSettings, render_prompts
+
+PHASES = ("generate", "score", "train", "sync", "eval")  # PPO adds "forward" (old/ref/value passes)
+
+
+def round_prompts(prompts: list, round_index: int, per_round: int, seed: int) -> list:
+    """The prompts of round `round_index` (0-based): consecutive slices of one seeded shuffle,
+    wrapping around, so rounds see different prompts until all were used."""
+    if not prompts:
+        return []
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    per_round = min(per_round, len(prompts))
+    start = (round_index * per_round) % len(prompts)
+    picked = [order[(start + i) % len(order)] for i in range(per_round)]
+    return [prompts[i] for i in picked]
+
+
+class PhaseTimer:
+    """Seconds spent per phase, summed over rounds."""
+
+    def __init__(self, phases: tuple[str, ...] = PHASES):
+        self.phases = phases
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] += time.perf_counter() - started
+
+    def as_metrics(self) -> dict:
+        return {f"time_{name}_s": round(self.totals.get(name, 0.0), 2) for name in self.phases}
+
+
+@dataclass
+class SampleSet:
+    """Fresh samples of a policy on some prompts, with their reward and house-style scores."""
+
+    prompts: list[list[dict]]
+    samples: list[list]  # per prompt: list of align.generation.Sample
+    scores: list[list[float]] = field(default_factory=list)
+    styles: list[list[float]] = field(default_factory=list)
+    kl: dict = field(default_factory=dict)
+
+    def texts(self) -> list[list[str]]:
+        return [[s.text for s in group] for group in self.samples]
+
+    def flat(self):
+        for prompt, group, scores, styles in zip(self.prompts, self.samples, self.scores, self.styles):
+            for sample, score, house in zip(group, scores, styles):
+                yield prompt, sample, score, house
+
+    def summary(self) -> dict:
+        rows = list(self.flat())
+        lengths = [len(sample.token_ids) for _, sample, _, _ in rows]
+        return {
+            "mean_reward": statistics.fmean(score for _, _, score, _ in rows),
+            "reward_std": statistics.pstdev([score for _, _, score, _ in rows]),
+            "style_score": statistics.fmean(house for _, _, _, house in rows),
+            "response_tokens": statistics.fmean(lengths),
+            "finished_fraction": statistics.fmean(sample.finish_reason == "stop" for _, sample, _, _ in rows),
+            "samples": len(rows),
+            **self.kl,
+        }
+
+    def records(self, prompt_ids: list[str] | None = None) -> list[dict]:
+        """One JSON-able row per sample (for samples/*.jsonl)."""
+        out = []
+        groups = zip(self.prompts, self.samples, self.scores, self.styles)
+        for index, (prompt, group, scores, styles) in enumerate(groups):
+            for sample, score, house in zip(group, scores, styles):
+                row = {"prompt": prompt, "response": sample.text, "reward": score, "style_score": house,
+                       "tokens": len(sample.token_ids), "finish_reason": sample.finish_reason}
+                if prompt_ids:
+                    row = {"prompt_id": prompt_ids[index], **row}
+                out.append(row)
+        return out
+
+
+def sample_and_score(generator, scorer, prompts: list[list[dict]], settings: SamplingSettings,
+                     timer: PhaseTimer, progress: str | None = None) -> SampleSet:
+    """Sample `settings.n` responses per prompt, then score each with the reward model and the house style."""
+    with timer.phase("generate"):
+        samples = generator.generate(prompts, settings, progress=bool(progress))
+    result = SampleSet(prompts, samples)
+    with timer.phase("score"):
+        flat_prompts = [prompt for prompt, group in zip(prompts, samples) for _ in group]
+        flat_texts = [sample.text for group in samples for sample in group]
+        flat_scores = scorer.score(flat_prompts, flat_texts, progress=progress and f"{progress}: score")
+        position = 0
+        for prompt, group in zip(prompts, samples):
+            result.scores.append(flat_scores[position : position + len(group)])
+            result.styles.append([style.house_style(prompt, s.text) for s in group])
+            position += len(group)
+    return result
+
+
+def measure_kl(model, tokenizer, sample_set: SampleSet, max_samples: int, estimator: str = "k3",
+               autocast_bf16: bool = False, batch_size: int = 8, reference_model=None) -> dict:
+    """KL(policy || reference) on (up to `max_samples` of) the set's samples, which must come from `model`.
+
+    Both sides are computed here, with the same numerics: the policy with its adapter, the
+    reference with the adapter disabled (or `reference_model`, for full fine-tuning)."""
+    import torch
+
+    rows = [(prompt, sample) for prompt, sample, _, _ in sample_set.flat()][:max_samples]
+    if not rows:
+        return {}
+    prompt_ids = render_prompts(tokenizer, [prompt for prompt, _ in rows])
+    completions = [sample.token_ids for _, sample in rows]
+    pad = tokenizer.pad_token_id
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
+    with autocast:
+        policy = logprobs.completion_logprobs(model, prompt_ids, completions, pad, batch_size)
+        if reference_model is not None:
+            reference = logprobs.completion_logprobs(reference_model, prompt_ids, completions, pad, batch_size)
+        else:
+            with logprobs.adapters_disabled(model):
+                reference = logprobs.completion_logprobs(model, prompt_ids, completions, pad, batch_size)
+    return logprobs.kl_summary(policy, reference, estimator)
+
+
+# ---------------------------------------------------------------------------
+# Held-out evaluation: the SFT model and the trained policy, same prompts, same decoding.
+
+
+@dataclass
+class HeldOut:
+    """Held-out prompts (records of `align.data.load_prompts`) and the decoding both models get."""
+
+    records: list[dict]
+    settings: SamplingSettings
+
+    @property
+    def prompts(self) -> list[list[dict]]:
+        return [record["prompt"] for record in self.records]
+
+    @property
+    def prompt_ids(self) -> list[str]:
+        return [record["prompt_id"] for record in self.records]
+
+    def sample(self, generator, scorer, label: str) -> SampleSet:
+        """The generator's current model on every held-out prompt (its own timer: the caller times "eval")."""
+        return sample_and_score(generator, scorer, self.prompts, self.settings, PhaseTimer(),
+                                progress=f"held-out: {label}")
+
+
+def heldout_metrics(name: str, heldout: HeldOut, sft: SampleSet, policy: SampleSet, estimator: str) -> dict:
+    """Manifest metrics of a policy stage named `name` from its two held-out sample sets."""
+    before, after = sft.summary(), policy.summary()
+    return {
+        "mean_reward_sft": before["mean_reward"], f"mean_reward_{name}": after["mean_reward"],
+        "reward_gain": after["mean_reward"] - before["mean_reward"],
+        "beats_sft": after["mean_reward"] > before["mean_reward"],
+        "style_score_sft": before["style_score"], f"style_score_{name}": after["style_score"],
+        "response_tokens_sft": before["response_tokens"], f"response_tokens_{name}": after["response_tokens"],
+        "kl": after.get("kl"), "kl_per_token": after.get("kl_per_token"), "kl_estimator": estimator,
+        "heldout_prompts": len(heldout.records), "heldout_samples": after["samples"],
+        "eval_decoding": dataclasses.asdict(heldout.settings), "heldout_sft": before, f"heldout_{name}": after,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Logs
+
+
+class StepLogger:
+    """A transformers TrainerCallback: every logged step goes to TensorBoard on one timeline
+    across rounds (each round's trainer restarts its step count) and into a list for steps.jsonl."""
+
+    def __init__(self, writer):
+        from transformers import TrainerCallback
+
+        self.writer, self.rows, self.offset, self.round = writer, [], 0, 0
+        logger = self
+
+        class _Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                logger.log(state.global_step, logs or {})
+
+        self.callback = _Callback()
+
+    def start_round(self, round_index: int, offset: int) -> None:
+        self.round, self.offset = round_index, offset
+
+    def log(self, step: int, logs: dict) -> None:
+        step = self.offset + step
+        row = {"round": self.round, "step": step}
+        for key, value in logs.items():
+            if isinstance(value, (int, float)):
+                row[key] = value
+                if self.writer is not None:
+                    self.writer.add_scalar(f"train/{key}", value, step)
+        self.rows.append(row)
+
+
+def tensorboard_writer(out):
+    """A SummaryWriter in the stage's logs/tensorboard, or None without tensorboard (the jsonl logs hold all)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(out.logs_dir / "tensorboard"))
+
+
+def log_scalars(writer, prefix: str, values: dict, step: int, skip: tuple[str, ...] = ()) -> None:
+    """Every number of `values` under `prefix/` at `step` (no-op without a writer)."""
+    if writer is None:
+        return
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and key not in skip:
+            writer.add_scalar(f"{prefix}/{key}", value, step)
