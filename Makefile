@@ -4,6 +4,7 @@
 #
 #   make sft reward dpo          the main job, on the embedded defaults
 #   make test                    the test suite (what CI runs)
+#   make test-fast               the fast tier: pure functions, config, data, runs (seconds)
 #   make help                    every target
 #
 # Variables: RUN=<name> (runs/<name>/...), ARGS="--key value ..." (config overrides)
@@ -40,7 +41,7 @@ APT = $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive 
 MALLOC_DEBS := $(VENV)/.malloc-debs
 WITH_TCMALLOC = LD_PRELOAD="$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -n1)$${LD_PRELOAD:+:$$LD_PRELOAD}"
 
-.PHONY: help setup allocator model test test-deps clean-runs bench $(STAGES)
+.PHONY: help setup allocator model test test-fast test-deps clean-runs bench $(STAGES)
 
 help:
 	@echo "align - staged preference alignment. Main job: make sft reward dpo ; tests: make test"
@@ -54,7 +55,8 @@ help:
 	@echo "  compare          aligned vs SFT report            -> runs/$(RUN)/compare"
 	@echo "  compare-to-argilla / compare-pull   blind A/B of the compare run in Argilla -> human win rate in the report"
 	@echo "  argilla, argilla-stop, argilla-status, annotators   the local Argilla server"
-	@echo "  test             the test suite; bench: the benchmarks"
+	@echo "  test             the whole test suite (CI); test-fast: no model, server or training (seconds)"
+	@echo "  bench            the benchmarks (side-by-side ratios)"
 	@echo
 	@echo "  RUN=$(RUN)  ARGS='--key value' overrides configs/<stage>.yaml"
 
@@ -97,6 +99,10 @@ test-deps: $(INSTALLED) $(MALLOC_DEBS) argilla-deps argilla-browser-deps
 
 test: test-deps
 	$(WITH_TCMALLOC) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the fast tier: tests marked slow (models, training, servers, stage processes) left out
+test-fast: $(INSTALLED)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: $(INSTALLED) $(MALLOC_DEBS)
 	@for script in bench/bench_*.py; do echo "== $$script"; $(WITH_TCMALLOC) $(PY) $$script || exit $$?; done

@@ -97,6 +97,11 @@ def _stage_parser(dataclass_types: tuple):
         """argparse's own errors (a bad choice, a missing value) as one-line ConfigErrors, not usage + exit."""
 
         def error(self, message):
+            choice = re.match(r"argument --([\w-]+)(?:/--[\w-]+)*: invalid choice: (.*) \(choose from (.*)\)$", message)
+            if choice:  # the same words as a bad YAML value
+                key, value, allowed = choice.groups()
+                allowed = ", ".join(option.strip(" '") for option in allowed.split(","))
+                raise ConfigError(f"command line: {key.replace('-', '_')}: expected one of {allowed}, got {value}")
             raise ConfigError(f"command line: {message}")
 
     return StageParser(dataclass_types, allow_abbrev=False)  # `--epoch` must not silently mean `--epochs`

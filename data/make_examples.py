@@ -3,7 +3,9 @@
 
 Run from anywhere with plain python3 (standard library only):
 
-    python3 data/make_examples.py          # writes data/sft.jsonl, eval_prompts.jsonl, ranked.jsonl
+    python3 data/make_examples.py          # writes data/sft.jsonl, eval_prompts.jsonl, ranked.jsonl,
+                                           # candidate_prompts.jsonl
+    python3 data/make_examples.py --out D  # the same files into folder D (tests compare them byte for byte)
 
 Deterministic: the same script always writes byte-identical files. All text is
 hand-written below; the rejected responses in ranked.jsonl are made from the
@@ -14,6 +16,7 @@ sentence) or are hand-written (factual errors, complying with unsafe requests).
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
@@ -2166,25 +2169,84 @@ def length_rank_spearman(ranked: list[dict]) -> tuple[float, float]:
     return pooled, within
 
 
+# Unlabelled prompts for the candidates stage (data/candidate_prompts.jsonl): the SFT model samples
+# answers to these for annotators to rank. Disjoint from every other file's prompts.
+CANDIDATE_PROMPTS = [
+    "How do I keep guacamole from turning brown?",
+    "What is the best way to reheat leftover pizza?",
+    "How do I make a simple pan sauce after cooking chicken?",
+    "How do I keep leftover pasta from clumping in the fridge?",
+    "How do I clean a cast-iron skillet after cooking fish?",
+    "How do I soften butter quickly for baking?",
+    "How do I poach an egg without it falling apart?",
+    "How long can I keep homemade chicken stock in the fridge?",
+    "How do I stop my cutting board from sliding around?",
+    "What can I use instead of buttermilk in pancakes?",
+    "How do I roast a whole cauliflower?",
+    "How do I tell when a pineapple is ripe?",
+    "How do I make rice less sticky?",
+    "Is it safe to refreeze thawed ground beef?",
+    "How do I keep brown sugar from going hard?",
+    "How do I make a basic vinaigrette?",
+    "What's the safest way to thaw a frozen turkey?",
+    "How do I sharpen a kitchen knife with a whetstone?",
+    "How do I stop onions from making me cry?",
+    "How do I temper eggs for a custard?",
+    "How do I store fresh basil so it lasts?",
+    "Can I use olive oil for deep frying?",
+    "How do I get rid of a burnt smell in my microwave?",
+    "How do I roast a tray of mixed vegetables evenly?",
+    "How long should I rest a roast before carving?",
+    "How do I fix a sauce that is too salty?",
+    "What's the best way to store opened wine for cooking?",
+    "How do I make fluffy scrambled eggs?",
+    "How do I clean mushrooms?",
+    "How do I keep cut apples from browning in a lunchbox?",
+    "Can I put a hot pot straight into the fridge?",
+    "How do I make a quick pickle with cucumbers?",
+    "How do I steam broccoli without a steamer basket?",
+    "How do I know if my baking powder is still good?",
+    "How do I stop pasta water from boiling over?",
+    "What should I do if a pan of oil catches fire?",
+    "How do I make whipped cream by hand?",
+    "How do I cook dried chickpeas?",
+    "How do I store cheese in the fridge?",
+    "How do I toast nuts without burning them?",
+]
+
+
+def candidate_prompts() -> list[dict]:
+    return [{"prompt_id": f"cand-{i:04d}", "prompt": [{"role": "user", "content": text}]}
+            for i, text in enumerate(CANDIDATE_PROMPTS, 1)]
+
+
 def _write(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8", newline="\n") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--out", type=Path, default=HERE, help="folder to write into (default: data/ itself)")
+    out = args.parse_args(argv).out
+    out.mkdir(parents=True, exist_ok=True)
     sft, evals, ranked, reviews = build()
+    candidates = candidate_prompts()
     prompts = [m["content"] for c in sft for m in c["messages"] if m["role"] == "user"]
     prompts += [e["prompt"][0]["content"] for e in evals] + [r["prompt"][0]["content"] for r in ranked]
+    prompts += [c["prompt"][0]["content"] for c in candidates]
     assert len(prompts) == len(set(prompts)), "a prompt appears twice across the files"
-    _write(HERE / "sft.jsonl", sft)
-    _write(HERE / "eval_prompts.jsonl", evals)
-    _write(HERE / "ranked.jsonl", ranked + reviews)
+    _write(out / "sft.jsonl", sft)
+    _write(out / "eval_prompts.jsonl", evals)
+    _write(out / "ranked.jsonl", ranked + reviews)
+    _write(out / "candidate_prompts.jsonl", candidates)
 
     ties = sum(1 for rec in ranked if len({r["rank"] for r in rec["responses"]}) < len(rec["responses"]))
     two_turn = sum(1 for c in sft if sum(m["role"] == "user" for m in c["messages"]) == 2)
     print(f"sft.jsonl: {len(sft)} conversations ({two_turn} two-turn)")
     print(f"eval_prompts.jsonl: {len(evals)} prompts")
+    print(f"candidate_prompts.jsonl: {len(candidates)} unlabelled prompts")
     print(f"ranked.jsonl: {len(ranked)} prompts, {ties} with a tie, "
           f"{len(reviews)} second-annotator lines, {len(ranked) + len(reviews)} lines")
     rho, within = length_rank_spearman(ranked)

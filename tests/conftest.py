@@ -1,6 +1,12 @@
 """Shared fixtures: tiny random models with the real SmolLM2 tokenizer, tiny data,
 and a finished tiny SFT run that later stages can use as their parent.
 
+Two tiers: `make test-fast` runs `-m "not slow"` (pure functions, config, data,
+runs: seconds); `make test` runs everything. A test is slow when it uses a fixture
+that loads a model, trains or starts a server (`SLOW_FIXTURES`, marked here
+automatically, so a new test cannot slip into the fast tier by mistake), or when
+it says so (`pytest.mark.slow`, e.g. a stage run as a subprocess).
+
 The tiny model has head_dim 64 (vLLM's CPU attention needs 32/64/80/...) and the
 real 49,152-token vocabulary, so every code path (chat template, pad != eos,
 vLLM) is the one the default model takes, only faster.
@@ -17,6 +23,16 @@ from pathlib import Path
 import pytest
 
 pytest_plugins = ["tests.argilla_fixtures"]
+
+# Fixtures that load a model, train, or start a server: any test using one (directly or
+# through another fixture) is slow.
+SLOW_FIXTURES = {"default_model_dir", "tiny_model_dir", "tiny_sft_run", "argilla_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,8 +1,12 @@
 """Config parsing: YAML defaults, CLI overrides, and errors that name the key."""
 
+import ast
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import pytest
+import yaml
 
 from align.config import parse_stage_config, resolved_config
 from align.errors import ConfigError
@@ -62,3 +66,83 @@ def test_bad_yaml_names_line(tmp_path):
     with pytest.raises(ConfigError, match=r"stage.yaml:\d+: not valid YAML"):
         parse_stage_config("x", (Example,), ["--config", str(path)])
 
+
+
+# --- each stage's YAML agrees with its dataclass -------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def stage_defaults(stage_file: Path) -> dict:
+    """Defaults of the dataclass fields declared in a stage file, read from its source (nothing
+    imports a stage): `x: T = v`, `field(default=v)` and `field(default_factory=lambda: v)`."""
+    defaults = {}
+    for node in ast.walk(ast.parse(stage_file.read_text())):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        if not any("dataclass" in ast.unparse(decorator) for decorator in node.decorator_list):
+            continue
+        for item in node.body:
+            if not isinstance(item, ast.AnnAssign) or item.value is None or "ClassVar" in ast.unparse(item.annotation):
+                continue
+            value = item.value
+            if isinstance(value, ast.Call) and ast.unparse(value.func) == "field":
+                keywords = {keyword.arg: keyword.value for keyword in value.keywords}
+                if "default" in keywords:
+                    value = keywords["default"]
+                elif "default_factory" in keywords and isinstance(keywords["default_factory"], ast.Lambda):
+                    value = keywords["default_factory"].body
+                else:
+                    continue
+            defaults[item.target.id] = ast.literal_eval(value)
+    return defaults
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda path: path.stem)
+def test_stage_yaml_repeats_its_dataclass_defaults(config):
+    """configs/<stage>.yaml documents the stage's own keys; `--config my.yaml` users get the same
+    defaults only if the YAML and the dataclass agree (TRL's keys are the YAML's to set)."""
+    stage_file = REPO / "stages" / f"{config.stem}.py"
+    assert stage_file.is_file(), f"{config} has no stage {stage_file}"
+    defaults = stage_defaults(stage_file)
+    assert defaults, f"no dataclass defaults found in {stage_file}"
+    values = yaml.safe_load(config.read_text()) or {}
+    differing = {key: (value, defaults[key]) for key, value in values.items()
+                 if key in defaults and value != defaults[key]}
+    assert not differing, f"{config.name} (yaml, dataclass): {differing}"
+
+
+def test_user_config_file_layers_on_the_stage_defaults(tmp_path, monkeypatch):
+    from align import config as config_module
+
+    monkeypatch.setattr(config_module, "CONFIG_DIR", tmp_path)
+    config_file(tmp_path, "learning_rate: 0.01\nepochs: 3\n").rename(tmp_path / "x.yaml")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("epochs: 7\n")
+    (args,) = parse_stage_config("x", (Example,), ["--config", str(mine)])
+    assert args.epochs == 7 and args.learning_rate == 0.01  # the stage default, not the dataclass's 1e-3
+
+
+@dataclass
+class Choosy:
+    mode: Literal["on_policy", "offline"] = "on_policy"
+    backend: str = "auto"
+
+    RENAMED: ClassVar[dict[str, str]] = {"engine": "backend"}
+
+
+def test_choices_are_checked_in_yaml_and_on_the_command_line(tmp_path):
+    path = config_file(tmp_path, "mode: online\n")
+    with pytest.raises(ConfigError, match=r"stage.yaml: mode: expected one of on_policy, offline, got 'online'"):
+        parse_stage_config("x", (Choosy,), ["--config", str(path)])
+    with pytest.raises(ConfigError, match=r"command line: mode: expected one of on_policy, offline, got 'online'"):
+        parse_stage_config("x", (Choosy,), ["--mode", "online"])
+    assert parse_stage_config("x", (Choosy,), ["--mode", "offline"])[0].mode == "offline"
+
+
+def test_a_renamed_key_names_its_new_spelling(tmp_path):
+    path = config_file(tmp_path, "engine: hf\n")
+    with pytest.raises(ConfigError, match=r"'engine' is now called 'backend'"):
+        parse_stage_config("x", (Choosy,), ["--config", str(path)])
+    with pytest.raises(ConfigError, match=r"--engine is now called --backend"):
+        parse_stage_config("x", (Choosy,), ["--engine=hf"])

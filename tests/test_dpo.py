@@ -21,7 +21,7 @@ import statistics
 
 import pytest
 
-from align import dpo_rounds, runs
+from align import dpo_rounds, online, runs
 from tests.conftest import TOPICS, assert_ok, build_tiny_model, run_stage, write_jsonl
 
 REWARDED_WORDS = {"cold": 1.0, "dry": -1.0}  # each one token in the SmolLM2 vocabulary
@@ -119,11 +119,11 @@ def test_select_pairs_keeps_best_vs_worst_above_the_margin():
 
 def test_round_prompts_rotate_through_a_seeded_shuffle():
     prompts = list(range(10))
-    first, second, third = (dpo_rounds.round_prompts(prompts, i, 4, seed=1) for i in range(3))
+    first, second, third = (online.round_prompts(prompts, i, 4, seed=1) for i in range(3))
     assert len(first) == len(second) == 4 and not set(first) & set(second)
     assert set(first) | set(second) | set(third) == set(prompts)  # wraps around after 10
-    assert dpo_rounds.round_prompts(prompts, 0, 4, seed=1) == first
-    assert sorted(dpo_rounds.round_prompts(prompts, 0, 50, seed=1)) == prompts
+    assert online.round_prompts(prompts, 0, 4, seed=1) == first
+    assert sorted(online.round_prompts(prompts, 0, 50, seed=1)) == prompts
 
 
 # ---------------------------------------------------------------------------
@@ -240,6 +240,7 @@ def test_offline_mode_trains_on_the_human_pairs(runs_root, cold_dry):
     assert metrics["mean_reward_dpo"] > metrics["mean_reward_sft"]
 
 
+@pytest.mark.slow  # two stage processes
 def test_bad_config_and_missing_parents_fail_clearly(runs_root, tiny_data):
     result = run_stage("dpo", "--run", "nowhere", "--mode", "online")
     assert result.returncode == 2 and "mode: expected one of on_policy, offline, got 'online'" in result.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -178,4 +180,20 @@ def test_prompts_are_disjoint_across_files():
     sft = {m["content"] for r in _jsonl("sft.jsonl") for m in r["messages"] if m["role"] == "user"}
     ev = {r["prompt"][-1]["content"] for r in _jsonl("eval_prompts.jsonl")}
     ranked = {r["prompt"][-1]["content"] for r in _jsonl("ranked.jsonl")}
-    assert not (sft & ev) and not (sft & ranked) and not (ev & ranked)
+    candidates = {r["prompt"][-1]["content"] for r in _jsonl("candidate_prompts.jsonl")}
+    assert len(candidates) == len(_jsonl("candidate_prompts.jsonl")) >= 40
+    files = [sft, ev, ranked, candidates]
+    for i, first in enumerate(files):
+        for second in files[i + 1 :]:
+            assert not first & second
+
+
+def test_committed_data_is_what_make_examples_writes(tmp_path):
+    """data/*.jsonl are generated: regenerate them into a temporary folder and compare bytes."""
+    done = subprocess.run([sys.executable, str(DATA / "make_examples.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    written = sorted(path.name for path in tmp_path.glob("*.jsonl"))
+    assert written == sorted(path.name for path in DATA.glob("*.jsonl"))
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), f"data/{name} differs from make_examples.py"
