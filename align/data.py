@@ -86,33 +86,38 @@ def load_ranked(path) -> list[dict]:
     """Ranked responses, one record per (prompt, annotator). Structure only:
     whether a ranking is usable (ranks in range, not all tied) is judged by
     `align.preferences`, which reports and skips or refuses by config."""
-    records = []
-    for line, obj in read_jsonl(path):
-        prompt_id = _require(path, line, obj, "prompt_id", str, "string id")
-        prompt = check_messages(path, line, "prompt", obj.get("prompt"), "user")
-        responses = _require(path, line, obj, "responses", list, "list of {text, rank}")
-        checked = []
-        for index, response in enumerate(responses):
-            where = f"responses[{index}]"
-            if not isinstance(response, dict):
-                raise DataError(path, line, where, "must be an object {text, rank}")
-            text, rank = response.get("text"), response.get("rank")
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(path, line, f"{where}.text", "must be a non-empty string")
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-                raise DataError(path, line, f"{where}.rank", f"must be an integer >= 1 (1 = best), got {rank!r}")
-            checked.append({"text": text, "rank": rank})
-        annotator = obj.get("annotator", "unknown")
-        if not isinstance(annotator, str):
-            raise DataError(path, line, "annotator", "must be a string")
-        record = {"prompt_id": prompt_id, "prompt": prompt, "responses": checked, "annotator": annotator,
-                  "source": f"{path}:{line}"}  # fmt: skip
-        if "provenance" in obj:
-            if not isinstance(obj["provenance"], dict):
-                raise DataError(path, line, "provenance", "must be an object")
-            record["provenance"] = obj["provenance"]
-        records.append(record)
-    return records
+    return [ranked_record(path, line, obj) for line, obj in read_jsonl(path)]
+
+
+def ranked_record(path, line: int, obj: dict) -> dict:
+    """One ranked record checked and normalised; `path:line` becomes its `source`.
+
+    Also for records that never were a file line (an Argilla pull names the line of
+    the rankings.jsonl it is saved to)."""
+    prompt_id = _require(path, line, obj, "prompt_id", str, "string id")
+    prompt = check_messages(path, line, "prompt", obj.get("prompt"), "user")
+    responses = _require(path, line, obj, "responses", list, "list of {text, rank}")
+    checked = []
+    for index, response in enumerate(responses):
+        where = f"responses[{index}]"
+        if not isinstance(response, dict):
+            raise DataError(path, line, where, "must be an object {text, rank}")
+        text, rank = response.get("text"), response.get("rank")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(path, line, f"{where}.text", "must be a non-empty string")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise DataError(path, line, f"{where}.rank", f"must be an integer >= 1 (1 = best), got {rank!r}")
+        checked.append({"text": text, "rank": rank})
+    annotator = obj.get("annotator", "unknown")
+    if not isinstance(annotator, str):
+        raise DataError(path, line, "annotator", "must be a string")
+    record = {"prompt_id": prompt_id, "prompt": prompt, "responses": checked, "annotator": annotator,
+              "source": f"{path}:{line}"}
+    if "provenance" in obj:
+        if not isinstance(obj["provenance"], dict):
+            raise DataError(path, line, "provenance", "must be an object")
+        record["provenance"] = obj["provenance"]
+    return record
 
 
 def completion_examples(conversations: list[dict]) -> list[dict]:
