@@ -40,7 +40,7 @@ def note_allocator() -> None:
     if sys.platform.startswith("linux") and fast_allocator_loaded() is None:
         print("note: running on glibc malloc; CPU training steps were 1.6-2x faster with tcmalloc preloaded "
               "(`make <stage>` does it; by hand: LD_PRELOAD=$(ls /usr/lib/*/libtcmalloc_minimal.so.4), "
-              "Debian package libtcmalloc-minimal4)", file=sys.stderr, flush=True)  # fmt: skip
+              "Debian package libtcmalloc-minimal4)", file=sys.stderr, flush=True)
 
 
 def run_stage(main, argv=None) -> None:

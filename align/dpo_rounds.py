@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 def select_pairs(prompts: list[list[dict]], responses: list[list[str]], scores: list[list[float]],
-                 min_margin: float) -> tuple[list[dict], dict]:  # fmt: skip
+                 min_margin: float) -> tuple[list[dict], dict]:
     """Best vs worst response of each prompt, kept when their reward gap is at least `min_margin`.
 
     Identical texts are never paired (a gap between equal texts is scoring noise), nor equal scores.
@@ -52,10 +52,10 @@ def select_pairs(prompts: list[list[dict]], responses: list[list[str]], scores: 
             small_margin += 1
             continue
         pairs.append({"prompt": prompt, "chosen": texts[best], "rejected": texts[worst], "margin": float(margin),
-                      "chosen_score": float(values[best]), "rejected_score": float(values[worst])})  # fmt: skip
+                      "chosen_score": float(values[best]), "rejected_score": float(values[worst])})
     counts = {"prompts": len(prompts), "pairs": len(pairs), "dropped_small_margin": small_margin,
               "dropped_identical": no_variety,
-              "pair_margin_mean": statistics.fmean(p["margin"] for p in pairs) if pairs else 0.0}  # fmt: skip
+              "pair_margin_mean": statistics.fmean(p["margin"] for p in pairs) if pairs else 0.0}
     return pairs, counts
 
 
@@ -72,7 +72,7 @@ def best_vs_worst(pairs: list[dict]) -> list[dict]:
 def trainer_examples(pairs: list[dict]) -> list[dict]:
     """TRL's conversational preference format: prompt messages, chosen/rejected assistant turns."""
     return [{"prompt": pair["prompt"], "chosen": [{"role": "assistant", "content": pair["chosen"]}],
-             "rejected": [{"role": "assistant", "content": pair["rejected"]}]} for pair in pairs]  # fmt: skip
+             "rejected": [{"role": "assistant", "content": pair["rejected"]}]} for pair in pairs]
 
 
 # ---------------------------------------------------------------------------
@@ -82,7 +82,7 @@ class RoundTrainer:
     """TRL DPO on one set of pairs at a time, one policy across rounds (see the module docstring)."""
 
     def __init__(self, base_model, tokenizer, dpo_config, peft_config, step_logger: StepLogger | None = None,
-                 reference_model=None):  # fmt: skip
+                 reference_model=None):
         self.base_model, self.tokenizer = base_model, tokenizer
         self.dpo_config, self.peft_config = dpo_config, peft_config
         self.step_logger = step_logger
@@ -108,7 +108,7 @@ class RoundTrainer:
             model=self.base_model, ref_model=self.reference_model, args=self.dpo_config,
             train_dataset=Dataset.from_list(trainer_examples(pairs)), processing_class=self.tokenizer,
             peft_config=self.peft_config, callbacks=callbacks,
-        )  # fmt: skip
+        )
         if self.adapter_state is not None:
             set_peft_model_state_dict(trainer.model, self.adapter_state)
         result = trainer.train()
@@ -119,8 +119,8 @@ class RoundTrainer:
         history = [row for row in trainer.state.log_history if "loss" in row]
         last = history[-1] if history else {}
         keys = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
-                "logps/chosen", "logps/rejected")  # fmt: skip
+                "logps/chosen", "logps/rejected")
         metrics = {f"train_{k.replace('/', '_')}": last[k] for k in keys if k in last}
         metrics.update(train_steps=result.global_step, train_pairs=len(pairs),
-                       train_loss_mean=result.training_loss)  # fmt: skip
+                       train_loss_mean=result.training_loss)
         return metrics

@@ -1,5 +1,8 @@
 """Generation: one interface, three backends, and weight push for online loops.
 
+(Over 450 lines on purpose: the three backends are one contract - the same prompt
+ids, stop rule, Sample layout and weight-push semantics - and are read side by side.)
+
     with create_generator(model_path, backend="auto") as generator:
         samples = generator.generate(conversations, SamplingSettings(n=4, max_new_tokens=64, seed=0))
         generator.update_weights(policy_model)      # online loops: sample from the updated policy
@@ -278,13 +281,13 @@ class HFGenerator(Generator):
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device=self.device)
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=self.device)
         sampling = {"do_sample": False} if settings.greedy else {
-            "do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}  # fmt: skip
+            "do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=attention, max_new_tokens=settings.max_new_tokens,
                 num_return_sequences=settings.n, eos_token_id=self.eos_id, pad_token_id=pad,
                 return_dict_in_generate=True, output_logits=True, **sampling,
-            )  # fmt: skip
+            )
         completions = out.sequences[:, width:]
         # raw logits per step -> log-probability of the token actually chosen
         logits = torch.stack(out.logits, dim=1).float()
@@ -304,7 +307,7 @@ class HFGenerator(Generator):
         tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
         if unexpected or set(missing) - tied:
             raise AlignError(f"weight push to hf: names do not match the model (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}); push a model of the same architecture")  # fmt: skip
+                             f"unexpected {unexpected[:5]}); push a model of the same architecture")
 
     def close(self) -> None:
         self.model = None
@@ -322,10 +325,10 @@ class VLLMGenerator(Generator):
     _open: "VLLMGenerator | None" = None
 
     def __init__(self, model_path: str, dtype: str = "bfloat16", kv_cache_gib: float = 1.0,
-                 max_model_len: int = 2048, seed: int = 0, **kwargs):  # fmt: skip
+                 max_model_len: int = 2048, seed: int = 0, **kwargs):
         if VLLMGenerator._open is not None:
             raise AlignError(f"a vLLM engine is already open in this process ({VLLMGenerator._open.model_path}); "
-                             "reuse it (update_weights) or close() it first")  # fmt: skip
+                             "reuse it (update_weights) or close() it first")
         super().__init__(model_path, **kwargs)
         # In-process engine: the weight push hands tensors over without pickling them,
         # and start-up is 2-5 s instead of 16-25 s on CPU (stack-facts).
@@ -343,7 +346,7 @@ class VLLMGenerator(Generator):
             model=self.model_path, tokenizer=self.model_path, dtype=dtype, seed=seed, enforce_eager=True,
             distributed_executor_backend="uni", kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)),
             max_model_len=max_len,
-        )  # fmt: skip
+        )
         VLLMGenerator._open = self
 
     def describe(self) -> str:
@@ -361,7 +364,7 @@ class VLLMGenerator(Generator):
                 logprobs=0, stop_token_ids=[self.eos_id], detokenize=False,
             )
             for index in range(len(prompt_ids))
-        ]  # fmt: skip
+        ]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=progress)
         results = []
         for output in outputs:
@@ -398,7 +401,7 @@ class OpenAIGenerator(Generator):
     backend = "openai"
 
     def __init__(self, model_path: str, server_url: str | None = None, request_timeout_s: float = 600.0,
-                 weights_dir: str | None = None, batch_size: int = 64, **kwargs):  # fmt: skip
+                 weights_dir: str | None = None, batch_size: int = 64, **kwargs):
         super().__init__(model_path, **kwargs)
         import requests
 
@@ -406,7 +409,7 @@ class OpenAIGenerator(Generator):
         self.server_url = (server_url or os.environ.get("ALIGN_VLLM_URL") or "").rstrip("/")
         if not self.server_url:
             raise ConfigError("server_url: the openai backend needs a vLLM server URL (config key server_url "
-                              "or $ALIGN_VLLM_URL, e.g. http://localhost:8000)")  # fmt: skip
+                              "or $ALIGN_VLLM_URL, e.g. http://localhost:8000)")
         self.server_url = self.server_url.removesuffix("/v1")
         self.request_timeout_s, self.batch_size = request_timeout_s, batch_size
         self.weights_dir = Path(weights_dir) if weights_dir else None
@@ -421,10 +424,10 @@ class OpenAIGenerator(Generator):
             response = self.requests.request(method, url, timeout=timeout or self.request_timeout_s, **kwargs)
         except self.requests.RequestException as error:
             raise AlignError(f"{url}: vLLM server unreachable ({type(error).__name__}); start it or fix "
-                             "server_url / $ALIGN_VLLM_URL") from None  # fmt: skip
+                             "server_url / $ALIGN_VLLM_URL") from None
         if response.status_code == 404 and path in ("/collective_rpc", "/reset_prefix_cache"):
             raise AlignError(f"{url}: not found; the server must run with VLLM_SERVER_DEV_MODE=1 to accept "
-                             "weight pushes (vLLM serves /collective_rpc only in dev mode)")  # fmt: skip
+                             "weight pushes (vLLM serves /collective_rpc only in dev mode)")
         if response.status_code != 200:
             raise AlignError(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
         return response.json() if response.content else None
@@ -443,7 +446,7 @@ class OpenAIGenerator(Generator):
                 "top_p": settings.top_p if not settings.greedy else 1.0, "max_tokens": settings.max_new_tokens,
                 "logprobs": 0, "return_token_ids": True, "stop_token_ids": [self.eos_id],
                 "skip_special_tokens": True,
-            }  # fmt: skip
+            }
             if settings.seed is not None:
                 body["seed"] = settings.seed
             choices = sorted(self._request("POST", "/v1/completions", json=body)["choices"], key=lambda c: c["index"])
@@ -472,7 +475,7 @@ class OpenAIGenerator(Generator):
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         self._request("POST", "/collective_rpc", json={
-            "method": "reload_weights", "kwargs": {"weights_path": str(folder)}})  # fmt: skip
+            "method": "reload_weights", "kwargs": {"weights_path": str(folder)}})
         self._request("POST", "/reset_prefix_cache")
 
 
@@ -505,7 +508,7 @@ def create_generator(
         generator = HFGenerator(model_path, dtype=hardware.torch_dtype_name(dtype), batch_size=batch_size, **common)
     elif backend == "vllm":
         generator = VLLMGenerator(model_path, dtype=hardware.torch_dtype_name(dtype), kv_cache_gib=kv_cache_gib,
-                                  max_model_len=max_model_len, seed=seed, **common)  # fmt: skip
+                                  max_model_len=max_model_len, seed=seed, **common)
     else:
         generator = OpenAIGenerator(model_path, server_url=server_url, **common)
     if not quiet:

@@ -35,7 +35,7 @@ KL_ESTIMATORS = get_args(KLEstimator)
 
 
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
-                        batch_size: int = 8, progress: str | None = None) -> list[list[float]]:  # fmt: skip
+                        batch_size: int = 8, progress: str | None = None) -> list[list[float]]:
     """Per-token log p(completion_t | prompt, completion_<t) under `model`, one list per row.
 
     Computed in the model's dtype, log-softmax in float32; no gradients."""
@@ -77,7 +77,7 @@ def _batch_logprobs(model, prompts, completions, pad_id, device) -> list[list[fl
     # Left padding puts every completion at the right edge: the logits predicting the last
     # `longest` tokens are at positions width-longest-1 .. width-2.
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                   logits_to_keep=longest + 1, use_cache=False).logits[:, :-1]  # fmt: skip
+                   logits_to_keep=longest + 1, use_cache=False).logits[:, :-1]
     targets = input_ids[:, width - longest :]
     chosen = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return [chosen[row, longest - len(c) :].tolist() for row, c in enumerate(completions)]

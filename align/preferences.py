@@ -182,7 +182,7 @@ def check_options(ties: str, aggregation: str, bad_rankings: str) -> None:
     from align.errors import ConfigError
 
     for key, value, allowed in (("ties", ties, TIE_MODES), ("aggregation", aggregation, AGGREGATIONS),
-                                ("bad_rankings", bad_rankings, BAD_RANKING_POLICIES)):  # fmt: skip
+                                ("bad_rankings", bad_rankings, BAD_RANKING_POLICIES)):
         if value not in allowed:
             raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
 
@@ -196,7 +196,7 @@ def _refuse(bad: list[BadRanking]) -> None:
 
 
 def ranked_to_pairs(records: list[dict], ties: str = "drop", aggregation: str = "mean_rank",
-                    bad_rankings: str = "skip") -> tuple[list[dict], PairReport]:  # fmt: skip
+                    bad_rankings: str = "skip") -> tuple[list[dict], PairReport]:
     """Turn ranked records into preference pairs (rules in the module docstring).
 
     `bad_rankings="refuse"` raises `DataError` naming the first bad record's file:line;
@@ -221,7 +221,7 @@ def ranked_to_pairs(records: list[dict], ties: str = "drop", aggregation: str = 
                 continue
             problems.append(BadRanking(record.get("source", "?"), "annotator",
                                        f"{record['annotator']!r} already ranked {record['prompt_id']!r} differently "
-                                       f"at {previous['source']}"))  # fmt: skip
+                                       f"at {previous['source']}"))
         if problems:
             report.bad.extend(problems)
             continue
@@ -281,7 +281,7 @@ def ranked_to_pairs(records: list[dict], ties: str = "drop", aggregation: str = 
                     continue
                 seen_pairs.add(identity)
                 pairs.append({"prompt_id": prompt_id, "prompt": group["prompt"], "chosen": chosen,
-                              "rejected": rejected, "margin": float(margin), "tie": is_tie})  # fmt: skip
+                              "rejected": rejected, "margin": float(margin), "tie": is_tie})
                 report.tie_pairs += is_tie
     report.pairs = len(pairs)
     report.annotators = len(annotators)
@@ -302,7 +302,7 @@ def split_by_prompt(pairs: list[dict], heldout_fraction: float, seed: int) -> tu
 
         raise ConfigError(f"heldout_fraction: must be in [0, 1), got {heldout_fraction}")
     keys = sorted({prompt_key(pair["prompt"]) for pair in pairs},
-                  key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())  # fmt: skip
+                  key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
     count = round(heldout_fraction * len(keys))
     if heldout_fraction > 0 and len(keys) >= 2:
         count = min(max(count, 1), len(keys) - 1)

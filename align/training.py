@@ -90,7 +90,7 @@ def record_model_facts(out, tokenizer, base_model: str, resolved_path: str) -> N
     if stamp.is_file():
         base.update(json.loads(stamp.read_text()))
     out.set(base_model=base, chat_template_sha256=chat_template_hash(tokenizer),
-            pad_token=tokenizer.pad_token, eos_token=tokenizer.eos_token)  # fmt: skip
+            pad_token=tokenizer.pad_token, eos_token=tokenizer.eos_token)
 
 
 def remove_trainer_scratch(out) -> None:

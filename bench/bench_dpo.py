@@ -70,15 +70,15 @@ def child(setup: str, steps: int, batch: int, max_length: int, ranked: str) -> d
             max_length=max_length, precompute_ref_log_probs=setup.endswith("precompute"), logging_steps=steps,
             gradient_checkpointing=False, report_to="none", seed=0, save_strategy="no",
             use_cpu=not hardware.has_cuda(), bf16=False,  # fit_to_hardware picks the precision next
-        )  # fmt: skip
+        )
         config = training.fit_to_hardware(config, "auto", Path(scratch))
         config = dataclasses.replace(config, report_to="none")
         peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                      "gate_proj", "up_proj", "down_proj"]) if lora else None  # fmt: skip
+                                                                      "gate_proj", "up_proj", "down_proj"]) if lora else None
         started = time.perf_counter()
         trainer = DPOTrainer(model=model, ref_model=reference, args=config, processing_class=tokenizer,
                              train_dataset=Dataset.from_list(dpo_rounds.trainer_examples(pairs)),
-                             peft_config=peft_config, callbacks=[StepTimer()])  # fmt: skip
+                             peft_config=peft_config, callbacks=[StepTimer()])
         setup_s = time.perf_counter() - started
         trainer.train()
     timed = step_times[1:] or step_times
@@ -86,7 +86,7 @@ def child(setup: str, steps: int, batch: int, max_length: int, ranked: str) -> d
         "setup": setup, "step_s": statistics.median(timed), "steps_timed": len(timed), "setup_s": setup_s,
         "rss_loaded_mib": rss_loaded, "peak_rss_mib": _peak_rss_mib(), "bf16": config.bf16,
         "trainable_m": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) / 1e6,
-    }  # fmt: skip
+    }
 
 
 def _rss_mib() -> float:
@@ -103,7 +103,7 @@ def _peak_rss_mib() -> float:
 
 def run_child(setup: str, args) -> dict:
     command = [sys.executable, __file__, "--child", setup, "--steps", str(args.steps), "--batch", str(args.batch),
-               "--max_length", str(args.max_length), "--ranked", args.ranked]  # fmt: skip
+               "--max_length", str(args.max_length), "--ranked", args.ranked]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{setup} failed:\n{result.stderr[-3000:]}")
@@ -131,16 +131,16 @@ def main() -> None:
     rows = {setup: _combine(runs) for setup, runs in results.items()}
     base = rows["lora"]
     print(f"\nDPO on the default model, batch {args.batch} pairs, {args.steps} steps, bf16 {base['bf16']}; "
-          "median step time (first step left out) and peak RSS of the process")  # fmt: skip
+          "median step time (first step left out) and peak RSS of the process")
     print(f"{'set-up':<18}{'step s':>9}{'x lora':>8}{'peak RSS MiB':>14}{'x lora':>8}{'setup s':>9}{'trainable M':>13}")
     for setup, row in rows.items():
         print(f"{setup:<18}{row['step_s']:>9.2f}{row['step_s'] / base['step_s']:>8.2f}{row['peak_rss_mib']:>14.0f}"
-              f"{row['peak_rss_mib'] / base['peak_rss_mib']:>8.2f}{row['setup_s']:>9.1f}{row['trainable_m']:>13.1f}")  # fmt: skip
+              f"{row['peak_rss_mib'] / base['peak_rss_mib']:>8.2f}{row['setup_s']:>9.1f}{row['trainable_m']:>13.1f}")
     print()
     print(f"separate reference copy vs adapter-as-reference: step time x{rows['full']['step_s'] / base['step_s']:.2f}, "
-          f"peak memory x{rows['full']['peak_rss_mib'] / base['peak_rss_mib']:.2f}")  # fmt: skip
+          f"peak memory x{rows['full']['peak_rss_mib'] / base['peak_rss_mib']:.2f}")
     print(f"precompute_ref_log_probs, LoRA: step time x{rows['lora+precompute']['step_s'] / base['step_s']:.2f}; "
-          f"full: x{rows['full+precompute']['step_s'] / rows['full']['step_s']:.2f}")  # fmt: skip
+          f"full: x{rows['full+precompute']['step_s'] / rows['full']['step_s']:.2f}")
 
 
 def _combine(runs: list[dict]) -> dict:

@@ -44,7 +44,7 @@ BUILT_IN_PROMPTS = [
     "What is a good substitute for butter in baking?", "How do I roast carrots?", "How do I cook quinoa?",
     "How should I store potatoes?", "How do I make scrambled eggs creamy?", "What spices go with chickpeas?",
     "How do I know when salmon is cooked?", "How do I ripen an avocado quickly?", "What can I cook with tofu?",
-]  # fmt: skip
+]
 
 
 def load_conversations(count: int) -> tuple[list[list[dict]], str]:
@@ -77,7 +77,7 @@ def measure(generators: dict, conversations, settings, repeats: int) -> dict[str
             seconds, tokens = timed_run(generator, conversations, replace(settings, seed=round_index))
             best[name] = max(best[name], tokens / seconds)
             print(f"  round {round_index + 1}: {name:12s} {tokens:5d} tokens in {seconds:6.1f} s = "
-                  f"{tokens / seconds:6.0f} tok/s", flush=True)  # fmt: skip
+                  f"{tokens / seconds:6.0f} tok/s", flush=True)
     return best
 
 
@@ -107,7 +107,7 @@ def main() -> None:
     for dtype in dtypes:
         print(f"[bench] phase {dtype}: transformers generate vs vLLM in-process engine", flush=True)
         contenders = {f"hf {dtype}": create_generator(model_path, "hf", dtype, batch_size=len(conversations),
-                                                      quiet=True)}  # fmt: skip
+                                                      quiet=True)}
         if vllm_installed():
             contenders[f"vllm {dtype}"] = create_generator(model_path, "vllm", dtype, quiet=True)
         try:
@@ -132,7 +132,7 @@ def main() -> None:
     print(f"[bench] backend: auto -> {backend} ({dtype}): {reason}")
     if not args.no_record:
         path = record_backend_choice(backend, dtype, {name: round(value, 1) for name, value in speeds.items()},
-                                     args.model)  # fmt: skip
+                                     args.model)
         print(f"[bench] written to {path}")
     print(f"[bench] done in {time.time() - started:.0f} s")
 

@@ -66,7 +66,7 @@ def main() -> None:
         for name, (library, extra_env) in arms.items():
             result = run_arm(library, extra_env, args.model, args.steps)
             print(f"  round {repeat + 1}: {name:<9} {result['tokens_per_s']:6.0f} tokens/s | "
-                  f"user {result['user_s']:5.1f} s, kernel {result['kernel_s']:5.1f} s", flush=True)  # fmt: skip
+                  f"user {result['user_s']:5.1f} s, kernel {result['kernel_s']:5.1f} s", flush=True)
             if name not in best or result["tokens_per_s"] > best[name]["tokens_per_s"]:
                 best[name] = result
 
@@ -75,7 +75,7 @@ def main() -> None:
     for name, result in best.items():
         ratio = result["tokens_per_s"] / best["glibc"]["tokens_per_s"]
         print(f"| {name} | {result['tokens_per_s']:.0f} | {ratio:.2f}x | {result['kernel_s']:.1f} | "
-              f"{result['train_loss']:.4f} |")  # fmt: skip
+              f"{result['train_loss']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -70,13 +70,13 @@ def hh_to_ranked(path: Path) -> tuple[list[dict], int]:
             pair = json.loads(line)
             chosen, rejected = parse_dialogue(pair["chosen"]), parse_dialogue(pair["rejected"])
             if (not chosen or not rejected or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant"
-                    or chosen[:-1] != rejected[:-1] or chosen[-1]["content"] == rejected[-1]["content"]):  # fmt: skip
+                    or chosen[:-1] != rejected[:-1] or chosen[-1]["content"] == rejected[-1]["content"]):
                 skipped += 1  # malformed, empty final answer, or no difference to learn from
                 continue
             records.append({
                 "prompt_id": f"hh-{line_number}", "prompt": chosen[:-1], "annotator": "hh-crowdworker",
                 "responses": [{"text": chosen[-1]["content"], "rank": 1}, {"text": rejected[-1]["content"], "rank": 2}],
-            })  # fmt: skip
+            })
     return records, skipped
 
 
@@ -104,10 +104,10 @@ def main() -> int:
     ranked.write_text("".join(json.dumps(record) + "\n" for record in records))
     command = [sys.executable, "-m", "stages.reward", "--run", "hh", "--model_name_or_path", "default",
                "--ranked_files", str(ranked), "--heldout_fraction", f"{heldout_fraction:.6f}",
-               "--max_length", str(options.max_length), *STAGE_ARGS, *options.stage_args]  # fmt: skip
+               "--max_length", str(options.max_length), *STAGE_ARGS, *options.stage_args]
     env = {**os.environ, "ALIGN_RUNS": str(scratch / "runs"), "HF_HUB_OFFLINE": "1"}
     print(f"[bench] {len(records)} HH pairs ({skipped} malformed skipped); training on ~{options.train_pairs}, "
-          f"held-out ~{len(records) - options.train_pairs}; stage: {' '.join(command[2:])}", flush=True)  # fmt: skip
+          f"held-out ~{len(records) - options.train_pairs}; stage: {' '.join(command[2:])}", flush=True)
     started = time.time()
     result = subprocess.run(command, cwd=REPO, env=env)
     wall = time.time() - started
@@ -119,21 +119,21 @@ def main() -> int:
     metrics = json.loads((folder / "manifest.json").read_text())["metrics"]
     scores = [json.loads(line) for line in (folder / "heldout_scores.jsonl").read_text().splitlines()]
     shorter = sum((r["chosen_tokens"] < r["rejected_tokens"]) + 0.5 * (r["chosen_tokens"] == r["rejected_tokens"])
-                  for r in scores) / len(scores)  # fmt: skip
+                  for r in scores) / len(scores)
     accuracy = metrics["pairwise_accuracy"]
     low, high = metrics["pairwise_accuracy_ci95"]
     print()
     dropped = metrics["dropped_too_long_train"] + metrics["dropped_too_long_heldout"]
     print(f"HH-RLHF harmless, held-out pairwise accuracy ({metrics['heldout_pairs']} pairs, "
-          f"{metrics['train_pairs']} trained; {dropped} dropped > {options.max_length} tokens)")  # fmt: skip
+          f"{metrics['train_pairs']} trained; {dropped} dropped > {options.max_length} tokens)")
     print(f"  reward model            {accuracy:.3f}  (95% CI {low:.3f}-{high:.3f})  target >= {TARGET:.2f}: "
-          f"{'MET' if accuracy >= TARGET else 'NOT MET'}")  # fmt: skip
+          f"{'MET' if accuracy >= TARGET else 'NOT MET'}")
     print(f"  prefer shorter answer   {shorter:.3f}")
     print(f"  prefer longer answer    {1 - shorter:.3f}")
     print(f"  ratio model / best length baseline: {accuracy / max(shorter, 1 - shorter):.2f}")
     print(f"  length correlation {metrics['length_correlation']:.3f}, ECE {metrics['ece']:.3f}, "
           f"train loss {metrics['train_loss']:.3f}, steps {metrics['train_steps']}, "
-          f"train {metrics['train_runtime_s']:.0f} s, stage wall {wall:.0f} s")  # fmt: skip
+          f"train {metrics['train_runtime_s']:.0f} s, stage wall {wall:.0f} s")
     if options.keep:
         print(f"  kept: {scratch}")
     else:

@@ -60,14 +60,14 @@ def our_config(steps: int, output: str, precision: str | None = None) -> tuple[S
 def trl_default_config(steps: int, output: str) -> SFTConfig:
     # TRL's defaults, forced onto the CPU the only way they run here: use_cpu, no bf16.
     return SFTConfig(output_dir=output, max_steps=steps, use_cpu=True, bf16=False, logging_steps=1, report_to=[],
-                     save_strategy="no")  # fmt: skip
+                     save_strategy="no")
 
 
 def run_once(name: str, model_path: str, train_set, config: SFTConfig, peft_config) -> dict:
     tokenizer = models.load_tokenizer(model_path)
     model = models.load_causal_lm(model_path)
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_set, processing_class=tokenizer,
-                         peft_config=peft_config)  # fmt: skip
+                         peft_config=peft_config)
     trainer.remove_callback(__import__("transformers").integrations.TensorBoardCallback)
     started = time.perf_counter()
     trainer.train()
@@ -75,7 +75,7 @@ def run_once(name: str, model_path: str, train_set, config: SFTConfig, peft_conf
     tokens = training.last_logged(trainer, "num_tokens")
     return {"name": name, "seconds": elapsed, "tokens": float(tokens), "tokens_per_s": float(tokens) / elapsed,
             "train_loss": training.last_logged(trainer, "train_loss"),
-            "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+            "parameters": sum(p.numel() for p in model.parameters())}
 
 
 ARMS = ("align defaults", "align, fp32", "TRL defaults (CPU)")
@@ -93,7 +93,7 @@ def run_arm(arm: str, model_path: str, train_file: str, steps: int, scratch: str
 def run_child(arm: str, model: str, steps: int, train_file: str, env: dict | None = None) -> dict:
     """Run one arm in a fresh process (this script with --child) and return its RESULT."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", arm, "--model", model, "--steps", str(steps),
-               "--train_file", train_file]  # fmt: skip
+               "--train_file", train_file]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -119,7 +119,7 @@ def main() -> None:
 
     examples = data.completion_examples(data.load_conversations(args.train_file))
     print(f"[bench-sft] {args.model}: {len(examples)} examples, {args.steps} steps x {args.repeats} repeats, "
-          f"{torch.get_num_threads()} threads; each arm in its own process, arms alternate")  # fmt: skip
+          f"{torch.get_num_threads()} threads; each arm in its own process, arms alternate")
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(f"[bench-sft] matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     best: dict[str, dict] = {}
@@ -127,7 +127,7 @@ def main() -> None:
         for arm in ARMS:
             result = run_child(arm, args.model, args.steps, args.train_file)
             print(f"  repeat {repeat + 1}: {arm:<20} {result['tokens_per_s']:8.0f} tokens/s "
-                  f"({result['tokens']:.0f} tokens in {result['seconds']:.1f} s)", flush=True)  # fmt: skip
+                  f"({result['tokens']:.0f} tokens in {result['seconds']:.1f} s)", flush=True)
             if arm not in best or result["tokens_per_s"] > best[arm]["tokens_per_s"]:
                 best[arm] = result
 
@@ -136,7 +136,7 @@ def main() -> None:
     for name, result in best.items():
         flops = 6 * result["parameters"] * result["tokens_per_s"]
         print(f"| {name} | {result['tokens_per_s']:.0f} | {flops / 1e12:.3f} | "
-              f"{flops / peaks['fp32']:.1%} | {flops / peaks['bf16']:.1%} | {result['train_loss']:.3f} |")  # fmt: skip
+              f"{flops / peaks['fp32']:.1%} | {flops / peaks['bf16']:.1%} | {result['train_loss']:.3f} |")
     ratio = best["align defaults"]["tokens_per_s"] / best["TRL defaults (CPU)"]["tokens_per_s"]
     print(f"\n[bench-sft] ratio align / TRL defaults: {ratio:.2f}x tokens/s (target >= 1.5x)")
     bf16_gain = best["align defaults"]["tokens_per_s"] / best["align, fp32"]["tokens_per_s"]

@@ -104,7 +104,7 @@ def main(argv=None):
     (args,) = parse_stage_config("candidates", (CandidatesStageArgs,), argv)
     check_args(args)
     settings = generation.SamplingSettings(n=args.k, temperature=args.temperature, top_p=args.top_p,
-                                           max_new_tokens=args.max_new_tokens, seed=args.seed)  # fmt: skip
+                                           max_new_tokens=args.max_new_tokens, seed=args.seed)
     prompts = data.load_prompts(args.prompts_file)
     if args.max_prompts:
         prompts = prompts[: args.max_prompts]
@@ -121,13 +121,13 @@ def main(argv=None):
         out.add_input(args.prompts_file, "prompts", len(prompts))
         started = time.perf_counter()
         with generation.create_generator(sft.model_path, args.generation_backend, args.generation_dtype, server_url=args.server_url,
-                                         kv_cache_gib=args.kv_cache_gib, seed=args.seed) as generator:  # fmt: skip
+                                         kv_cache_gib=args.kv_cache_gib, seed=args.seed) as generator:
             backend = generator.describe()
             samples = generator.generate([record["prompt"] for record in prompts], settings, progress=True)
         sampling_s = time.perf_counter() - started
         tokens = sum(len(sample.token_ids) for group in samples for sample in group)
         print(f"[candidates] sampled {len(prompts)} x {args.k} candidates ({tokens} tokens) in {sampling_s:.1f} s "
-              f"= {tokens / sampling_s:.0f} tokens/s with {backend}", flush=True)  # fmt: skip
+              f"= {tokens / sampling_s:.0f} tokens/s with {backend}", flush=True)
 
         scores, reward, scoring_s = None, None, 0.0
         if reward_checkpoint_wanted(args):
@@ -141,13 +141,13 @@ def main(argv=None):
         records = []
         for index, (record, group) in enumerate(zip(prompts, samples)):
             candidates = [{"text": sample.text, "finish_reason": sample.finish_reason, "tokens": len(sample.token_ids),
-                           "logprob": round(sum(sample.logprobs), 4)} for sample in group]  # fmt: skip
+                           "logprob": round(sum(sample.logprobs), 4)} for sample in group]
             if scores is not None:
                 for candidate, score in zip(candidates, scores[index]):
                     candidate["reward"] = score
             suggested = rank_by_score(scores[index]) if scores is not None else None
             records.append({"prompt_id": record["prompt_id"], "prompt": record["prompt"], "candidates": candidates,
-                            "suggested_ranking": suggested})  # fmt: skip
+                            "suggested_ranking": suggested})
         files.write_jsonl(out.path / "candidates.jsonl", records)
 
         empty = sum(not candidate["text"].strip() for record in records for candidate in record["candidates"])
@@ -159,7 +159,7 @@ def main(argv=None):
         if args.push:
             pushed, push_s = push_to_argilla(client, args, dataset_name, records, checkpoint_name)
             print(f"[candidates] pushed {pushed} records to Argilla dataset {args.argilla_workspace}/{dataset_name} "
-                  f"in {push_s:.1f} s", flush=True)  # fmt: skip
+                  f"in {push_s:.1f} s", flush=True)
 
         out.set(
             outputs={"candidates": "candidates.jsonl"},
@@ -167,15 +167,15 @@ def main(argv=None):
                      "records": pushed},
             sampling=generation.settings_dict(settings),
             generation={"backend": backend, "model": sft.model_path},
-        )  # fmt: skip
+        )
         out.metrics.update(
             prompts=len(prompts), candidates=len(prompts) * args.k, tokens=tokens, sampling_s=round(sampling_s, 2),
             tokens_per_s=round(tokens / sampling_s, 1), truncated=truncated, empty=empty,
             scoring_s=round(scoring_s, 2), push_s=round(push_s, 2), suggested=scores is not None,
-        )  # fmt: skip
+        )
     where = f"Argilla {args.argilla_workspace}/{dataset_name}" if args.push else "not pushed (--push false)"
     summary("candidates", prompts=len(prompts), k=args.k, sampling_s=f"{sampling_s:.1f}", push_s=f"{push_s:.1f}",
-            truncated=f"{truncated}/{len(prompts) * args.k}", argilla=where, output=str(out.path))  # fmt: skip
+            truncated=f"{truncated}/{len(prompts) * args.k}", argilla=where, output=str(out.path))
 
 
 def push_to_argilla(client, args, dataset_name: str, records: list[dict], checkpoint: str) -> tuple[int, float]:
@@ -184,9 +184,9 @@ def push_to_argilla(client, args, dataset_name: str, records: list[dict], checkp
     started = time.perf_counter()
     guidelines = Path(args.guidelines_file).read_text() if args.guidelines_file else None
     dataset = argilla_io.create_ranking_dataset(client, dataset_name, args.argilla_workspace, args.k, guidelines,
-                                                args.min_submitted)  # fmt: skip
+                                                args.min_submitted)
     metadata = {"checkpoint": checkpoint, "temperature": args.temperature, "top_p": args.top_p,
-                "max_new_tokens": args.max_new_tokens}  # fmt: skip
+                "max_new_tokens": args.max_new_tokens}
     items = [
         {
             "prompt_id": record["prompt_id"],

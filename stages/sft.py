@@ -67,7 +67,7 @@ def main(argv=None):
         )
         total, trainable = models.count_parameters(trainer.model)
         print(f"[sft] {len(train_set)} examples, {len(eval_set)} held-out; "
-              f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters trainable")  # fmt: skip
+              f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters trainable")
 
         eval_before = trainer.evaluate()["eval_loss"]
         result = trainer.train()
@@ -86,7 +86,7 @@ def main(argv=None):
             bf16=trainer.args.bf16,
         )
     summary("sft", eval_loss=f"{eval_before:.3f} -> {eval_after:.3f}", train_loss=result.training_loss,
-            steps=result.global_step, output=str(out.path))  # fmt: skip
+            steps=result.global_step, output=str(out.path))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ class ArgillaServer:
         done = _ctl(
             "start", "--home", str(self.home), "--port", str(self.port), "--timeout", str(START_TIMEOUT_S),
             "--exit-with", str(os.getpid()), "--json",
-        )  # fmt: skip
+        )
         if done.returncode != 0:
             pytest.fail(f"Argilla server did not start:\n{done.stderr}{done.stdout}", pytrace=False)
         return json.loads(done.stdout.strip().splitlines()[-1])

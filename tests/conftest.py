@@ -93,7 +93,7 @@ def write_jsonl(path: Path, records) -> Path:
 
 
 TOPICS = ["rice", "eggs", "bread", "pasta", "onions", "garlic", "butter", "beans", "lentils", "tofu", "apples",
-          "carrots", "spinach", "chicken", "salmon", "potatoes"]  # fmt: skip
+          "carrots", "spinach", "chicken", "salmon", "potatoes"]
 
 
 @pytest.fixture(scope="session")
@@ -105,12 +105,12 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
             {"role": "user", "content": f"How should I store {topic}?"},
             {"role": "assistant", "content": f"Store {topic} in a cool, dry place.\n\n1. Seal them.\n2. Label them."}]}
         for i, topic in enumerate(TOPICS)
-    ]  # fmt: skip
+    ]
     prompts = [
         {"prompt_id": f"eval-{i}", "prompt": [{"role": "user", "content": f"How long do {topic} keep?"}],
          "reference": f"{topic.capitalize()} keep about a week in the fridge."}
         for i, topic in enumerate(TOPICS[:8])
-    ]  # fmt: skip
+    ]
     ranked = [
         {"prompt_id": f"pref-{i}", "prompt": [{"role": "user", "content": f"How do I cook {topic}?"}],
          "responses": [
@@ -119,7 +119,7 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
              {"text": f"Heat a pan, then add {topic}.", "rank": 2}],
          "annotator": "fixture"}
         for i, topic in enumerate(TOPICS)
-    ]  # fmt: skip
+    ]
     return {
         "sft": write_jsonl(folder / "sft.jsonl", sft),
         "prompts": write_jsonl(folder / "prompts.jsonl", prompts),
@@ -132,7 +132,7 @@ def run_stage(stage: str, *args: str, timeout: int = 1200) -> subprocess.Complet
     return subprocess.run(
         [sys.executable, "-m", f"stages.{stage}", *args],
         cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    )
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
@@ -147,7 +147,7 @@ def tiny_sft_run(runs_root, tiny_model_dir, tiny_data) -> str:
         "sft", "--run", run, "--model_name_or_path", str(tiny_model_dir),
         "--train_file", str(tiny_data["sft"]), "--eval_file", str(tiny_data["prompts"]),
         "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1",
-    )  # fmt: skip
+    )
     assert_ok(result)
     assert (runs_root / run / "sft" / "manifest.json").is_file()
     return run

@@ -90,7 +90,7 @@ def test_annotator_ranks_in_the_web_ui(argilla_server, browser, unique_name):
         ds,
         [{"prompt_id": pid, "prompt": [{"role": "user", "content": "How do I cook a lentil soup?"}],
           "candidates": candidates, "metadata": {"checkpoint": "sft@ui"}}],
-    )  # fmt: skip
+    )
     (user,) = aio.create_annotators(client, workspace, ["uma"], out=lambda s: None)
     order = aio.shuffle_order(pid, 3)  # position j shows candidates[order[j]]
     # The annotator's judgement on the ORIGINAL candidates: 0 and 1 tie for best, 2 is worst.

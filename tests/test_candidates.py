@@ -34,7 +34,7 @@ def test_offline_candidates_file_and_manifest(runs_root, tiny_sft_run, tiny_data
     assert manifest["status"] == "complete" and manifest["stage"] == "candidates"
     assert manifest["parent"]["stage"] == "sft" and manifest["parent"]["path"] == str(sft)
     assert manifest["argilla"] == {"dataset": "cand-offline-candidates", "workspace": "align", "pushed": False,
-                                   "records": 0}  # fmt: skip
+                                   "records": 0}
     assert manifest["sampling"] == {"n": 3, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 12, "seed": 42}
     assert manifest["inputs"][0]["path"] == str(tiny_data["prompts"]) and manifest["inputs"][0]["records"] == 5
     metrics = manifest["metrics"]
@@ -72,9 +72,9 @@ def test_bad_input_fails_cleanly(runs_root, tiny_sft_run, tmp_path):
 def test_reward_model_ranking_becomes_the_suggestion(runs_root, tiny_sft_run, tiny_data):
     run, sft = "cand-reward", str(runs_root / tiny_sft_run / "sft")
     assert_ok(run_stage("reward", "--run", run, "--sft_dir", sft, "--ranked_files", str(tiny_data["ranked"]),
-                        "--max_steps", "2", "--per_device_train_batch_size", "4", "--precision", "fp32"))  # fmt: skip
+                        "--max_steps", "2", "--per_device_train_batch_size", "4", "--precision", "fp32"))
     result = run_stage("candidates", "--run", run, "--sft_dir", sft, "--prompts_file", str(tiny_data["prompts"]),
-                       "--push", "false", *FAST)  # fmt: skip
+                       "--push", "false", *FAST)
     assert_ok(result)
     manifest, records = read_output(runs_root, run)
     assert manifest["reward_model"]["stage"] == "reward" and manifest["metrics"]["suggested"] is True
@@ -96,7 +96,7 @@ def test_push_to_argilla(runs_root, tiny_sft_run, tiny_data, argilla_server, uni
     monkeypatch.setenv("ARGILLA_API_KEY", argilla_server.api_key)
     result = run_stage("candidates", "--run", "cand-push", "--sft_dir", str(runs_root / tiny_sft_run / "sft"),
                        "--prompts_file", str(tiny_data["prompts"]), "--argilla_dataset", dataset,
-                       "--argilla_workspace", workspace, "--suggest_with_reward", "false", *FAST)  # fmt: skip
+                       "--argilla_workspace", workspace, "--suggest_with_reward", "false", *FAST)
     assert_ok(result)
     assert f"pushed 5 records to Argilla dataset {workspace}/{dataset}" in result.stdout
     manifest, records = read_output(runs_root, "cand-push")

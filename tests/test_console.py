@@ -20,6 +20,6 @@ def test_allocator_read_from_the_process_memory_map(tmp_path):
 def test_make_runs_stage_processes_on_tcmalloc():
     # the same LD_PRELOAD recipe line every `make <stage>` uses, on the real installed library
     done = subprocess.run(["make", "-s", "--no-print-directory", "allocator"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "tcmalloc"

@@ -51,7 +51,7 @@ def test_good_files_load(tiny_data):
         ('{"prompt_id": "p", "prompt": [{"role": "user", "content": "x"}]}\n', data.load_ranked,
          ":1: responses: missing"),
     ],
-)  # fmt: skip
+)
 def test_bad_records_name_file_line_field(tmp_path, text, loader, expected):
     path = write(tmp_path, "bad.jsonl", text)
     with pytest.raises(DataError) as caught:
@@ -69,7 +69,7 @@ def test_missing_file(tmp_path):
 def test_completion_examples_split_every_assistant_turn():
     conversation = {"id": "x", "messages": [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
-        {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}  # fmt: skip
+        {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
     examples = data.completion_examples([conversation])
     assert [e["completion"][0]["content"] for e in examples] == ["b", "d"]
     assert [m["content"] for m in examples[1]["prompt"]] == ["Be brief.", "a", "b", "c"]

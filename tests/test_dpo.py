@@ -47,7 +47,7 @@ def build_token_reward_model(tokenizer_dir, folder, token_values: dict[int, floa
         num_attention_heads=1, num_key_value_heads=1, head_dim=hidden, max_position_embeddings=2048,
         num_labels=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id, rms_norm_eps=1e-6,
-    )  # fmt: skip
+    )
     model = LlamaForSequenceClassification(config)
     gain = (hidden**0.5) / 10.0  # each RMSNorm maps x to ~ x * sqrt(hidden) / 10 (the constant 10 dominates)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_select_pairs_keeps_best_vs_worst_above_the_margin():
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("b", "c")]
     assert pairs[0]["margin"] == pytest.approx(3.0) and pairs[0]["prompt"] == prompts[0]
     assert counts == {"prompts": 4, "pairs": 1, "dropped_small_margin": 2, "dropped_identical": 1,
-                      "pair_margin_mean": pytest.approx(3.0)}  # fmt: skip
+                      "pair_margin_mean": pytest.approx(3.0)}
     assert len(dpo_rounds.select_pairs(prompts, responses, scores, min_margin=0.0)[0]) == 2  # a tie is no pair
     with pytest.raises(ValueError):
         dpo_rounds.select_pairs(prompts, responses[:3], scores, 0.5)
@@ -130,12 +130,12 @@ def test_round_prompts_rotate_through_a_seeded_shuffle():
 # The stage, end to end
 
 SFT_ARGS = ("--max_steps", "40", "--learning_rate", "0.01", "--per_device_train_batch_size", "8", "--warmup_steps", "0",
-            "--lr_scheduler_type", "constant", "--logging_steps", "10", "--precision", "fp32")  # fmt: skip
+            "--lr_scheduler_type", "constant", "--logging_steps", "10", "--precision", "fp32")
 DPO_ARGS = ("--max_new_tokens", "16", "--eval_max_new_tokens", "16", "--eval_samples_per_prompt", "4",
             "--prompts_per_round", "16", "--samples_per_prompt", "4", "--min_reward_margin", "0.3",
             "--per_device_train_batch_size", "8", "--learning_rate", "0.003", "--num_train_epochs", "2",
             "--warmup_steps", "0", "--logging_steps", "1", "--kl_max_samples", "32", "--generation_backend", "vllm",
-            "--kv_cache_gib", "0.25")  # fmt: skip
+            "--kv_cache_gib", "0.25")
 
 
 def cold_or_dry_data(folder) -> dict:
@@ -143,14 +143,14 @@ def cold_or_dry_data(folder) -> dict:
     sft = [{"id": f"sft-{i}-{word}", "messages": [
                {"role": "user", "content": f"How should I store {topic}?"},
                {"role": "assistant", "content": word}]}
-           for i, topic in enumerate(TOPICS) for word in ("cold", "dry")]  # fmt: skip
+           for i, topic in enumerate(TOPICS) for word in ("cold", "dry")]
     prompts = [{"prompt_id": f"eval-{i}", "prompt": [{"role": "user", "content": f"How do I keep {topic}?"}],
-                "reference": "cold"} for i, topic in enumerate(TOPICS[:8])]  # fmt: skip
+                "reference": "cold"} for i, topic in enumerate(TOPICS[:8])]
     ranked = [{"prompt_id": f"pref-{i}", "prompt": [{"role": "user", "content": f"How should I store {topic}?"}],
                "responses": [{"text": "cold", "rank": 1}, {"text": "dry", "rank": 2}],
-               "annotator": "fixture"} for i, topic in enumerate(TOPICS)]  # fmt: skip
+               "annotator": "fixture"} for i, topic in enumerate(TOPICS)]
     return {"sft": write_jsonl(folder / "sft.jsonl", sft), "prompts": write_jsonl(folder / "prompts.jsonl", prompts),
-            "ranked": write_jsonl(folder / "ranked.jsonl", ranked)}  # fmt: skip
+            "ranked": write_jsonl(folder / "ranked.jsonl", ranked)}
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def cold_dry(runs_root, tmp_path_factory, default_model_dir) -> dict:
     model.save_pretrained(folder / "model")
     run = "cold-dry"
     result = run_stage("sft", "--run", run, "--model_name_or_path", str(folder / "model"), "--train_file",
-                       str(files["sft"]), "--eval_file", str(files["prompts"]), *SFT_ARGS)  # fmt: skip
+                       str(files["sft"]), "--eval_file", str(files["prompts"]), *SFT_ARGS)
     assert_ok(result)
     make_reward_run(run, runs_root / run / "sft" / "model")
     return {"run": run, **files}
@@ -186,7 +186,7 @@ def read_rows(path) -> list[dict]:
 def test_on_policy_round_raises_the_reward_of_fresh_samples(runs_root, cold_dry):
     run = cold_dry["run"]
     result = run_stage("dpo", "--run", run, "--mode", "on_policy", "--rounds", "1", "--ranked_files",
-                       str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]), *DPO_ARGS)  # fmt: skip
+                       str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]), *DPO_ARGS)
     assert_ok(result)
     folder = runs_root / run / "dpo"
     facts = dpo_manifest(runs_root, run)
@@ -211,7 +211,7 @@ def test_on_policy_round_raises_the_reward_of_fresh_samples(runs_root, cold_dry)
     (round_row,) = metrics["rounds"]
     assert round_row["pairs"] >= 1 and round_row["train_steps"] >= 1
     for key in ("fresh_mean_reward", "fresh_style_score", "fresh_response_tokens", "fresh_kl", "train_loss",
-                "train_rewards_accuracies", "train_rewards_margins", "train_logps_chosen", "train_logps_rejected"):  # fmt: skip
+                "train_rewards_accuracies", "train_rewards_margins", "train_logps_chosen", "train_logps_rejected"):
         assert key in round_row, key
     steps = read_rows(folder / "logs" / "steps.jsonl")
     assert any("rewards/margins" in row and "logps/chosen" in row for row in steps)
@@ -227,7 +227,7 @@ def test_offline_mode_trains_on_the_human_pairs(runs_root, cold_dry):
     run = cold_dry["run"]
     result = run_stage("dpo", "--run", run, "--mode", "offline", "--ranked_files", str(cold_dry["ranked"]),
                        "--eval_file", str(cold_dry["prompts"]), "--precompute_ref_log_probs", "false",
-                       "--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "0.1", *DPO_ARGS)  # fmt: skip
+                       "--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "0.1", *DPO_ARGS)
     assert_ok(result)
     folder = runs_root / run / "dpo"
     facts = dpo_manifest(runs_root, run)
@@ -245,7 +245,7 @@ def test_bad_config_and_missing_parents_fail_clearly(runs_root, tiny_data):
     result = run_stage("dpo", "--run", "nowhere", "--mode", "online")
     assert result.returncode == 2 and "mode: expected one of on_policy, offline, got 'online'" in result.stderr
     result = run_stage("dpo", "--run", "nowhere", "--ranked_files", str(tiny_data["ranked"]),
-                       "--eval_file", str(tiny_data["prompts"]))  # fmt: skip
+                       "--eval_file", str(tiny_data["prompts"]))
     assert result.returncode == 2 and "runs/nowhere/sft" in result.stderr and "make sft" in result.stderr
     assert not (runs_root / "nowhere" / "dpo").exists()
 
@@ -255,7 +255,7 @@ def test_reward_model_that_failed_its_gate_is_refused_on_request(runs_root, cold
     with runs.stage_output(run, "reward", {"built_by": "tests/test_dpo.py"}, seed=0) as out:
         out.metrics.update(gate_passed=False, gate_reasons=["pairwise_accuracy 0.400 < min_accuracy 0.6"])
     common = ("--run", run, "--sft_dir", str(runs_root / cold_dry["run"] / "sft"), "--ranked_files",
-              str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]))  # fmt: skip
+              str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]))
     result = run_stage("dpo", *common, "--reward_gate_policy", "refuse")
     assert result.returncode == 2
     assert "FAILED its quality gate" in result.stderr and "reward_gate_policy: warn" in result.stderr

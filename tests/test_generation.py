@@ -25,7 +25,7 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
      {"role": "user", "content": "Rice?"}],
     [{"role": "user", "content": "What can I cook with lentils, tomatoes, cumin and a little butter tonight?"}],
-]  # fmt: skip
+]
 GREEDY = SamplingSettings(n=1, temperature=0, max_new_tokens=12)
 
 
@@ -98,7 +98,7 @@ def test_peft_push_sends_merged_weights_and_leaves_the_model_alone(tiny_model_di
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(load_model(tiny_model_dir, noise=0.1, seed=3),
-                                LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))  # fmt: skip
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     with torch.no_grad():  # lora_B starts at zero: give the adapter an effect
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -139,7 +139,7 @@ def vllm_server(tiny_model_dir, tmp_path_factory):
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE="1")
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-               "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 28)]  # fmt: skip
+               "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 28)]
     with open(log, "w") as handle:
         server = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}", time.time() + 240

@@ -33,7 +33,7 @@ def test_batched_left_padded_rows_match_one_row_at_a_time(tiny):
 
     model, tokenizer = tiny
     conversations = [[{"role": "user", "content": text}] for text in
-                     ("Hi", "How long do I boil an egg for a soft yolk?", "Salt?")]  # fmt: skip
+                     ("Hi", "How long do I boil an egg for a soft yolk?", "Salt?")]
     prompts = render_prompts(tokenizer, conversations)
     rng = random.Random(0)
     completions = [[rng.randrange(1000, 40000) for _ in range(n)] + [tokenizer.eos_token_id] for n in (1, 9, 4)]

@@ -17,7 +17,7 @@ def prompt(text: str) -> list[dict]:
 
 def record(prompt_id: str, ranks: dict[str, int], annotator: str = "ann", text: str | None = None) -> dict:
     return {"prompt_id": prompt_id, "prompt": prompt(text or f"question {prompt_id}"),
-            "responses": [{"text": t, "rank": r} for t, r in ranks.items()], "annotator": annotator}  # fmt: skip
+            "responses": [{"text": t, "rank": r} for t, r in ranks.items()], "annotator": annotator}
 
 
 def load(tmp_path, records: list[dict], name: str = "ranked.jsonl") -> list[dict]:
@@ -33,7 +33,7 @@ def as_tuples(pairs) -> set[tuple]:
 def test_every_ordered_pair_whose_ranks_differ(tmp_path):
     pairs, report = ranked_to_pairs(load(tmp_path, [record("p1", {"a": 2, "b": 1, "c": 3})]))
     assert as_tuples(pairs) == {("p1", "b", "a", 1.0, False), ("p1", "b", "c", 2.0, False),
-                                ("p1", "a", "c", 1.0, False)}  # fmt: skip
+                                ("p1", "a", "c", 1.0, False)}
     assert pairs[0]["prompt"] == prompt("question p1")
     assert report.pairs == 3 and report.prompts == 1 and report.bad == []
 
@@ -47,7 +47,7 @@ def test_ties_dropped_or_soft(tmp_path):
     soft, report = ranked_to_pairs(records, ties="soft")
     # the tie appears in both orders with margin 0: a 0.5 soft label under the Bradley-Terry loss
     assert as_tuples(soft) == {("p1", "a", "c", 1.0, False), ("p1", "b", "c", 1.0, False),
-                               ("p1", "a", "b", 0.0, True), ("p1", "b", "a", 0.0, True)}  # fmt: skip
+                               ("p1", "a", "b", 0.0, True), ("p1", "b", "a", 0.0, True)}
     assert report.tie_pairs == 2 and report.ties_dropped == 0
 
 
@@ -56,11 +56,11 @@ def test_several_annotators_mean_rank_and_agreement(tmp_path):
         record("p1", {"x": 1, "y": 2, "z": 3}, annotator="ann-a"),
         record("p1", {"x": 2, "y": 1, "z": 3}, annotator="ann-b"),
         record("p2", {"u": 1, "v": 2}, annotator="ann-a"),
-    ])  # fmt: skip
+    ])
     pairs, report = ranked_to_pairs(records, aggregation="mean_rank")
     # x and y both have mean rank 1.5: a tie, dropped; both beat z (mean 3) by 1.5
     assert as_tuples(pairs) == {("p1", "x", "z", 1.5, False), ("p1", "y", "z", 1.5, False),
-                                ("p2", "u", "v", 1.0, False)}  # fmt: skip
+                                ("p2", "u", "v", 1.0, False)}
     assert report.annotators == 2
     assert report.annotators_per_prompt == {2: 1, 1: 1}
     # (x,y): the annotators disagree; (x,z) and (y,z): they agree -> 2 of 3
@@ -73,7 +73,7 @@ def test_several_annotators_majority(tmp_path):
         record("p1", {"x": 1, "y": 2}, annotator="a"),
         record("p1", {"x": 1, "y": 2}, annotator="b"),
         record("p1", {"x": 2, "y": 1}, annotator="c"),
-    ])  # fmt: skip
+    ])
     pairs, report = ranked_to_pairs(records, aggregation="majority")
     assert [(p["chosen"], p["rejected"], p["tie"]) for p in pairs] == [("x", "y", False)]
     assert pairs[0]["margin"] == pytest.approx(1 / 3)  # (2 votes for - 1 against) / 3 annotators
@@ -107,7 +107,7 @@ def test_missing_response_for_one_annotator_is_bad(tmp_path):
         record("p1", {"x": 1, "y": 2, "z": 3}, annotator="a"),
         record("p1", {"x": 1, "y": 2, "z": 3}, annotator="b"),
         record("p1", {"x": 2, "y": 1}, annotator="c"),  # z missing
-    ])  # fmt: skip
+    ])
     pairs, report = ranked_to_pairs(records)
     assert [(b.source.rsplit(":", 1)[1], b.field) for b in report.bad] == [("3", "responses")]
     assert "1 response(s) missing" in report.bad[0].problem
@@ -122,7 +122,7 @@ def test_conflicting_texts_and_prompts_are_bad(tmp_path):
         record("p2", {"u": 1, "v": 2}, annotator="b", text="another prompt"),
         record("p3", {"s": 1, "t": 2}, annotator="a"),
         record("p3", {"s": 2, "t": 1}, annotator="a"),  # same annotator, different answer
-    ])  # fmt: skip
+    ])
     _, report = ranked_to_pairs(records)
     lines = {b.source.rsplit(":", 1)[1]: b for b in report.bad}
     assert set(lines) == {"1", "3", "5"}
@@ -135,7 +135,7 @@ def test_duplicates_dropped(tmp_path):
     one = record("p1", {"a": 1, "b": 2, "c": 3})
     same_prompt_other_id = record("p9", {"a": 1, "b": 2}, text="question p1")
     with_repeat = {**record("p2", {"u": 1, "v": 2}), "responses": [
-        {"text": "u", "rank": 1}, {"text": "v", "rank": 2}, {"text": "u", "rank": 1}]}  # fmt: skip
+        {"text": "u", "rank": 1}, {"text": "v", "rank": 2}, {"text": "u", "rank": 1}]}
     records = load(tmp_path, [one, one]) + load(tmp_path, [same_prompt_other_id, with_repeat], "second.jsonl")
     pairs, report = ranked_to_pairs(records)
     # one repeated record + one repeated response + the (a, b) pair already given under p1

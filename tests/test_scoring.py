@@ -23,7 +23,7 @@ def test_layout_ends_exactly_at_end_of_turn(tokenizer):
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I boil an egg?"}]
     text = reward_text(tokenizer, prompt, "Boil it for 9 minutes.\n")
     full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": "Boil it for 9 minutes.\n"}],
-                                         tokenize=False)  # fmt: skip
+                                         tokenize=False)
     assert full.endswith("<|im_end|>\n")  # ChatML's newline after the turn...
     assert text == full[: -len("\n")]  # ...is the only thing the layout removes
     ids = reward_ids(tokenizer, text)
@@ -42,11 +42,11 @@ def test_trainer_scorer_and_saved_checkpoint_agree(tiny_model_dir, tiny_data, to
     pairs = pairs[:12]
     config = RewardConfig(output_dir=str(tmp_path / "trainer"), use_cpu=True, bf16=False, max_steps=3,
                           learning_rate=0.01, per_device_train_batch_size=4, gradient_checkpointing=False,
-                          report_to=[], save_strategy="no", logging_steps=1, seed=0)  # fmt: skip
+                          report_to=[], save_strategy="no", logging_steps=1, seed=0)
     lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                      modules_to_save=["score"])  # fmt: skip
+                      modules_to_save=["score"])
     trainer = RewardTrainer(model=str(tiny_model_dir), args=config, train_dataset=reward_dataset(tokenizer, pairs),
-                            processing_class=tokenizer, peft_config=lora)  # fmt: skip
+                            processing_class=tokenizer, peft_config=lora)
 
     # 1. TRL tokenized exactly our layout: no eos appended, nothing prepended.
     texts = [reward_text(tokenizer, p["prompt"], p["chosen"]) for p in pairs]

@@ -30,7 +30,7 @@ def test_sft_run_produces_loadable_checkpoint_and_manifest(runs_root, tiny_sft_r
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
     assert tokenizer.pad_token != tokenizer.eos_token
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)  # fmt: skip
+                                        return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == ids["input_ids"].shape[1] + 4 or out[0, -1] == tokenizer.eos_token_id
 
@@ -41,7 +41,7 @@ def test_full_finetune_learns_on_tiny_model(runs_root, tiny_model_dir, tiny_data
         "sft", "--run", "tiny-learn", "--model_name_or_path", str(tiny_model_dir),
         "--train_file", str(tiny_data["sft"]), "--eval_file", str(tiny_data["prompts"]),
         "--max_steps", "12", "--learning_rate", "0.003", "--per_device_train_batch_size", "8", "--use_peft", "false",
-    )  # fmt: skip
+    )
     assert_ok(result)
     folder = runs_root / "tiny-learn" / "sft"
     metrics = json.loads((folder / "manifest.json").read_text())["metrics"]
@@ -56,7 +56,7 @@ def test_corrupt_data_fails_with_one_line_and_no_finished_folder(runs_root, tiny
     with open(bad, "a") as handle:
         handle.write('{"id": "2", "messages": [{"role": "user"}]}\n')
     result = run_stage("sft", "--run", "corrupt", "--model_name_or_path", str(tiny_model_dir),
-                       "--train_file", str(bad), "--eval_file", str(tiny_data["prompts"]))  # fmt: skip
+                       "--train_file", str(bad), "--eval_file", str(tiny_data["prompts"]))
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert error_lines == [f"error: {bad}:2: messages[0].content: must be a non-empty string"], result.stderr
@@ -66,7 +66,7 @@ def test_corrupt_data_fails_with_one_line_and_no_finished_folder(runs_root, tiny
 def test_crash_mid_stage_leaves_only_a_failed_folder(runs_root, tiny_model_dir, tiny_data):
     result = run_stage("sft", "--run", "crash", "--model_name_or_path", str(tiny_model_dir),
                        "--train_file", str(tiny_data["sft"]), "--eval_file", str(tiny_data["prompts"]),
-                       "--lora_target_modules", "no_such_module")  # fmt: skip
+                       "--lora_target_modules", "no_such_module")
     assert result.returncode != 0
     run_folder = runs_root / "crash"
     assert not (run_folder / "sft").exists()

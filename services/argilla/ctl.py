@@ -199,7 +199,7 @@ def start(home: Path, host: str, port: int, venv: Path, timeout: float, exit_wit
                 "--protected-mode", "yes", "--loglevel", "warning",
             ],
             logs / "redis.log",
-        )  # fmt: skip
+        )
         (run_dir / "redis.pid").write_text(str(redis.pid))
 
         url = f"http://{host}:{port}"
@@ -214,7 +214,7 @@ def start(home: Path, host: str, port: int, venv: Path, timeout: float, exit_wit
             ],
             logs / "server.log",
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+        )
         (run_dir / "server.pid").write_text(str(server.pid))
         (run_dir / "state.json").write_text(json.dumps({"url": url, "port": port, "redis_port": redis_port}))
 
