@@ -1,0 +1,135 @@
+"""Policy stages side by side: held-out verdicts of `make compare` over several seeds.
+
+From one pair of finished parents (an SFT and a reward stage), each arm trains a policy
+stage (`dpo` by default) with its own arguments, once per seed, and `make compare`
+judges it against the SFT parent on the held-out prompts. Printed per arm: the reward
+difference over SFT with its 95% interval, the win rate with its interval, KL to SFT,
+length change and cap hits (answers cut at max_new_tokens), the verdict, and the
+stage's wall time; then the mean and spread over seeds. Arms and seeds are
+interleaved (seed 1 of every arm, then seed 2, ...), so a machine whose load changes
+hits them alike.
+
+    .venv/bin/python bench/bench_policy.py --parents runs/default --seeds 1 2 3 \\
+        --arm defaults="" --arm sft-term="--loss_type sigmoid sft --loss_weights 1.0 0.2"
+
+Each run lands in runs/bench-<arm>-s<seed>/ (ALIGN_RUNS moves runs/); --keep leaves them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from align import hardware, runs  # noqa: E402
+
+
+def run(command: list[str], log: Path) -> float:
+    """Run a stage process, its output to `log`; returns wall seconds; exits on failure."""
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ))
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed (exit {done.returncode}); see {log}")
+    return time.perf_counter() - started
+
+
+def one(arm: str, extra: str, stage: str, seed: int, parents: Path, logs: Path) -> dict:
+    name = f"bench-{arm}-s{seed}"
+    policy_args = [sys.executable, "-m", f"stages.{stage}", "--run", name, "--sft_dir", str(parents / "sft"),
+                   "--reward_dir", str(parents / "reward"), "--seed", str(seed), *shlex.split(extra)]
+    stage_s = run(policy_args, logs / f"{name}-{stage}.log")
+    compare_args = [sys.executable, "-m", "stages.compare", "--run", name, "--checkpoints", str(parents / "sft"),
+                    str(runs.stage_dir(name, stage)), "--reward_dir", str(parents / "reward")]
+    run(compare_args, logs / f"{name}-compare.log")
+    report = json.loads((runs.stage_dir(name, "compare") / "report.json").read_text())
+    (comparison,) = report["comparisons"]
+    models = report["models"]
+    baseline, aligned = models[comparison["baseline"]], models[comparison["aligned"]]
+    return {
+        "arm": arm, "seed": seed, "stage_s": stage_s,
+        "reward_diff": comparison["reward_difference"]["difference"],
+        "reward_low": comparison["reward_difference"]["low"], "reward_high": comparison["reward_difference"]["high"],
+        "win_rate": comparison["win_rate"]["rate"], "win_low": comparison["win_rate"]["low"],
+        "win_high": comparison["win_rate"]["high"], "kl": (comparison.get("kl") or {}).get("mean"),
+        "length_change": comparison["length_change"], "cut_sft": baseline["truncated_share"],
+        "cut_policy": aligned["truncated_share"], "verdict": comparison["verdict"],
+    }
+
+
+def show(rows: list[dict]) -> None:
+    header = (f"{'arm':<22} {'seed':>4} {'reward diff [95% CI]':>24} {'win rate [95% CI]':>20} {'KL':>6} "
+              f"{'length':>7} {'cut sft/pol':>11} {'verdict':>12} {'stage s':>8}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        kl = "n/a" if r["kl"] is None else f"{r['kl']:.2f}"
+        print(f"{r['arm']:<22} {r['seed']:>4} {r['reward_diff']:+7.3f} [{r['reward_low']:+.2f}, {r['reward_high']:+.2f}] "
+              f"{r['win_rate']:6.0%} [{r['win_low']:.0%}, {r['win_high']:.0%}] {kl:>6} {r['length_change']:+7.0%} "
+              f"{r['cut_sft']:5.0%}/{r['cut_policy']:<5.0%} {r['verdict']:>12} {r['stage_s']:8.0f}")
+
+
+def summarize(rows: list[dict]) -> None:
+    print("\nper arm over seeds (mean, spread = max - min):")
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = [r for r in rows if r["arm"] == arm]
+
+        def stat(key):
+            values = [r[key] for r in mine if r[key] is not None]
+            return (statistics.fmean(values), max(values) - min(values)) if values else (float("nan"), 0.0)
+
+        reward, win, kl, length, wall = (stat(k) for k in ("reward_diff", "win_rate", "kl", "length_change", "stage_s"))
+        better = sum(r["verdict"] == "better" for r in mine)
+        print(f"  {arm:<22} reward {reward[0]:+.3f} (spread {reward[1]:.3f}) | win {win[0]:.0%} (spread {win[1]:.0%}) "
+              f"| KL {kl[0]:.2f} | length {length[0]:+.0%} | {better}/{len(mine)} better | stage {wall[0]:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parents", type=Path, default=REPO / "runs" / "default",
+                        help="a run folder with finished sft/ and reward/ stages")
+    parser.add_argument("--stage", default="dpo", help="the policy stage every arm runs")
+    parser.add_argument("--arm", action="append", default=[], metavar='NAME="ARGS"',
+                        help='an arm: a name and the stage arguments it adds (repeatable); default: defaults=""')
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--keep", action="store_true", help="keep the bench runs (default: removed after)")
+    args = parser.parse_args()
+    missing = [stage for stage in ("sft", "reward") if not (args.parents / stage / runs.MANIFEST).is_file()]
+    if missing:  # `make bench` on a fresh checkout: say what it needs, skip
+        print(f"[bench_policy] skipped: needs finished {', '.join(str(args.parents / s) for s in missing)} "
+              f"(make sft reward, or --parents)")
+        return
+    for stage in ("sft", "reward"):
+        runs.read_checkpoint(args.parents / stage)  # finished, or a clear error
+    arms = [arm.split("=", 1) if "=" in arm else (arm, "") for arm in (args.arm or ["defaults="])]
+    logs = REPO / "bench" / "results" / "policy"
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"[bench_policy] stage {args.stage}, parents {args.parents}, seeds {args.seeds}, "
+          f"{len(arms)} arm(s); CPU flags: {hardware.describe_cpu()}; {hardware.machine_key()}", flush=True)
+    rows = []
+    for seed in args.seeds:
+        for name, extra in arms:
+            rows.append(one(name, extra, args.stage, seed, args.parents, logs))
+            print(f"[bench_policy] {name} seed {seed}: {rows[-1]['verdict']}, reward {rows[-1]['reward_diff']:+.3f}",
+                  flush=True)
+    print()
+    show(rows)
+    summarize(rows)
+    (logs / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    if not args.keep:
+        for row in rows:
+            shutil.rmtree(runs.runs_root() / f"bench-{row['arm']}-s{row['seed']}", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
