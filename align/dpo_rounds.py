@@ -24,38 +24,69 @@ from __future__ import annotations
 
 import json
 import statistics
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from align.online import StepLogger
 
 
-def select_pairs(prompts: list[list[dict]], responses: list[list[str]], scores: list[list[float]],
-                 min_margin: float) -> tuple[list[dict], dict]:
-    """Best vs worst response of each prompt, kept when their reward gap is at least `min_margin`.
+PairSelection = Literal["best_vs_worst", "length_matched"]
 
-    Identical texts are never paired (a gap between equal texts is scoring noise), nor equal scores.
+
+def select_pairs(prompts: list[list[dict]], responses: list[list[str]], scores: list[list[float]],
+                 min_margin: float, finished: list[list[bool]] | None = None, lengths: list[list[int]] | None = None,
+                 selection: PairSelection = "best_vs_worst", length_tolerance: float = 0.25) -> tuple[list[dict], dict]:
+    """One pair per prompt from its sampled responses, kept when the reward gap is at least `min_margin`.
+
+    - Cut answers (`finished` False: the sample hit max_new_tokens) never enter a pair. The reward
+      model scores a cut answer as if it had ended there, so a long answer cut mid-sentence tends
+      to be a prompt's worst, and best-vs-worst pairs would then teach "shorter" for length alone.
+    - `best_vs_worst`: the highest- against the lowest-scored finished response.
+      `length_matched`: the largest gap among pairs whose lengths (`lengths`, tokens) differ by at
+      most `length_tolerance` x the longer one, so a pair cannot be won by length alone.
+    - Identical texts are never paired (a gap between equal texts is scoring noise), nor equal scores.
+
     Returns (pairs in the `align.preferences` format, counts for the round log)."""
     if not len(prompts) == len(responses) == len(scores):
         raise ValueError(f"{len(prompts)} prompts, {len(responses)} response lists, {len(scores)} score lists")
-    pairs, small_margin, no_variety = [], 0, 0
-    for prompt, texts, values in zip(prompts, responses, scores):
+    if selection == "length_matched" and lengths is None:
+        raise ValueError("length_matched pairs need the responses' lengths")
+    pairs, small_margin, no_variety, cut_samples, too_few_finished = [], 0, 0, 0, 0
+    for index, (prompt, texts, values) in enumerate(zip(prompts, responses, scores)):
         if len(texts) != len(values):
             raise ValueError(f"{len(texts)} responses but {len(values)} scores for one prompt")
         if len(set(texts)) < 2:
             no_variety += 1
             continue
-        best = max(range(len(texts)), key=lambda i: values[i])
-        worst = min(range(len(texts)), key=lambda i: values[i])
-        margin = values[best] - values[worst]
+        usable = [i for i in range(len(texts)) if finished is None or finished[index][i]]
+        cut_samples += len(texts) - len(usable)
+        if len({texts[i] for i in usable}) < 2:
+            too_few_finished += 1
+            continue
+        if selection == "length_matched":
+            sizes = lengths[index]
+            candidates = [(values[a] - values[b], a, b) for a in usable for b in usable
+                          if values[a] > values[b] and abs(sizes[a] - sizes[b]) <= length_tolerance * max(sizes[a], sizes[b])]
+            margin, best, worst = max(candidates) if candidates else (0.0, usable[0], usable[0])
+        else:
+            best = max(usable, key=lambda i: values[i])
+            worst = min(usable, key=lambda i: values[i])
+            margin = values[best] - values[worst]
         if texts[best] == texts[worst] or margin <= 0 or margin < min_margin:  # equal scores: no preference
             small_margin += 1
             continue
-        pairs.append({"prompt": prompt, "chosen": texts[best], "rejected": texts[worst], "margin": float(margin),
-                      "chosen_score": float(values[best]), "rejected_score": float(values[worst])})
+        pair = {"prompt": prompt, "chosen": texts[best], "rejected": texts[worst], "margin": float(margin),
+                "chosen_score": float(values[best]), "rejected_score": float(values[worst])}
+        if lengths is not None:
+            pair.update(chosen_tokens=lengths[index][best], rejected_tokens=lengths[index][worst])
+        pairs.append(pair)
     counts = {"prompts": len(prompts), "pairs": len(pairs), "dropped_small_margin": small_margin,
               "dropped_identical": no_variety,
               "pair_margin_mean": statistics.fmean(p["margin"] for p in pairs) if pairs else 0.0}
+    if finished is not None:
+        counts.update(cut_samples_left_out=cut_samples, dropped_too_few_finished=too_few_finished)
+    if lengths is not None and pairs:
+        counts["pair_chosen_longer_fraction"] = statistics.fmean(p["chosen_tokens"] > p["rejected_tokens"] for p in pairs)
     return pairs, counts
 
 

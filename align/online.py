@@ -77,6 +77,14 @@ class SampleSet:
     def texts(self) -> list[list[str]]:
         return [[s.text for s in group] for group in self.samples]
 
+    def finished(self) -> list[list[bool]]:
+        """Per sample: did it end with the end-of-turn token (False: cut at max_new_tokens)?"""
+        return [[s.finish_reason == "stop" for s in group] for group in self.samples]
+
+    def lengths(self) -> list[list[int]]:
+        """Per sample: response tokens (the end-of-turn token included when it stopped)."""
+        return [[len(s.token_ids) for s in group] for group in self.samples]
+
     def flat(self):
         for prompt, group, scores, styles in zip(self.prompts, self.samples, self.scores, self.styles):
             for sample, score, house in zip(group, scores, styles):

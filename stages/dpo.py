@@ -71,6 +71,12 @@ class DPOStageArgs:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the rounds"})
     max_new_tokens: int = field(default=128, metadata={"help": "response length cap of the rounds"})
     min_reward_margin: float = field(default=0.5, metadata={"help": "keep best vs worst only when r_best - r_worst >= this"})
+    truncated_answers: Literal["drop", "keep"] = field(default="drop", metadata={
+        "help": "answers cut at max_new_tokens: drop (never paired) | keep (paired as if they had ended)"})
+    pair_selection: dpo_rounds.PairSelection = field(default="best_vs_worst", metadata={
+        "help": "best_vs_worst | length_matched (largest gap among pairs of similar length)"})
+    pair_length_tolerance: float = field(default=0.25, metadata={
+        "help": "length_matched: lengths may differ by this fraction of the longer answer"})
     # held-out evaluation
     eval_samples_per_prompt: int = field(default=2, metadata={"help": "samples per held-out prompt"})
     eval_temperature: float = field(default=1.0, metadata={"help": "1.0 samples the policy itself (KL needs it)"})
@@ -99,6 +105,8 @@ def check_args(args: DPOStageArgs, dpo_config: DPOConfig) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {getattr(args, key)}")
     if args.samples_per_prompt < 2:
         raise ConfigError(f"samples_per_prompt: on-policy pairs need >= 2 samples per prompt, got {args.samples_per_prompt}")
+    if not 0 <= args.pair_length_tolerance <= 1:
+        raise ConfigError(f"pair_length_tolerance: must be in [0, 1], got {args.pair_length_tolerance}")
     if args.min_reward_margin < 0:
         raise ConfigError(f"min_reward_margin: must be >= 0, got {args.min_reward_margin}")
     if dpo_config.beta <= 0:
@@ -227,7 +235,11 @@ def run_rounds(args, trainer, generator, scorer, prompts, timer, writer, out, bf
                                              args.kl_estimator, bf16, reference_model=trainer.reference_model)
             else:
                 fresh.kl = {"kl": 0.0, "kl_per_token": 0.0}
-        pairs, counts = dpo_rounds.select_pairs(round_set, fresh.texts(), fresh.scores, args.min_reward_margin)
+        pairs, counts = dpo_rounds.select_pairs(
+            round_set, fresh.texts(), fresh.scores, args.min_reward_margin,
+            finished=fresh.finished() if args.truncated_answers == "drop" else None, lengths=fresh.lengths(),
+            selection=args.pair_selection, length_tolerance=args.pair_length_tolerance)
+        files.write_jsonl(out.path / "rounds" / f"round-{number}-samples.jsonl", fresh.records())
         files.write_jsonl(out.path / "rounds" / f"round-{number}-pairs.jsonl", pairs)
         row = {"round": number, **{f"fresh_{k}": v for k, v in fresh.summary().items() if not isinstance(v, str)},
                **counts}

@@ -117,6 +117,38 @@ def test_select_pairs_keeps_best_vs_worst_above_the_margin():
         dpo_rounds.select_pairs(prompts, responses[:3], scores, 0.5)
 
 
+def test_cut_answers_never_enter_a_pair():
+    """A length-biased score would make the longest answer - here one cut at the cap - the best;
+    cut answers are left out, so the pair is made of finished answers only."""
+    prompts = [[{"role": "user", "content": "q"}], [{"role": "user", "content": "r"}]]
+    responses = [["short.", "medium answer.", "long answer cut mid"], ["cut one", "cut two"]]
+    scores = [[0.1, 0.9, 3.0], [2.0, 1.0]]
+    finished = [[True, True, False], [False, False]]
+    lengths = [[3, 6, 16], [16, 16]]
+    pairs, counts = dpo_rounds.select_pairs(prompts, responses, scores, 0.5, finished=finished, lengths=lengths)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("medium answer.", "short.")]
+    assert counts["cut_samples_left_out"] == 3 and counts["dropped_too_few_finished"] == 1
+    assert counts["pair_chosen_longer_fraction"] == 1.0
+    kept, _ = dpo_rounds.select_pairs(prompts, responses, scores, 0.5)  # the old rule, as a control
+    assert ("long answer cut mid", "short.") in [(p["chosen"], p["rejected"]) for p in kept]
+
+
+def test_length_matched_pairs_differ_little_in_length():
+    prompts = [[{"role": "user", "content": "q"}]]
+    responses = [["a", "bb", "ccc", "dddd"]]
+    scores = [[0.0, 1.0, 1.2, 4.0]]  # the longest scores best: best vs worst pairs 40 vs 10 tokens
+    lengths = [[10, 30, 32, 40]]
+    (pair,), _ = dpo_rounds.select_pairs(prompts, responses, scores, 0.5, lengths=lengths)
+    assert (pair["chosen"], pair["rejected"]) == ("dddd", "a")
+    (pair,), counts = dpo_rounds.select_pairs(prompts, responses, scores, 0.5, lengths=lengths,
+                                               selection="length_matched", length_tolerance=0.25)
+    assert (pair["chosen"], pair["rejected"]) == ("dddd", "bb")  # 40 vs 30: within 25% of 40
+    assert pair["margin"] == pytest.approx(3.0)
+    none, counts = dpo_rounds.select_pairs(prompts, [["a", "b"]], [[0.0, 5.0]], 0.5, lengths=[[10, 40]],
+                                           selection="length_matched")
+    assert none == [] and counts["dropped_small_margin"] == 1
+
+
 def test_round_prompts_rotate_through_a_seeded_shuffle():
     prompts = list(range(10))
     first, second, third = (online.round_prompts(prompts, i, 4, seed=1) for i in range(3))
