@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import run_stage
 
+from align import ab_test
 from align import argilla_io as aio
 
 K = 3
@@ -251,7 +252,7 @@ def test_push_rejects_wrong_candidate_count(loop):
 def test_ab_round_trip_decodes_sides(argilla_server, loop, unique_name):
     client = argilla_server.client()
     name = unique_name("ab")
-    ds = aio.create_ab_dataset(client, name, loop["workspace"], min_submitted=1)
+    ds = ab_test.create_ab_dataset(client, name, loop["workspace"], min_submitted=1)
     pairs = [
         {
             "pair_id": f"pair-{i}",
@@ -261,11 +262,11 @@ def test_ab_round_trip_decodes_sides(argilla_server, loop, unique_name):
         }
         for i in range(6)
     ]
-    aio.push_ab_pairs(ds, pairs)
-    aio.push_ab_pairs(ds, pairs)  # upsert, no duplicates
+    ab_test.push_ab_pairs(ds, pairs)
+    ab_test.push_ab_pairs(ds, pairs)  # upsert, no duplicates
     raw = _raw(client, ds)
     assert len(raw) == 6
-    sides = {pid: aio.ab_sides(pid, ["dpo", "sft"]) for pid in raw}
+    sides = {pid: ab_test.ab_sides(pid, ["dpo", "sft"]) for pid in raw}
     assert len(set(sides.values())) == 2, "both side assignments should occur in 6 pairs"
     for pid, (a, b) in sides.items():
         assert raw[pid]["fields"]["response_a"].startswith(a)
@@ -277,11 +278,11 @@ def test_ab_round_trip_decodes_sides(argilla_server, loop, unique_name):
         r = httpx.post(
             f"{alice.url}/api/v1/records/{raw[pid]['id']}/responses",
             headers=alice.headers,
-            json={"status": "submitted", "values": {aio.PREFERENCE: {"value": label}}},
+            json={"status": "submitted", "values": {ab_test.PREFERENCE: {"value": label}}},
             timeout=60,
         )
         assert r.status_code == 201, r.text
-    rows = aio.pull_ab_answers(client, name, loop["workspace"])
+    rows = ab_test.pull_ab_answers(client, name, loop["workspace"])
     assert rows.problems == []
     winners = {r["pair_id"]: r["winner"] for r in rows}
     assert winners == {f"pair-{i}": ("tie" if i == 5 else "dpo") for i in range(6)}
