@@ -229,7 +229,7 @@ def create_ranking_dataset(
             rg.RatingQuestion(
                 name=RATING, values=[1, 2, 3, 4, 5], title="How good is the best response? (1-5)",
                 required=False, client=client,
-            )  # fmt: skip
+            )
         )
     if comment:
         questions.append(rg.TextQuestion(name=COMMENT, title="Comment (optional)", required=False, client=client))

@@ -74,7 +74,7 @@ def calibration_bins(probabilities, outcomes, bins: int = 10) -> list[dict]:
         n = int(mask.sum())
         table.append({"low": b / bins, "high": (b + 1) / bins, "count": n,
                       "mean_probability": float(p[mask].mean()) if n else None,
-                      "observed": float(y[mask].mean()) if n else None})  # fmt: skip
+                      "observed": float(y[mask].mean()) if n else None})
     return table
 
 
@@ -83,7 +83,7 @@ def expected_calibration_error(probabilities, outcomes, bins: int = 10) -> float
     table = calibration_bins(probabilities, outcomes, bins)
     total = sum(row["count"] for row in table)
     return float(sum(row["count"] / total * abs(row["mean_probability"] - row["observed"])
-                     for row in table if row["count"]))  # fmt: skip
+                     for row in table if row["count"]))
 
 
 def rank_average(values) -> np.ndarray:
@@ -254,7 +254,7 @@ def win_rate(a_scores, b_scores, tie_tolerance: float = 0.0, confidence: float =
     low, high = wilson_interval(wins, decisive, confidence)
     return WinRate(wins=wins, ties=ties, losses=losses, n=int(a.size),
                    rate=wins / decisive if decisive else float("nan"), low=low, high=high,
-                   rate_ties_half=(wins + 0.5 * ties) / a.size)  # fmt: skip
+                   rate_ties_half=(wins + 0.5 * ties) / a.size)
 
 
 def _pair_arrays(first, second) -> tuple[np.ndarray, np.ndarray]:

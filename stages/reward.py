@@ -29,7 +29,6 @@ Run: make reward [RUN=name] [ARGS="--num_train_epochs 2 ..."]
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
@@ -46,7 +45,7 @@ class RewardStageArgs:
     run: str = field(default="default", metadata={"help": "run name: parent runs/<run>/sft, outputs runs/<run>/reward"})
     sft_dir: str | None = field(default=None, metadata={"help": "an SFT stage folder instead of runs/<run>/sft"})
     ranked_files: list[str] = field(default_factory=lambda: ["data/ranked.jsonl"],
-                                    metadata={"help": "ranked-responses JSONL file(s)"})  # fmt: skip
+                                    metadata={"help": "ranked-responses JSONL file(s)"})
     argilla_dataset: str | None = field(default=None, metadata={"help": "Argilla ranking dataset to pull"})
     argilla_workspace: str = field(default="align", metadata={"help": "workspace of argilla_dataset"})
     precision: Precision = field(default="auto", metadata={"help": "auto | bf16 | fp32"})
@@ -71,7 +70,6 @@ def main(argv=None):
     args, model_args, reward_config = parse_stage_config("reward", (RewardStageArgs, ModelConfig, RewardConfig), argv)
     if not args.ranked_files and not args.argilla_dataset:
         raise ConfigError("ranked_files is empty and argilla_dataset is not set: nothing to train on")
-    preferences.check_options(args.ties, args.aggregation, args.bad_rankings)
 
     # Inputs and pairs, checked before any output is written or model loads: bad data fails in seconds.
     records, inputs = [], []
@@ -96,7 +94,7 @@ def main(argv=None):
         "train_prompts": len(preferences.pairs_by_prompt(train_pairs)),
         "heldout_prompts": len(preferences.pairs_by_prompt(heldout_pairs)),
         "dropped_too_long_train": too_long_train, "dropped_too_long_heldout": too_long_heldout,
-    }  # fmt: skip
+    }
 
     config = resolved_config(args, model_args, reward_config)
     with runs.stage_output(args.run, "reward", config, reward_config.seed, parent=parent) as out:
@@ -121,7 +119,7 @@ def main(argv=None):
         print(f"[reward] {pair_report.records} rankings -> {len(pairs)} pairs on {pair_report.prompts} prompts; "
               f"train {len(train_pairs)} pairs / held-out {len(heldout_pairs)} pairs "
               f"({split_counts['heldout_prompts']} prompts); {trainable / 1e6:.2f}M of {total / 1e6:.1f}M "
-              "parameters trainable", flush=True)  # fmt: skip
+              "parameters trainable", flush=True)
         result = trainer.train()
 
         training.save_outputs(trainer.model, tokenizer, out, model_args.use_peft)
@@ -144,11 +142,11 @@ def main(argv=None):
         if not gate.passed:  # loud, and in logs/stage.log too
             warn("reward model FAILED its quality gate: " + "; ".join(gate.reasons) + ". See "
                  f"{runs.stage_dir(args.run, 'reward') / 'report.md'}. Later stages will warn or refuse "
-                 "(their reward_gate_policy).")  # fmt: skip
+                 "(their reward_gate_policy).")
     summary("reward", gate="PASS" if gate.passed else "FAIL",
             heldout_accuracy=_fmt(metrics.get("pairwise_accuracy")), ece=_fmt(metrics.get("ece")),
             length_corr=_fmt(metrics.get("length_correlation")), pairs=f"{len(train_pairs)}+{len(heldout_pairs)}",
-            train_loss=result.training_loss, output=str(out.path))  # fmt: skip
+            train_loss=result.training_loss, output=str(out.path))
 
 
 def _fmt(value) -> str:
@@ -168,26 +166,18 @@ def find_start_model(args, model_args) -> tuple[runs.Checkpoint | None, str]:
 def pull_from_argilla(args) -> list[dict]:
     """Rankings from Argilla, checked like a file; their sources name the rankings.jsonl
     line the stage will save them to (runs/<run>/reward/rankings.jsonl:N)."""
-    import tempfile
-
     from align import argilla_io  # lazily: the stage needs Argilla only when asked to pull
 
     client = argilla_io.connect()
     pulled = argilla_io.pull_rankings(client, args.argilla_dataset, args.argilla_workspace)
     for problem in getattr(pulled, "problems", []):
         warn(f"argilla {args.argilla_dataset} record {problem['record_id']} ({problem['annotator']}): "
-             f"{problem['problem']}; left out")  # fmt: skip
+             f"{problem['problem']}; left out")
     print(f"[reward] pulled {len(pulled)} rankings from Argilla dataset {args.argilla_dataset!r}", flush=True)
     if not pulled:
         return []
-    final = runs.stage_dir(args.run, "reward") / "rankings.jsonl"
-    with tempfile.TemporaryDirectory() as folder:
-        scratch = Path(folder) / "rankings.jsonl"
-        files.write_jsonl(scratch, list(pulled))
-        records = data.load_ranked(scratch)
-    for record in records:
-        record["source"] = record["source"].replace(str(scratch), str(final))
-    return records
+    final = runs.stage_dir(args.run, "reward") / "rankings.jsonl"  # where the stage saves them
+    return [data.ranked_record(final, line, row) for line, row in enumerate(pulled, start=1)]
 
 
 def _without_source(record: dict) -> dict:
@@ -208,7 +198,7 @@ def drop_too_long(tokenizer, pairs: list[dict], max_length: int | None) -> tuple
     kept = []
     for pair in pairs:
         lengths = [len(scoring.reward_ids(tokenizer, scoring.reward_text(tokenizer, pair["prompt"], pair[side])))
-                   for side in ("chosen", "rejected")]  # fmt: skip
+                   for side in ("chosen", "rejected")]
         if max(lengths) <= max_length:
             kept.append(pair)
     return kept, len(pairs) - len(kept)
@@ -241,7 +231,7 @@ def evaluate_heldout(out, args, tokenizer, heldout_pairs: list[dict]) -> tuple[d
     length_corr = evaluation.length_correlation(scores, lengths) if len(scores) > 1 else float("nan")
     chosen_longer = sum(len_c > len_r for len_c, len_r in (
         (responses[(preferences.prompt_key(p["prompt"]), p["chosen"])][1],
-         responses[(preferences.prompt_key(p["prompt"]), p["rejected"])][1]) for p in heldout_pairs))  # fmt: skip
+         responses[(preferences.prompt_key(p["prompt"]), p["rejected"])][1]) for p in heldout_pairs))
     metrics = {
         "pairwise_accuracy": evaluation.pairwise_accuracy(chosen, rejected),
         "mean_margin": evaluation.mean_margin(chosen, rejected),
@@ -257,7 +247,7 @@ def evaluate_heldout(out, args, tokenizer, heldout_pairs: list[dict]) -> tuple[d
     rows = [{"prompt_id": p["prompt_id"], "r_chosen": c, "r_rejected": r, "chosen_tokens":
              responses[(preferences.prompt_key(p["prompt"]), p["chosen"])][1], "rejected_tokens":
              responses[(preferences.prompt_key(p["prompt"]), p["rejected"])][1]}
-            for p, c, r in zip(heldout_pairs, chosen, rejected)]  # fmt: skip
+            for p, c, r in zip(heldout_pairs, chosen, rejected)]
     files.write_jsonl(out.path / "heldout_scores.jsonl", rows)
     table = evaluation.calibration_bins(probabilities, outcomes, args.calibration_bins)
     reports.plot_calibration(out.path / reports.REWARD_PLOTS["calibration"], table)

@@ -69,7 +69,7 @@ class Annotator:
             headers=self.headers,
             json={"filters": {"and": [{"type": "terms", "scope": {"entity": "response", "property": "status"}, "values": [status]}]}},
             timeout=60,
-        )  # fmt: skip
+        )
         assert r.status_code == 200, r.text
         return sorted(i["record"]["external_id"] for i in r.json()["items"])
 
@@ -105,7 +105,7 @@ def loop(argilla_server):
     alice_3 = [1, 2, 3]
     bob_0 = [1, 2, 3]
     alice.respond(raw["prompt-0"]["id"], "submitted", _positions(order["prompt-0"], alice_0),
-                  extra={aio.RATING: {"value": 4}, aio.COMMENT: {"value": "two equally good"}})  # fmt: skip
+                  extra={aio.RATING: {"value": 4}, aio.COMMENT: {"value": "two equally good"}})
     alice.respond(raw["prompt-1"]["id"], "discarded")
     alice.respond(raw["prompt-2"]["id"], "draft", {"candidate_1": 1})  # incomplete draft
     draft = alice.respond(raw["prompt-3"]["id"], "draft", _positions(order["prompt-3"], [3, 2, 1]))
@@ -113,14 +113,14 @@ def loop(argilla_server):
     alice.update(
         draft["id"], "submitted",
         {aio.RANKING: {"value": [{"value": n, "rank": r} for n, r in _positions(order["prompt-3"], alice_3).items()]}},
-    )  # fmt: skip
+    )
     bob.respond(raw["prompt-0"]["id"], "submitted", _positions(order["prompt-0"], bob_0))
     bob.respond(raw["prompt-2"]["id"], "discarded")
     expected = {("prompt-0", "alice"): alice_0, ("prompt-3", "alice"): alice_3, ("prompt-0", "bob"): bob_0}
     return dict(
         client=client, ds=ds, name=name, workspace=workspace, items=items, ids=ids, raw=raw, order=order,
         alice=alice, bob=bob, creds=creds, expected=expected,
-    )  # fmt: skip
+    )
 
 
 def test_dataset_layout_and_shuffle(loop):

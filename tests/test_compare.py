@@ -69,7 +69,7 @@ def test_compare_writes_report_plots_json_and_verdict(compare_run):
     assert "reward " in verdicts[0] and "win rate " in verdicts[0] and "KL " in verdicts[0] and "length " in verdicts[0]
     assert verdicts[0].split(" -> ")[1].split(" (")[0] in comparison.VERDICTS.values()
     for name in (reports.REPORT_MD, reports.REPORT_HTML, reports.REPORT_JSON, comparison.SAMPLES,
-                 *reports.PLOTS.values(), "manifest.json"):  # fmt: skip
+                 *reports.PLOTS.values(), "manifest.json"):
         assert (folder / name).is_file() and (folder / name).stat().st_size > 0, name
     for plot in reports.PLOTS.values():
         assert (folder / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -120,7 +120,7 @@ def test_model_compared_with_itself_gives_zero_kl_and_all_ties(compare_run, tiny
     """Same checkpoint twice, same seed: identical responses, so every prompt ties and the KL is 0."""
     run, sft = compare_run["run"], str(runs.stage_dir(compare_run["run"], "sft"))
     result = run_stage("compare", "--run", "self", "--reward_dir", str(runs.stage_dir(run, "reward")),
-                       "--checkpoints", sft, sft, *compare_args(tiny_data["prompts"], "--max_prompts", "4"))  # fmt: skip
+                       "--checkpoints", sft, sft, *compare_args(tiny_data["prompts"], "--max_prompts", "4"))
     assert_ok(result)
     results = json.loads((runs.stage_dir("self", "compare") / reports.REPORT_JSON).read_text())
     entry = results["comparisons"][0]
