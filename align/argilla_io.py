@@ -19,6 +19,10 @@ Ranking datasets (candidates stage -> annotators -> reward model):
 
 Blind A/B datasets of the compare stage live in `align.ab_test`, built on the
 helpers here (`ensure_workspace`, `upsert_records`, `iter_raw_records`, ...).
+
+Over 450 lines because it is the whole SDK boundary: the SDK drops ranks and
+suggestion ties, so the raw REST reads and the patches that work around it sit
+next to the calls they fix (annotators and status share the same connection code).
 """
 
 from __future__ import annotations

@@ -254,7 +254,7 @@ class HFGenerator(Generator):
 
         super().__init__(model_path, **kwargs)
         self.dtype, self.batch_size = dtype, batch_size
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = "cuda" if hardware.has_cuda() else "cpu"
         self.model = load_causal_lm(self.model_path, dtype).to(self.device).eval()
 
     def describe(self) -> str:
