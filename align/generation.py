@@ -248,8 +248,6 @@ class HFGenerator(Generator):
     backend = "hf"
 
     def __init__(self, model_path: str, dtype: str = "float32", batch_size: int = 16, **kwargs):
-        import torch
-
         from align.models import load_causal_lm
 
         super().__init__(model_path, **kwargs)
