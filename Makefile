@@ -93,6 +93,14 @@ $(STAGES): $(INSTALLED) $(MALLOC_DEBS)
 	@if [ ! -f stages/$@.py ]; then echo "make $@: stage not built yet (see the issues)"; exit 2; fi
 	$(WITH_TCMALLOC) $(PY) -m stages.$@ --run $(RUN) $(ARGS)
 
+# the human A/B verdict of the compare run: one stage, stages/compare_human.py, two actions
+.PHONY: compare-to-argilla compare-pull
+compare-to-argilla: $(INSTALLED) $(MALLOC_DEBS)
+	$(WITH_TCMALLOC) $(PY) -m stages.compare_human --action push --run $(RUN) $(ARGS)
+
+compare-pull: $(INSTALLED) $(MALLOC_DEBS)
+	$(WITH_TCMALLOC) $(PY) -m stages.compare_human --action pull --run $(RUN) $(ARGS)
+
 # ---- tests and benchmarks ---------------------------------------------------
 # The tests start a real Argilla server and drive its UI in Debian's Chromium.
 test-deps: $(INSTALLED) $(MALLOC_DEBS) argilla-deps argilla-browser-deps
@@ -112,5 +120,3 @@ clean-runs:
 
 # test-deps (Argilla server venv, Redis, Chromium) and the argilla-* targets
 include mk/argilla.mk
-# compare-to-argilla, compare-pull: the human A/B verdict
-include mk/compare.mk

@@ -17,8 +17,12 @@ Ranking datasets (candidates stage -> annotators -> reward model):
 - `pull_rankings`: submitted responses only, raw ranks, mapped back to the
   original candidate order; invalid ones are reported, not returned.
 
-Blind A/B datasets (compare stage): `create_ab_dataset`, `push_ab_pairs`,
-`pull_ab_answers` (sides randomised per record, mapping kept in metadata).
+Blind A/B datasets of the compare stage live in `align.ab_test`, built on the
+helpers here (`ensure_workspace`, `upsert_records`, `iter_raw_records`, ...).
+
+Over 450 lines because it is the whole SDK boundary: the SDK drops ranks and
+suggestion ties, so the raw REST reads and the patches that work around it sit
+next to the calls they fix (annotators and status share the same connection code).
 """
 
 from __future__ import annotations
@@ -39,8 +43,6 @@ REPO = Path(__file__).resolve().parents[1]
 RANKING = "ranking"
 RATING = "best_quality"
 COMMENT = "comment"
-PREFERENCE = "preference"
-AB_LABELS = {"A": "Response A is better", "B": "Response B is better", "tie": "Tie: equally good or bad"}
 SUGGESTION_AGENT = "reward-model"
 PAGE = 500  # records per request when reading (server maximum is 1000)
 
@@ -54,11 +56,6 @@ You see one conversation and several candidate replies from an assistant.
 4. **Submit**. Use **Discard** only when the conversation itself is broken or you cannot judge it.
 
 The replies are shown in a random order that differs from record to record.
-"""
-
-DEFAULT_AB_GUIDELINES = """\
-Two assistant replies, A and B, to the same conversation. Which one is better?
-Choose **tie** when neither is clearly better. Sides are assigned at random per record.
 """
 
 
@@ -118,17 +115,17 @@ def _get(client, path: str, **params) -> Any:
     return response.json()
 
 
-def _quiet(lookup: Callable, **kwargs):
+def quiet_lookup(lookup: Callable, **kwargs):
     """An SDK lookup (workspace, dataset, user by name) without its UserWarning when absent."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return lookup(**kwargs)
 
 
-def _workspace(client, name: str, create: bool = True):
+def ensure_workspace(client, name: str, create: bool = True):
     import argilla as rg
 
-    ws = _quiet(client.workspaces, name=name)
+    ws = quiet_lookup(client.workspaces, name=name)
     if ws is None:
         if not create:
             raise AlignError(f"Argilla workspace {name!r} does not exist")
@@ -136,8 +133,8 @@ def _workspace(client, name: str, create: bool = True):
     return ws
 
 
-def _dataset(client, name: str, workspace: str):
-    ds = _quiet(client.datasets, name=name, workspace=workspace)
+def find_dataset(client, name: str, workspace: str):
+    ds = quiet_lookup(client.datasets, name=name, workspace=workspace)
     if ds is None:
         raise AlignError(f"Argilla dataset {name!r} not found in workspace {workspace!r}")
     return ds
@@ -160,14 +157,14 @@ def render_conversation(messages: Sequence[dict]) -> str:
     return "\n\n---\n\n".join(parts)
 
 
-def _rng(key: str) -> random.Random:
+def seeded_rng(key: str) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
 
 
 def shuffle_order(prompt_id: str, k: int) -> list[int]:
     """Deterministic permutation: position j (candidate_{j+1}) shows candidate number order[j]."""
     order = list(range(k))
-    _rng(f"candidates:{prompt_id}").shuffle(order)
+    seeded_rng(f"candidates:{prompt_id}").shuffle(order)
     return order
 
 
@@ -208,8 +205,8 @@ def create_ranking_dataset(
         raise AlignError(f"a ranking needs at least 2 candidates per prompt, got k={k}")
     if min_submitted < 1:
         raise AlignError(f"min_submitted must be >= 1, got {min_submitted}")
-    ws = _workspace(client, workspace)
-    existing = _quiet(client.datasets, name=name, workspace=ws.name)
+    ws = ensure_workspace(client, workspace)
+    existing = quiet_lookup(client.datasets, name=name, workspace=ws.name)
     if existing is not None:
         have = _candidate_names(existing)
         if len(have) != k or existing.settings.questions[RANKING] is None:
@@ -236,7 +233,7 @@ def create_ranking_dataset(
             rg.RatingQuestion(
                 name=RATING, values=[1, 2, 3, 4, 5], title="How good is the best response? (1-5)",
                 required=False, client=client,
-            )  # fmt: skip
+            )
         )
     if comment:
         questions.append(rg.TextQuestion(name=COMMENT, title="Comment (optional)", required=False, client=client))
@@ -286,7 +283,7 @@ def _validate_item(i: int, item: dict, k: int, seen: set) -> None:
         raise AlignError(f"{where} ({pid}): suggested_ranking must be {k} integers in 1..{k} (1 = best)")
 
 
-def _upsert(client, dataset, records: list, patch: Callable[[Any, Any], None] | None = None) -> list[str]:
+def upsert_records(client, dataset, records: list, patch: Callable[[Any, Any], None] | None = None) -> list[str]:
     """Bulk upsert `rg.Record`s in batches; `patch(record, model)` may edit the API model first."""
     ids = []
     models = []
@@ -354,10 +351,10 @@ def push_candidates(dataset, items: Iterable[dict], agent: str = SUGGESTION_AGEN
             if s.question_name == RANKING and record.id in suggested:
                 s.value = suggested[record.id]
 
-    return _upsert(client, dataset, records, patch)
+    return upsert_records(client, dataset, records, patch)
 
 
-def _iter_raw_records(client, dataset) -> Iterable[dict]:
+def iter_raw_records(client, dataset) -> Iterable[dict]:
     """All records with all users' responses, as the REST API returns them.
 
     Hand-written: the SDK's record/response models drop the ranks of a ranking
@@ -375,11 +372,11 @@ def _iter_raw_records(client, dataset) -> Iterable[dict]:
             return
 
 
-def _usernames(client) -> dict[str, str]:
+def usernames_by_id(client) -> dict[str, str]:
     return {str(u.id): u.username for u in client.users}
 
 
-def _provenance(dataset, record_id: str, response: dict) -> dict:
+def provenance(dataset, record_id: str, response: dict) -> dict:
     """Where a pulled answer came from: dataset, record, annotator, time."""
     return {
         "dataset": dataset.name,
@@ -424,12 +421,12 @@ def pull_rankings(client, dataset_name: str, workspace: str) -> Pulled:
     "annotator_id", "submitted_at"}}. Draft and discarded responses are skipped;
     invalid rankings go to `.problems` instead of the rows.
     """
-    dataset = _dataset(client, dataset_name, workspace)
+    dataset = find_dataset(client, dataset_name, workspace)
     names = _candidate_names(dataset)
     k = len(names)
-    users = _usernames(client)
+    users = usernames_by_id(client)
     rows, problems = [], []
-    for rec in _iter_raw_records(client, dataset):
+    for rec in iter_raw_records(client, dataset):
         record_id = rec.get("external_id") or rec["id"]
         submitted = [r for r in rec.get("responses") or [] if r.get("status") == "submitted"]
         if not submitted:
@@ -466,7 +463,7 @@ def pull_rankings(client, dataset_name: str, workspace: str) -> Pulled:
                     "prompt": prompt,
                     "responses": responses,
                     "annotator": annotator,
-                    "provenance": _provenance(dataset, record_id, resp),
+                    "provenance": provenance(dataset, record_id, resp),
                 }
             )
     return Pulled(rows, problems)
@@ -485,14 +482,14 @@ def create_annotators(
     """
     import argilla as rg
 
-    ws = _workspace(client, workspace)
+    ws = ensure_workspace(client, workspace)
     members = {u.username for u in ws.users}
     result = []
     for username in usernames:
         username = username.strip()
         if not username:
             continue
-        user = _quiet(client.users, username=username)
+        user = quiet_lookup(client.users, username=username)
         password = None
         if user is None:
             password = secrets.token_urlsafe(9)  # 12 characters
@@ -544,116 +541,3 @@ def dataset_status(client) -> list[dict]:
                 }
             )
     return rows
-
-
-# ---------------------------------------------------------------- blind A/B comparisons
-
-
-def ab_sides(pair_id: str, models: Sequence[str]) -> tuple[str, str]:
-    """Deterministic random assignment of two models to sides (A, B) for one record."""
-    a, b = sorted(models)
-    return (a, b) if _rng(f"ab:{pair_id}").random() < 0.5 else (b, a)
-
-
-def create_ab_dataset(
-    client, name: str, workspace: str, guidelines: str | None = None, min_submitted: int = 1, comment: bool = True
-):
-    """A blind A/B dataset: fields prompt, response_a, response_b; LabelQuestion `preference` (A / B / tie)."""
-    import argilla as rg
-
-    ws = _workspace(client, workspace)
-    existing = _quiet(client.datasets, name=name, workspace=ws.name)
-    if existing is not None:
-        if existing.settings.questions[PREFERENCE] is None:
-            raise AlignError(f"Argilla dataset {name!r} exists and is no A/B dataset: choose another name")
-        return existing
-    questions: list = [
-        rg.LabelQuestion(name=PREFERENCE, labels=AB_LABELS, title="Which response is better?", required=True,
-                         client=client)  # fmt: skip
-    ]
-    if comment:
-        questions.append(rg.TextQuestion(name=COMMENT, title="Comment (optional)", required=False, client=client))
-    hidden = dict(visible_for_annotators=False, client=client)
-    settings = rg.Settings(
-        fields=[
-            rg.TextField(name="prompt", title="Conversation", use_markdown=True, client=client),
-            rg.TextField(name="response_a", title="Response A", use_markdown=True, client=client),
-            rg.TextField(name="response_b", title="Response B", use_markdown=True, client=client),
-        ],
-        questions=questions,
-        metadata=[
-            rg.TermsMetadataProperty(name="pair_id", title="Pair id", **hidden),
-            rg.TermsMetadataProperty(name="model_a", title="Model on side A", **hidden),
-            rg.TermsMetadataProperty(name="model_b", title="Model on side B", **hidden),
-        ],
-        guidelines=guidelines or DEFAULT_AB_GUIDELINES,
-        allow_extra_metadata=True,
-        distribution=rg.TaskDistribution(min_submitted=min_submitted),
-    )
-    return rg.Dataset(name=name, workspace=ws, settings=settings, client=client).create()
-
-
-def push_ab_pairs(dataset, items: Iterable[dict]) -> list[str]:
-    """Upsert one record per pair; item: {"pair_id", "prompt": [messages],
-    "responses": {model_name: text, other_model_name: text}, "metadata": {...}}."""
-    import argilla as rg
-
-    records, seen = [], set()
-    for i, item in enumerate(items):
-        pid = item.get("pair_id")
-        if not isinstance(pid, str) or not pid or pid in seen:
-            raise AlignError(f"item {i}: pair_id must be a unique non-empty string, got {pid!r}")
-        seen.add(pid)
-        responses = item.get("responses")
-        if not isinstance(responses, dict) or len(responses) != 2:
-            raise AlignError(f"item {i} ({pid}): responses must map exactly two model names to texts")
-        model_a, model_b = ab_sides(pid, list(responses))
-        meta = dict(item.get("metadata") or {})
-        meta.update(pair_id=pid, model_a=model_a, model_b=model_b, prompt_messages=item["prompt"])
-        fields = {
-            "prompt": render_conversation(item["prompt"]),
-            "response_a": responses[model_a],
-            "response_b": responses[model_b],
-        }
-        records.append(rg.Record(id=pid, fields=fields, metadata=meta, _dataset=dataset))
-    if not records:
-        return []
-    return _upsert(dataset._client, dataset, records)  # no public accessor for the client
-
-
-def pull_ab_answers(client, dataset_name: str, workspace: str) -> Pulled:
-    """Submitted A/B answers decoded to model names, one row per annotator per record.
-
-    Row: {"pair_id", "prompt", "models": {"A": name, "B": name}, "winner": model name | "tie",
-    "comment": str | None, "annotator", "provenance": {...as in pull_rankings}}.
-    """
-    dataset = _dataset(client, dataset_name, workspace)
-    users = _usernames(client)
-    rows, problems = [], []
-    for rec in _iter_raw_records(client, dataset):
-        record_id = rec.get("external_id") or rec["id"]
-        meta = rec.get("metadata") or {}
-        for resp in rec.get("responses") or []:
-            if resp.get("status") != "submitted":
-                continue
-            annotator = users.get(str(resp.get("user_id")), str(resp.get("user_id")))
-            values = resp.get("values") or {}
-            label = (values.get(PREFERENCE) or {}).get("value")
-            if label not in AB_LABELS or not meta.get("model_a") or not meta.get("model_b"):
-                problems.append(
-                    {"record_id": record_id, "annotator": annotator, "problem": f"answer {label!r} or side metadata invalid"}
-                )
-                continue
-            sides = {"A": meta["model_a"], "B": meta["model_b"]}
-            rows.append(
-                {
-                    "pair_id": meta.get("pair_id", record_id),
-                    "prompt": meta.get("prompt_messages"),
-                    "models": sides,
-                    "winner": "tie" if label == "tie" else sides[label],
-                    "comment": (values.get(COMMENT) or {}).get("value"),
-                    "annotator": annotator,
-                    "provenance": _provenance(dataset, record_id, resp),
-                }
-            )
-    return Pulled(rows, problems)

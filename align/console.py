@@ -43,10 +43,13 @@ def note_allocator() -> None:
               "Debian package libtcmalloc-minimal4)", file=sys.stderr, flush=True)
 
 
-def run_stage(main, argv=None) -> None:
-    """Run a stage's `main`; a user error prints one line and exits 2."""
+def run_stage(main, argv=None, uses_torch: bool = True) -> None:
+    """Run a stage's `main`; a user error prints one line and exits 2.
+
+    uses_torch False (Argilla admin commands): no allocator note, it would be noise there."""
     quiet_libraries()
-    note_allocator()
+    if uses_torch:
+        note_allocator()
     # SIGTERM (make's ^C, a job scheduler) becomes SystemExit, so the stage's
     # output is marked failed and renamed instead of left half-written.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))

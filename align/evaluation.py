@@ -1,8 +1,14 @@
-"""Evaluation arithmetic: reward-model gate metrics, bootstrap intervals, win rates.
+"""Evaluation arithmetic: reward-model gate metrics and checks, bootstrap intervals,
+win rates, and the paired statistics of the compare stage.
 
 Pure numpy functions, no models. Hand-written because the project's stack has
 no scipy/sklearn (Spearman, ECE, Wilson and bootstrap intervals are a few lines
 each); each function states its exact definition so reports can quote it.
+
+Paired statistics (`prompt_means` ... `decide`): the unit is the PROMPT. Both
+models answered the same prompts, so differences are taken per prompt (prompt
+difficulty cancels out) and intervals resample prompts, never samples of one
+prompt (they are not independent).
 """
 
 from __future__ import annotations
@@ -12,12 +18,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-# Gate thresholds a reward model must meet (configs/reward.yaml sets them).
+# Gate thresholds a reward model must meet (configs/reward.yaml sets them): threshold key -> (metric, rule).
 GATE_KEYS = {
     "min_accuracy": ("pairwise_accuracy", ">="),
     "min_mean_margin": ("mean_margin", ">="),
     "max_ece": ("ece", "<="),
     "max_abs_length_corr": ("length_correlation", "abs<="),
+}
+GATE_LABELS = {
+    "min_accuracy": "pairwise accuracy",
+    "min_mean_margin": "mean margin (r_chosen - r_rejected)",
+    "max_ece": "calibration error (ECE)",
+    "max_abs_length_corr": "length correlation (Spearman)",
 }
 
 
@@ -62,7 +74,7 @@ def calibration_bins(probabilities, outcomes, bins: int = 10) -> list[dict]:
         n = int(mask.sum())
         table.append({"low": b / bins, "high": (b + 1) / bins, "count": n,
                       "mean_probability": float(p[mask].mean()) if n else None,
-                      "observed": float(y[mask].mean()) if n else None})  # fmt: skip
+                      "observed": float(y[mask].mean()) if n else None})
     return table
 
 
@@ -71,7 +83,7 @@ def expected_calibration_error(probabilities, outcomes, bins: int = 10) -> float
     table = calibration_bins(probabilities, outcomes, bins)
     total = sum(row["count"] for row in table)
     return float(sum(row["count"] / total * abs(row["mean_probability"] - row["observed"])
-                     for row in table if row["count"]))  # fmt: skip
+                     for row in table if row["count"]))
 
 
 def rank_average(values) -> np.ndarray:
@@ -107,29 +119,72 @@ def length_correlation(scores, lengths) -> float:
     return pearson(rank_average(scores), rank_average(lengths))
 
 
-def reward_gate(metrics: dict, thresholds: dict) -> tuple[bool, list[str]]:
-    """(passed, reasons): every threshold given (not None) must hold; reasons say which did not.
+@dataclass(frozen=True)
+class GateCheck:
+    """One threshold of the gate: `passed` is None when its limit is None (not checked)."""
+
+    label: str  # for reports: "pairwise accuracy"
+    metric: str  # the metric's key: "pairwise_accuracy"
+    value: float | None
+    key: str  # the threshold's key: "min_accuracy"
+    limit: float | None
+    rule: str  # ">=", "<=" or "abs<="
+    passed: bool | None
+    reason: str | None = None  # why it failed, as in GateResult.reasons
+
+    @property
+    def threshold_text(self) -> str:
+        """`>= 0.6`, `abs <= 0.5`, or `-` when not checked."""
+        return "-" if self.limit is None else f"{self.rule.replace('abs<=', 'abs <=')} {self.limit}"
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The gate's verdict: `passed`, `reasons` (one line per failed check) and every `checks` entry."""
+
+    passed: bool
+    reasons: list[str]
+    checks: list[GateCheck]
+
+    @classmethod
+    def not_measured(cls, reason: str) -> GateResult:
+        """A gate that could not be checked (no held-out pairs): failed, no checks."""
+        return cls(passed=False, reasons=[reason], checks=[])
+
+
+def reward_gate(metrics: dict, thresholds: dict) -> GateResult:
+    """Every threshold given (not None) must hold; one GateCheck per GATE_KEYS entry, in that order
+    (a threshold that is None or not given is a check with `passed` None: not checked).
 
     thresholds keys: min_accuracy, min_mean_margin, max_ece, max_abs_length_corr.
     A missing or NaN metric fails its check (it could not be shown to hold)."""
-    reasons = []
-    for key, limit in thresholds.items():
+    for key in thresholds:
         if key not in GATE_KEYS:
             raise ValueError(f"unknown gate threshold {key!r}; known: {', '.join(GATE_KEYS)}")
-        if limit is None:
-            continue
-        metric, rule = GATE_KEYS[key]
-        value = metrics.get(metric)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            reasons.append(f"{metric} is undefined (needed for {key} {limit})")
-            continue
-        if rule == ">=" and not value >= limit:
-            reasons.append(f"{metric} {value:.3f} < {key} {limit}")
-        elif rule == "<=" and not value <= limit:
-            reasons.append(f"{metric} {value:.3f} > {key} {limit}")
-        elif rule == "abs<=" and not abs(value) <= limit:
-            reasons.append(f"|{metric}| {abs(value):.3f} > {key} {limit}")
-    return not reasons, reasons
+    checks = [_gate_check(key, thresholds.get(key), metrics) for key in GATE_KEYS]
+    reasons = [check.reason for check in checks if check.reason]
+    return GateResult(passed=not reasons, reasons=reasons, checks=checks)
+
+
+def _gate_check(key: str, limit: float | None, metrics: dict) -> GateCheck:
+    metric, rule = GATE_KEYS[key]
+    value = metrics.get(metric)
+    reason = None
+    if limit is None:
+        passed = None
+    elif value is None or (isinstance(value, float) and math.isnan(value)):
+        passed, reason = False, f"{metric} is undefined (needed for {key} {limit})"
+    elif rule == ">=":
+        passed = value >= limit
+        reason = None if passed else f"{metric} {value:.3f} < {key} {limit}"
+    elif rule == "<=":
+        passed = value <= limit
+        reason = None if passed else f"{metric} {value:.3f} > {key} {limit}"
+    else:  # abs<=
+        passed = abs(value) <= limit
+        reason = None if passed else f"|{metric}| {abs(value):.3f} > {key} {limit}"
+    return GateCheck(label=GATE_LABELS[key], metric=metric, value=value, key=key, limit=limit, rule=rule,
+                     passed=None if passed is None else bool(passed), reason=reason)
 
 
 def bootstrap_mean_ci(
@@ -199,7 +254,7 @@ def win_rate(a_scores, b_scores, tie_tolerance: float = 0.0, confidence: float =
     low, high = wilson_interval(wins, decisive, confidence)
     return WinRate(wins=wins, ties=ties, losses=losses, n=int(a.size),
                    rate=wins / decisive if decisive else float("nan"), low=low, high=high,
-                   rate_ties_half=(wins + 0.5 * ties) / a.size)  # fmt: skip
+                   rate_ties_half=(wins + 0.5 * ties) / a.size)
 
 
 def _pair_arrays(first, second) -> tuple[np.ndarray, np.ndarray]:
@@ -207,3 +262,63 @@ def _pair_arrays(first, second) -> tuple[np.ndarray, np.ndarray]:
     if first.shape != second.shape or first.ndim != 1 or first.size == 0:
         raise ValueError(f"expected two non-empty 1-D arrays of equal length, got {first.shape} and {second.shape}")
     return first, second
+
+
+# ----------------------------------------------------------------------------- paired statistics (compare stage)
+
+
+def prompt_means(samples_per_prompt: list[list[float]]) -> np.ndarray:
+    """One number per prompt: the mean over its samples."""
+    if not samples_per_prompt or any(len(values) == 0 for values in samples_per_prompt):
+        raise ValueError("every prompt needs at least one sample")
+    return np.array([float(np.mean(values)) for values in samples_per_prompt], dtype=np.float64)
+
+
+def mean_interval(values, resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict:
+    """{"mean", "low", "high"}: percentile bootstrap interval of the mean."""
+    mean, low, high = bootstrap_mean_ci(values, resamples, seed, confidence)
+    return {"mean": mean, "low": low, "high": high}
+
+
+def paired_difference(aligned, baseline, resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict:
+    """Mean of the paired differences aligned - baseline (one pair per prompt) with its bootstrap interval.
+
+    Paired, not two independent means: both models answered the same prompts, and
+    prompt difficulty (which moves both rewards together) cancels out."""
+    aligned, baseline = np.asarray(aligned, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if aligned.shape != baseline.shape or aligned.size == 0:
+        raise ValueError(f"paired values must be non-empty and equally long, got {aligned.shape} and {baseline.shape}")
+    interval = mean_interval(aligned - baseline, resamples, seed, confidence)
+    return {"aligned": float(aligned.mean()), "baseline": float(baseline.mean()), "difference": interval["mean"],
+            "low": interval["low"], "high": interval["high"], "prompts": int(aligned.size)}
+
+
+def prompt_win_rate(aligned, baseline, tie_tolerance: float = 0.0, confidence: float = 0.95) -> dict:
+    """Wins / ties / losses of aligned over baseline per prompt; rate = wins / (wins + losses), Wilson interval."""
+    return win_rate(aligned, baseline, tie_tolerance=tie_tolerance, confidence=confidence).as_dict()
+
+
+def relative_change(new: float, old: float) -> float:
+    """(new - old) / |old|; NaN when old is 0."""
+    return (new - old) / abs(old) if old else float("nan")
+
+
+def pass_rates(checks: list[dict[str, bool]]) -> dict[str, float]:
+    """Share of responses passing each rule."""
+    if not checks:
+        return {}
+    return {rule: float(np.mean([bool(check[rule]) for check in checks])) for rule in checks[0]}
+
+
+def decide(difference: dict, wins: dict) -> str:
+    """better | worse | inconclusive.
+
+    better: the reward-difference interval lies above 0 AND the win-rate interval
+    lies above 50%. worse: both below. Anything else (an interval touching the
+    no-effect value, or the two measures disagreeing) is inconclusive."""
+    decided = wins["wins"] + wins["losses"] > 0
+    if difference["low"] > 0 and decided and wins["low"] > 0.5:
+        return "better"
+    if difference["high"] < 0 and decided and wins["high"] < 0.5:
+        return "worse"
+    return "inconclusive"

@@ -248,13 +248,11 @@ class HFGenerator(Generator):
     backend = "hf"
 
     def __init__(self, model_path: str, dtype: str = "float32", batch_size: int = 16, **kwargs):
-        import torch
-
         from align.models import load_causal_lm
 
         super().__init__(model_path, **kwargs)
         self.dtype, self.batch_size = dtype, batch_size
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = "cuda" if hardware.has_cuda() else "cpu"
         self.model = load_causal_lm(self.model_path, dtype).to(self.device).eval()
 
     def describe(self) -> str:

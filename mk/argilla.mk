@@ -52,8 +52,8 @@ argilla-stop:
 	 else python3 services/argilla/ctl.py --home $(ARGILLA_LOCAL_HOME) stop; fi
 
 argilla-status: $(VENV)/.installed
-	$(PY) stages/argilla_status.py
+	$(PY) -m stages.argilla_status
 
 annotators: $(VENV)/.installed
 	@test -n "$(USERS)" || { echo "usage: make annotators USERS=alice,bob [WORKSPACE=$(ARGILLA_WORKSPACE)]"; exit 2; }
-	$(PY) stages/annotators.py --users "$(USERS)" --workspace "$(or $(WORKSPACE),$(ARGILLA_WORKSPACE))"
+	$(PY) -m stages.annotators --users "$(USERS)" --workspace "$(or $(WORKSPACE),$(ARGILLA_WORKSPACE))"

@@ -8,30 +8,33 @@ Produces: annotator accounts in the workspace. Each new account's generated
   are added to the workspace and keep their password.
 
     make annotators USERS=alice,bob [WORKSPACE=align]
+    python -m stages.annotators --users alice,bob [--workspace align]
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+from dataclasses import dataclass, field
 
-from align.argilla_io import AlignError, connect, create_annotators
+from align.argilla_io import connect, create_annotators
+from align.config import parse_stage_config
+from align.console import run_stage
+from align.errors import ConfigError
+
+
+@dataclass
+class AnnotatorsArgs:
+    users: str = field(metadata={"help": "comma-separated usernames, e.g. alice,bob"})
+    workspace: str = field(default="align", metadata={
+        "help": "workspace the annotators work in (where make candidates pushes)"})
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Create Argilla annotator accounts.")
-    parser.add_argument("--users", required=True, help="comma-separated usernames, e.g. alice,bob")
-    parser.add_argument("--workspace", default="align", help="workspace the annotators work in (where make candidates pushes)")
-    args = parser.parse_args(argv)
+    (args,) = parse_stage_config("annotators", (AnnotatorsArgs,), argv)
     usernames = [u.strip() for u in args.users.split(",") if u.strip()]
     if not usernames:
-        parser.error("--users: no usernames given")
-    try:
-        create_annotators(connect(), args.workspace, usernames)
-    except AlignError as e:
-        print(f"annotators: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError("--users: no usernames given")
+    create_annotators(connect(), args.workspace, usernames)
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, uses_torch=False)

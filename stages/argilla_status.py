@@ -7,15 +7,28 @@ Produces: a table on stdout (or JSON with --json): per dataset its records
   annotator the responses submitted, discarded and left as draft.
 
     make argilla-status
+    python -m stages.argilla_status [--json]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+from dataclasses import dataclass, field
 
-from align.argilla_io import AlignError, connect, dataset_status
+from align.argilla_io import connect, dataset_status
+from align.config import parse_stage_config
+from align.console import run_stage
+
+
+@dataclass
+class ArgillaStatusArgs:
+    json: bool = field(default=False, metadata={"help": "print JSON instead of a table"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    (args,) = parse_stage_config("argilla_status", (ArgillaStatusArgs,), argv)
+    rows = dataset_status(connect())
+    print(json.dumps(rows, indent=2) if args.json else format_status(rows))
 
 
 def format_status(rows: list[dict]) -> str:
@@ -35,17 +48,5 @@ def format_status(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Annotation progress per Argilla dataset.")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    try:
-        rows = dataset_status(connect())
-    except AlignError as e:
-        print(f"argilla-status: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(rows, indent=2) if args.json else format_status(rows))
-
-
 if __name__ == "__main__":
-    main()
+    run_stage(main, uses_torch=False)

@@ -4,7 +4,7 @@ Consumes
     - two or more checkpoints: by default runs/<run>/sft (the baseline) and the newest
       finished aligned stage among `aligned_stages` (dpo, ...); or `checkpoints:` stage
       folders, the first being the baseline
-    - the reward model runs/<run>/reward (or `reward_checkpoint`), checked against its gate
+    - the reward model runs/<run>/reward (or `reward_dir`), checked against its gate
     - `prompts_file`: held-out prompts (data/eval_prompts.jsonl)
 
 Produces runs/<run>/compare/: report.md (+ report.html), report.json (every number),
@@ -20,25 +20,129 @@ How
       `kl_temperature` (1.0: the estimate is unbiased only for the model's own
       distribution), both log-probabilities from a forward pass with the same
       settings (align.logprobs), so a model compared with itself gives exactly 0.
-    - Numbers, plots and report: align/comparison.py (definitions in its docstring).
+    - Numbers: align/comparison.py (definitions in its docstring) and the paired
+      statistics of align/evaluation.py; report and plots: align/reports.py.
 
 Run: make compare [RUN=name] [ARGS="--samples_per_prompt 4 ..."]
-Then, for a human verdict: make compare-to-argilla, annotate, make compare-pull.
+Then, for a human verdict: make compare-to-argilla, annotate, make compare-pull
+(stages/compare_human.py).
 """
 
 from __future__ import annotations
 
 import gc
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
-from align import comparison, data, files, logprobs, models, runs
-from align.comparison import CompareArgillaArgs, CompareArgs
+from align import comparison, data, files, hardware, logprobs, models, reports, runs
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import AlignError, ConfigError, LineageError
-from align.generation import SamplingSettings, create_generator, render_prompts
+from align.generation import Backend, SamplingSettings, create_generator, render_prompts
+from align.hardware import Precision
+from align.logprobs import KLEstimator
+from align.runs import GatePolicy
 from align.scoring import load_reward_checkpoint
 from align.style import check_response, is_unsafe_prompt, style_score, word_count
+
+
+@dataclass
+class CompareArgs:
+    """Keys of configs/compare.yaml."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"backend": "generation_backend", "dtype": "generation_dtype",
+                                         "reward_checkpoint": "reward_dir"}
+
+    run: str = field(default="default", metadata={"help": "run name: reads runs/<run>/..., writes runs/<run>/compare"})
+    checkpoints: list[str] = field(default_factory=list, metadata={
+        "help": "stage folders to compare (runs/<run>/<stage>), the first is the baseline; empty = baseline_stage "
+                "and the newest of aligned_stages of this run"})
+    baseline_stage: str = field(default="sft", metadata={"help": "baseline stage when checkpoints is empty"})
+    aligned_stages: list[str] = field(default_factory=lambda: ["dpo"], metadata={
+        "help": "the newest finished stage among these is the aligned model (when checkpoints is empty)"})
+    prompts_file: str = field(default="data/eval_prompts.jsonl", metadata={"help": "held-out prompts JSONL"})
+    max_prompts: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
+    reward_dir: str | None = field(default=None, metadata={"help": "reward stage folder (default runs/<run>/reward)"})
+    reward_gate_policy: GatePolicy = field(default="warn", metadata={
+        "help": "warn | refuse when the reward model failed its gate"})
+    score_batch_size: int = field(default=16, metadata={"help": "reward scoring batch"})
+    # decoding: identical for every model
+    generation_backend: Backend = field(default="auto", metadata={"help": "auto | vllm | hf | openai"})
+    generation_dtype: Precision = field(default="auto", metadata={"help": "auto | bf16 | fp32"})
+    server_url: str | None = field(default=None, metadata={"help": "vLLM server for generation_backend openai"})
+    seed: int = field(default=1234, metadata={"help": "sampling seed, the same for every model"})
+    samples_per_prompt: int = field(default=2, metadata={"help": "responses per prompt and model"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    max_new_tokens: int = field(default=160, metadata={"help": "response length limit"})
+    # KL
+    kl_temperature: float = field(default=1.0, metadata={"help": "temperature of the aligned samples the KL is estimated on"})
+    kl_samples_per_prompt: int = field(default=1, metadata={"help": "aligned samples per prompt for the KL"})
+    kl_estimator: KLEstimator = field(default="k3", metadata={"help": "k3 (>= 0, low variance) | k1 (log-ratio)"})
+    kl_dtype: Precision = field(default="fp32", metadata={"help": "dtype of the KL forward passes: auto | bf16 | fp32"})
+    kl_batch_size: int = field(default=8, metadata={"help": "KL forward-pass batch"})
+    # statistics and report
+    bootstrap_resamples: int = field(default=2000, metadata={"help": "bootstrap resamples for intervals"})
+    confidence: float = field(default=0.95, metadata={"help": "interval coverage"})
+    tie_tolerance: float = field(default=0.0, metadata={"help": "prompt rewards closer than this are a tie"})
+    length_warn: float = field(default=0.2, metadata={"help": "warn when responses grow by more than this fraction"})
+    style_warn: float = field(default=0.1, metadata={"help": "warn when a style rule's pass rate drops by more than this"})
+    example_rows: int = field(default=6, metadata={"help": "prompts in the examples table"})
+
+
+def main(argv=None):
+    (args,) = parse_stage_config("compare", (CompareArgs,), argv)
+    if not 0 < args.confidence < 1:
+        raise ConfigError(f"confidence: must be between 0 and 1, got {args.confidence}")
+    settings, kl_settings = sampling_settings(args)
+
+    # Inputs, all checked before any generation.
+    prompts = data.load_prompts(args.prompts_file)[: args.max_prompts]
+    checkpoints = checkpoints_to_compare(args)
+    labels = model_labels(checkpoints)
+    check_same_prompt_format(checkpoints, labels)
+    scorer = load_reward_checkpoint(args.run, args.reward_gate_policy, args.reward_dir, batch_size=args.score_batch_size)
+    conversations = [prompt["prompt"] for prompt in prompts]
+    print(f"[compare] {', '.join(labels)} on {len(prompts)} prompts x {settings.n} samples "
+          f"(temperature {settings.temperature}, seed {settings.seed}); baseline {labels[0]}", flush=True)
+
+    with runs.stage_output(args.run, "compare", resolved_config(args), args.seed, parent=checkpoints[-1]) as out:
+        out.add_input(args.prompts_file, "prompts", len(prompts))
+        out.set(checkpoints={label: c.as_parent() for label, c in zip(labels, checkpoints)},
+                reward_model=scorer.checkpoint.as_parent())
+        # 1. generate, 2. score, 3. KL, 4. numbers, 5. report
+        outputs, kl_outputs, backend = generate_all(args, checkpoints, labels, conversations, settings, kl_settings)
+        rows = sample_rows(prompts, labels, outputs, checkpoints)
+        score_rows(scorer, rows)
+        reward_model = {**scorer.checkpoint.as_parent(),
+                        "gate_passed": scorer.checkpoint.manifest.get("metrics", {}).get("gate_passed")}
+        del scorer
+        gc.collect()
+        kl = kl_estimates(args, checkpoints, labels, conversations, [p["prompt_id"] for p in prompts], kl_outputs)
+        files.write_jsonl(out.path / comparison.SAMPLES, rows)
+        results = compare_results(args, labels, checkpoints, rows, kl, settings, kl_settings,
+                                  prompts=len(prompts), backend=backend, reward_model=reward_model)
+        reports.write_compare_report(out.path, results, rows)
+        comparisons = results["comparisons"]
+        out.metrics.update(files.json_safe({"verdicts": {c["aligned"]: c["verdict"] for c in comparisons}, **{
+            f"{c['aligned']}_{key}": value for c in comparisons for key, value in flat_metrics(c).items()}}))
+    for c in comparisons:
+        print(c["verdict_line"], flush=True)
+        if c["verdict"] == "worse":
+            warn(f"{c['aligned']} scores worse than {c['baseline']}; see {out.path / reports.REPORT_MD}")
+    summary("compare", prompts=len(prompts), models=", ".join(labels), report=str(out.path / reports.REPORT_MD))
+
+
+def sampling_settings(args: CompareArgs) -> tuple[SamplingSettings, SamplingSettings | None]:
+    """The decoding settings of every model, and those of the KL samples (None: reuse the comparison samples,
+    which are the aligned model's own distribution when temperature == kl_temperature and top_p == 1)."""
+    settings = SamplingSettings(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed)
+    reuse = (args.temperature == args.kl_temperature and args.top_p == 1.0
+             and args.kl_samples_per_prompt == args.samples_per_prompt)
+    kl_settings = None if reuse else SamplingSettings(n=args.kl_samples_per_prompt, temperature=args.kl_temperature,
+                                                      max_new_tokens=args.max_new_tokens, seed=args.seed)
+    return settings, kl_settings
 
 
 def checkpoints_to_compare(args: CompareArgs) -> list[runs.Checkpoint]:
@@ -69,7 +173,7 @@ def check_same_prompt_format(checkpoints, labels) -> None:
     hashes = {label: models.chat_template_hash(models.load_tokenizer(c.model_path)) for c, label in zip(checkpoints, labels)}
     if len(set(hashes.values())) > 1:
         raise AlignError(f"the checkpoints' chat templates differ ({hashes}); the comparison would feed them "
-                         "different prompts: compare models fine-tuned from the same base")  # fmt: skip
+                         "different prompts: compare models fine-tuned from the same base")
 
 
 def generate_all(args, checkpoints, labels, conversations, settings, kl_settings):
@@ -77,8 +181,9 @@ def generate_all(args, checkpoints, labels, conversations, settings, kl_settings
     outputs, kl_outputs = {}, {}
     for index, (checkpoint, label) in enumerate(zip(checkpoints, labels)):
         print(f"[compare] generating with {label} ({checkpoint.model_path})", flush=True)
-        with create_generator(checkpoint.model_path, args.backend, args.dtype, server_url=args.server_url,
-                              seed=args.seed) as generator:  # fmt: skip
+        with create_generator(checkpoint.model_path, args.generation_backend, args.generation_dtype,
+                              server_url=args.server_url,
+                              seed=args.seed) as generator:
             outputs[label] = generator.generate(conversations, settings, progress=True)
             if index > 0 and kl_settings is not None:
                 kl_outputs[label] = generator.generate(conversations, kl_settings, progress=True)
@@ -99,20 +204,20 @@ def kl_estimates(args, checkpoints, labels, conversations, prompt_ids, kl_output
         flat[label] = rows
     policy_logprobs = {}
     for checkpoint, label in zip(checkpoints[1:], labels[1:]):
-        model = models.load_causal_lm(checkpoint.model_path, args.kl_dtype)
+        model = models.load_causal_lm(checkpoint.model_path, hardware.torch_dtype_name(args.kl_dtype))
         rows = flat[label]
         policy_logprobs[label] = logprobs.completion_logprobs(
             model, [r[1] for r in rows], [r[2] for r in rows], tokenizer.pad_token_id, args.kl_batch_size,
-            progress=f"log p {label}")  # fmt: skip
+            progress=f"log p {label}")
         del model
         gc.collect()
-    baseline = models.load_causal_lm(checkpoints[0].model_path, args.kl_dtype)
+    baseline = models.load_causal_lm(checkpoints[0].model_path, hardware.torch_dtype_name(args.kl_dtype))
     results = {}
     for label in labels[1:]:
         rows = flat[label]
         reference = logprobs.completion_logprobs(
             baseline, [r[1] for r in rows], [r[2] for r in rows], tokenizer.pad_token_id, args.kl_batch_size,
-            progress=f"log p {labels[0]} on {label} samples")  # fmt: skip
+            progress=f"log p {labels[0]} on {label} samples")
         results[label] = {
             "estimator": args.kl_estimator,
             "values": logprobs.kl_per_sequence(policy_logprobs[label], reference, args.kl_estimator),
@@ -139,7 +244,7 @@ def sample_rows(prompts, labels, outputs, checkpoints) -> list[dict]:
                     "model": label, "checkpoint": str(checkpoint.folder), "sample": index, "text": sample.text,
                     "tokens": tokens, "words": word_count(sample.text), "finish_reason": sample.finish_reason,
                     "style": check_response(sample.text, unsafe), "style_score": style_score(sample.text, unsafe),
-                })  # fmt: skip
+                })
     return rows
 
 
@@ -156,79 +261,38 @@ def score_rows(scorer, rows: list[dict]) -> None:
         row["reward"] = scores[keys[(row["prompt_id"], row["text"])]]
 
 
-def main(argv=None):
-    args, _argilla = parse_stage_config("compare", (CompareArgs, CompareArgillaArgs), argv)
-    if args.kl_estimator not in logprobs.KL_ESTIMATORS:
-        raise ConfigError(f"kl_estimator: expected one of {', '.join(logprobs.KL_ESTIMATORS)}, got {args.kl_estimator!r}")
-    if not 0 < args.confidence < 1:
-        raise ConfigError(f"confidence: must be between 0 and 1, got {args.confidence}")
-    settings = SamplingSettings(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
-                                max_new_tokens=args.max_new_tokens, seed=args.seed)  # fmt: skip
-    reuse = args.temperature == args.kl_temperature and args.top_p == 1.0 and args.kl_samples_per_prompt == args.samples_per_prompt
-    kl_settings = None if reuse else SamplingSettings(n=args.kl_samples_per_prompt, temperature=args.kl_temperature,
-                                                      max_new_tokens=args.max_new_tokens, seed=args.seed)  # fmt: skip
-
-    # Inputs, all checked before any generation.
-    prompts = data.load_prompts(args.prompts_file)[: args.max_prompts]
-    checkpoints = checkpoints_to_compare(args)
-    labels = model_labels(checkpoints)
-    check_same_prompt_format(checkpoints, labels)
-    scorer = load_reward_checkpoint(args.run, args.reward_gate_policy, args.reward_checkpoint, batch_size=args.score_batch_size)
-    reward_info = {**scorer.checkpoint.as_parent(), "gate_passed": scorer.checkpoint.manifest.get("metrics", {}).get("gate_passed")}
-    conversations = [prompt["prompt"] for prompt in prompts]
-    prompt_ids = [prompt["prompt_id"] for prompt in prompts]
-    print(f"[compare] {', '.join(labels)} on {len(prompts)} prompts x {settings.n} samples "
-          f"(temperature {settings.temperature}, seed {settings.seed}); baseline {labels[0]}", flush=True)  # fmt: skip
-
-    config = resolved_config(args, _argilla)
-    with runs.stage_output(args.run, "compare", config, args.seed, parent=checkpoints[-1]) as out:
-        out.add_input(args.prompts_file, "prompts", len(prompts))
-        out.set(checkpoints={label: c.as_parent() for label, c in zip(labels, checkpoints)},
-                reward_model=scorer.checkpoint.as_parent())  # fmt: skip
-        outputs, kl_outputs, backend = generate_all(args, checkpoints, labels, conversations, settings, kl_settings)
-        rows = sample_rows(prompts, labels, outputs, checkpoints)
-        score_rows(scorer, rows)
-        del scorer
-        gc.collect()
-        kl = kl_estimates(args, checkpoints, labels, conversations, prompt_ids, kl_outputs)
-        files.write_jsonl(out.path / comparison.SAMPLES, rows)
-
-        options = {"bootstrap_resamples": args.bootstrap_resamples, "seed": args.seed, "confidence": args.confidence,
-                   "tie_tolerance": args.tie_tolerance, "length_warn": args.length_warn, "style_warn": args.style_warn,
-                   "example_rows": args.example_rows}  # fmt: skip
-        by_model = {label: [row for row in rows if row["model"] == label] for label in labels}
-        summaries = {label: comparison.summarize_model(by_model[label], args.bootstrap_resamples, args.seed,
-                                                       args.confidence) for label in labels}  # fmt: skip
-        for label, checkpoint in zip(labels, checkpoints):
-            summaries[label]["checkpoint"] = checkpoint.as_parent()
-        comparisons = [comparison.compare_pair(label, labels[0], by_model, summaries, kl[label], options) for label in labels[1:]]
-        kl_text = ("the comparison samples themselves" if kl_settings is None else
-                   f"{args.kl_samples_per_prompt} separate sample(s) per prompt from each aligned model at temperature "
-                   f"{args.kl_temperature}, top_p 1.0, seed {args.seed} (the estimate is unbiased only for the model's "
-                   f"own distribution)")  # fmt: skip
-        results = {
-            "title": f"Compare: {', '.join(labels[1:])} vs {labels[0]} (run {args.run})",
-            "run": args.run, "baseline": labels[0], "model_order": labels, "prompts": len(prompts),
-            "prompts_file": args.prompts_file, "backend": backend, "settings": asdict(settings),
-            "kl_settings": f"{kl_text}; estimator {args.kl_estimator}; forward passes in {args.kl_dtype}",
-            "reward_model": reward_info, "options": options, "models": summaries,
-            "comparisons": comparisons,
-        }  # fmt: skip
-        comparison.write_outputs(out.path, results, rows)
-        out.metrics.update(files.json_safe({"verdicts": {c["aligned"]: c["verdict"] for c in comparisons},
-                           **{f"{c['aligned']}_{key}": value for c in comparisons for key, value in flat_metrics(c).items()}}))  # fmt: skip
-    for c in comparisons:
-        print(c["verdict_line"], flush=True)
-        if c["verdict"] == "worse":
-            warn(f"{c['aligned']} scores worse than {c['baseline']}; see {out.path / comparison.REPORT_MD}")
-    summary("compare", prompts=len(prompts), models=", ".join(labels), report=str(out.path / comparison.REPORT_MD))
+def compare_results(args, labels, checkpoints, rows, kl, settings, kl_settings, *, prompts: int, backend: str,
+                    reward_model: dict) -> dict:
+    """What report.json holds: per-model summaries and one comparison per aligned model (align.comparison)."""
+    options = {"bootstrap_resamples": args.bootstrap_resamples, "seed": args.seed, "confidence": args.confidence,
+               "tie_tolerance": args.tie_tolerance, "length_warn": args.length_warn, "style_warn": args.style_warn,
+               "example_rows": args.example_rows}
+    by_model = {label: [row for row in rows if row["model"] == label] for label in labels}
+    summaries = {label: comparison.summarize_model(by_model[label], args.bootstrap_resamples, args.seed,
+                                                   args.confidence) for label in labels}
+    for label, checkpoint in zip(labels, checkpoints):
+        summaries[label]["checkpoint"] = checkpoint.as_parent()
+    comparisons = [comparison.compare_pair(label, labels[0], by_model, summaries, kl[label], options) for label in labels[1:]]
+    kl_text = ("the comparison samples themselves" if kl_settings is None else
+               f"{args.kl_samples_per_prompt} separate sample(s) per prompt from each aligned model at temperature "
+               f"{args.kl_temperature}, top_p 1.0, seed {args.seed} (the estimate is unbiased only for the model's "
+               f"own distribution)")
+    return {
+        "title": f"Compare: {', '.join(labels[1:])} vs {labels[0]} (run {args.run})",
+        "run": args.run, "baseline": labels[0], "model_order": labels, "prompts": prompts,
+        "prompts_file": args.prompts_file, "backend": backend, "settings": asdict(settings),
+        "kl_settings": f"{kl_text}; estimator {args.kl_estimator}; forward passes in "
+                       f"{hardware.torch_dtype_name(args.kl_dtype)}",
+        "reward_model": reward_model, "options": options, "models": summaries,
+        "comparisons": comparisons,
+    }
 
 
 def flat_metrics(c: dict) -> dict:
     metrics = {"reward_difference": c["reward_difference"]["difference"], "reward_difference_low": c["reward_difference"]["low"],
                "reward_difference_high": c["reward_difference"]["high"], "win_rate": c["win_rate"]["rate"],
                "win_rate_low": c["win_rate"]["low"], "win_rate_high": c["win_rate"]["high"],
-               "length_change": c["length_change"]}  # fmt: skip
+               "length_change": c["length_change"]}
     if c["kl"]:
         metrics["kl"] = c["kl"]["mean"]
     return metrics

@@ -8,8 +8,8 @@ Consumes
 
 Produces runs/<run>/reward/: model/ (merged AutoModelForSequenceClassification,
 num_labels 1), adapter/ (LoRA + score head), pairs/{train,heldout}.jsonl,
-heldout_scores.jsonl, report.md with calibration.png and length.png, config.yaml,
-logs/, manifest.json (metrics include gate_passed and gate_reasons).
+heldout_scores.jsonl, report.md with calibration.png and length.png (align/reports.py),
+config.yaml, logs/, manifest.json (metrics include gate_passed and gate_reasons).
 
 Features and assumptions
     - Rankings become pairs by align.preferences (ties, several annotators, bad
@@ -18,7 +18,8 @@ Features and assumptions
     - The text scored is align.scoring.reward_text, in training, in the
       evaluation here and in every later stage.
     - Quality gate on the held-out pairs: pairwise accuracy, mean margin,
-      calibration (ECE), length correlation; thresholds `gate_*` in the config.
+      calibration (ECE), length correlation; thresholds `gate_*` in the config
+      (align.evaluation.reward_gate: one structured check per threshold).
       A failed gate is printed loudly and recorded; the stage still completes,
       and later stages warn or refuse (their `reward_gate_policy`).
 
@@ -27,16 +28,16 @@ Run: make reward [RUN=name] [ARGS="--num_train_epochs 2 ..."]
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
-from align import data, evaluation, files, hardware, models, preferences, runs, scoring, training
+from align import data, evaluation, files, hardware, models, preferences, reports, runs, scoring, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import ConfigError
+from align.hardware import Precision
+from align.preferences import Aggregation, BadRankingPolicy, TieMode
 
 
 @dataclass
@@ -44,13 +45,13 @@ class RewardStageArgs:
     run: str = field(default="default", metadata={"help": "run name: parent runs/<run>/sft, outputs runs/<run>/reward"})
     sft_dir: str | None = field(default=None, metadata={"help": "an SFT stage folder instead of runs/<run>/sft"})
     ranked_files: list[str] = field(default_factory=lambda: ["data/ranked.jsonl"],
-                                    metadata={"help": "ranked-responses JSONL file(s)"})  # fmt: skip
+                                    metadata={"help": "ranked-responses JSONL file(s)"})
     argilla_dataset: str | None = field(default=None, metadata={"help": "Argilla ranking dataset to pull"})
     argilla_workspace: str = field(default="align", metadata={"help": "workspace of argilla_dataset"})
-    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp32"})
-    ties: str = field(default="drop", metadata={"help": "drop | soft"})
-    aggregation: str = field(default="mean_rank", metadata={"help": "mean_rank | majority"})
-    bad_rankings: str = field(default="skip", metadata={"help": "skip | refuse"})
+    precision: Precision = field(default="auto", metadata={"help": "auto | bf16 | fp32"})
+    ties: TieMode = field(default="drop", metadata={"help": "drop | soft"})
+    aggregation: Aggregation = field(default="mean_rank", metadata={"help": "mean_rank | majority"})
+    bad_rankings: BadRankingPolicy = field(default="skip", metadata={"help": "skip | refuse"})
     use_margin: bool = field(default=False, metadata={"help": "pass rank margins to the loss"})
     heldout_fraction: float = field(default=0.2, metadata={"help": "share of prompts held out for the gate"})
     gate_min_accuracy: float | None = field(default=0.6, metadata={"help": "min held-out pairwise accuracy"})
@@ -59,17 +60,16 @@ class RewardStageArgs:
     gate_max_abs_length_corr: float | None = field(default=0.5, metadata={"help": "max |Spearman(score, length)|"})
     calibration_bins: int = field(default=10, metadata={"help": "bins for ECE and the calibration plot"})
     score_batch_size: int = field(default=16, metadata={"help": "batch size when scoring held-out pairs"})
-    score_dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 for held-out scoring"})
-    lora_top_layers: int | None = field(default=None, metadata={
+    score_dtype: Precision = field(default="fp32", metadata={"help": "auto | bf16 | fp32 for held-out scoring"})
+    lora_top_layers: int | None = field(default=8, metadata={
         "help": "LoRA only in the top N transformer layers (peft layers_to_transform; all if the model has fewer); "
-                "backward stops there"})
+                "backward stops there; 0 or None = every layer"})
 
 
 def main(argv=None):
     args, model_args, reward_config = parse_stage_config("reward", (RewardStageArgs, ModelConfig, RewardConfig), argv)
     if not args.ranked_files and not args.argilla_dataset:
         raise ConfigError("ranked_files is empty and argilla_dataset is not set: nothing to train on")
-    preferences.check_options(args.ties, args.aggregation, args.bad_rankings)
 
     # Inputs and pairs, checked before any output is written or model loads: bad data fails in seconds.
     records, inputs = [], []
@@ -94,7 +94,7 @@ def main(argv=None):
         "train_prompts": len(preferences.pairs_by_prompt(train_pairs)),
         "heldout_prompts": len(preferences.pairs_by_prompt(heldout_pairs)),
         "dropped_too_long_train": too_long_train, "dropped_too_long_heldout": too_long_heldout,
-    }  # fmt: skip
+    }
 
     config = resolved_config(args, model_args, reward_config)
     with runs.stage_output(args.run, "reward", config, reward_config.seed, parent=parent) as out:
@@ -119,7 +119,7 @@ def main(argv=None):
         print(f"[reward] {pair_report.records} rankings -> {len(pairs)} pairs on {pair_report.prompts} prompts; "
               f"train {len(train_pairs)} pairs / held-out {len(heldout_pairs)} pairs "
               f"({split_counts['heldout_prompts']} prompts); {trainable / 1e6:.2f}M of {total / 1e6:.1f}M "
-              "parameters trainable", flush=True)  # fmt: skip
+              "parameters trainable", flush=True)
         result = trainer.train()
 
         training.save_outputs(trainer.model, tokenizer, out, model_args.use_peft)
@@ -127,24 +127,26 @@ def main(argv=None):
         del trainer
 
         # The gate is measured on the saved model, the artefact later stages load.
-        gate = evaluate_heldout(out, args, tokenizer, heldout_pairs)
+        metrics, gate = evaluate_heldout(out, args, tokenizer, heldout_pairs)
         out.metrics.update(
             train_loss=result.training_loss,
             train_steps=result.global_step,
             train_runtime_s=result.metrics.get("train_runtime"),
             trainable_parameters=trainable,
             bf16=hardware.use_bf16(args.precision),
-            **gate,
+            **metrics,
         )
-        write_report(out, args, pair_report, split_counts, gate)
-        if not gate["gate_passed"]:  # loud, and in logs/stage.log too
-            warn("reward model FAILED its quality gate: " + "; ".join(gate["gate_reasons"]) + ". See "
+        reports.write_reward_report(out.path, args.run, pair_report, split_counts, metrics, gate, ties=args.ties,
+                                    aggregation=args.aggregation, bad_rankings=args.bad_rankings,
+                                    calibration_bins=args.calibration_bins)
+        if not gate.passed:  # loud, and in logs/stage.log too
+            warn("reward model FAILED its quality gate: " + "; ".join(gate.reasons) + ". See "
                  f"{runs.stage_dir(args.run, 'reward') / 'report.md'}. Later stages will warn or refuse "
-                 "(their reward_gate_policy).")  # fmt: skip
-    summary("reward", gate="PASS" if gate["gate_passed"] else "FAIL",
-            heldout_accuracy=_fmt(gate.get("pairwise_accuracy")), ece=_fmt(gate.get("ece")),
-            length_corr=_fmt(gate.get("length_correlation")), pairs=f"{len(train_pairs)}+{len(heldout_pairs)}",
-            train_loss=result.training_loss, output=str(out.path))  # fmt: skip
+                 "(their reward_gate_policy).")
+    summary("reward", gate="PASS" if gate.passed else "FAIL",
+            heldout_accuracy=_fmt(metrics.get("pairwise_accuracy")), ece=_fmt(metrics.get("ece")),
+            length_corr=_fmt(metrics.get("length_correlation")), pairs=f"{len(train_pairs)}+{len(heldout_pairs)}",
+            train_loss=result.training_loss, output=str(out.path))
 
 
 def _fmt(value) -> str:
@@ -164,26 +166,18 @@ def find_start_model(args, model_args) -> tuple[runs.Checkpoint | None, str]:
 def pull_from_argilla(args) -> list[dict]:
     """Rankings from Argilla, checked like a file; their sources name the rankings.jsonl
     line the stage will save them to (runs/<run>/reward/rankings.jsonl:N)."""
-    import tempfile
-
     from align import argilla_io  # lazily: the stage needs Argilla only when asked to pull
 
     client = argilla_io.connect()
     pulled = argilla_io.pull_rankings(client, args.argilla_dataset, args.argilla_workspace)
     for problem in getattr(pulled, "problems", []):
         warn(f"argilla {args.argilla_dataset} record {problem['record_id']} ({problem['annotator']}): "
-             f"{problem['problem']}; left out")  # fmt: skip
+             f"{problem['problem']}; left out")
     print(f"[reward] pulled {len(pulled)} rankings from Argilla dataset {args.argilla_dataset!r}", flush=True)
     if not pulled:
         return []
-    final = runs.stage_dir(args.run, "reward") / "rankings.jsonl"
-    with tempfile.TemporaryDirectory() as folder:
-        scratch = Path(folder) / "rankings.jsonl"
-        files.write_jsonl(scratch, list(pulled))
-        records = data.load_ranked(scratch)
-    for record in records:
-        record["source"] = record["source"].replace(str(scratch), str(final))
-    return records
+    final = runs.stage_dir(args.run, "reward") / "rankings.jsonl"  # where the stage saves them
+    return [data.ranked_record(final, line, row) for line, row in enumerate(pulled, start=1)]
 
 
 def _without_source(record: dict) -> dict:
@@ -204,14 +198,15 @@ def drop_too_long(tokenizer, pairs: list[dict], max_length: int | None) -> tuple
     kept = []
     for pair in pairs:
         lengths = [len(scoring.reward_ids(tokenizer, scoring.reward_text(tokenizer, pair["prompt"], pair[side])))
-                   for side in ("chosen", "rejected")]  # fmt: skip
+                   for side in ("chosen", "rejected")]
         if max(lengths) <= max_length:
             kept.append(pair)
     return kept, len(pairs) - len(kept)
 
 
-def evaluate_heldout(out, args, tokenizer, heldout_pairs: list[dict]) -> dict:
-    """Gate metrics on the held-out pairs, scored by the saved model through RewardScorer."""
+def evaluate_heldout(out, args, tokenizer, heldout_pairs: list[dict]) -> tuple[dict, evaluation.GateResult]:
+    """(manifest metrics, gate) on the held-out pairs, scored by the saved model through RewardScorer;
+    writes heldout_scores.jsonl, calibration.png and length.png."""
     thresholds = {
         "min_accuracy": args.gate_min_accuracy,
         "min_mean_margin": args.gate_min_mean_margin,
@@ -219,9 +214,11 @@ def evaluate_heldout(out, args, tokenizer, heldout_pairs: list[dict]) -> dict:
         "max_abs_length_corr": args.gate_max_abs_length_corr,
     }
     if not heldout_pairs:
-        reasons = ["no held-out pairs (heldout_fraction 0 or too few prompts): the gate could not be checked"]
-        return {"gate_passed": False, "gate_reasons": reasons, "gate_thresholds": thresholds}
-    scorer = scoring.RewardScorer(out.model_dir, batch_size=args.score_batch_size, dtype=args.score_dtype)
+        gate = evaluation.GateResult.not_measured(
+            "no held-out pairs (heldout_fraction 0 or too few prompts): the gate could not be checked")
+        return {"gate_passed": gate.passed, "gate_reasons": gate.reasons, "gate_thresholds": thresholds}, gate
+    scorer = scoring.RewardScorer(out.model_dir, batch_size=args.score_batch_size,
+                                  dtype=hardware.torch_dtype_name(args.score_dtype))
     chosen, rejected = scorer.score_pairs(heldout_pairs, progress="[reward] scoring held-out pairs")
     probabilities, outcomes = evaluation.pair_probabilities(chosen, rejected)
     # Length bias: every distinct held-out response once, with its score and length in tokens.
@@ -234,7 +231,7 @@ def evaluate_heldout(out, args, tokenizer, heldout_pairs: list[dict]) -> dict:
     length_corr = evaluation.length_correlation(scores, lengths) if len(scores) > 1 else float("nan")
     chosen_longer = sum(len_c > len_r for len_c, len_r in (
         (responses[(preferences.prompt_key(p["prompt"]), p["chosen"])][1],
-         responses[(preferences.prompt_key(p["prompt"]), p["rejected"])][1]) for p in heldout_pairs))  # fmt: skip
+         responses[(preferences.prompt_key(p["prompt"]), p["rejected"])][1]) for p in heldout_pairs))
     metrics = {
         "pairwise_accuracy": evaluation.pairwise_accuracy(chosen, rejected),
         "mean_margin": evaluation.mean_margin(chosen, rejected),
@@ -246,110 +243,17 @@ def evaluate_heldout(out, args, tokenizer, heldout_pairs: list[dict]) -> dict:
         [float(c > r) + 0.5 * float(c == r) for c, r in zip(chosen, rejected)], seed=0
     )
     metrics["pairwise_accuracy_ci95"] = [low_high[1], low_high[2]]
-    passed, reasons = evaluation.reward_gate(metrics, thresholds)
+    gate = evaluation.reward_gate(metrics, thresholds)
     rows = [{"prompt_id": p["prompt_id"], "r_chosen": c, "r_rejected": r, "chosen_tokens":
              responses[(preferences.prompt_key(p["prompt"]), p["chosen"])][1], "rejected_tokens":
              responses[(preferences.prompt_key(p["prompt"]), p["rejected"])][1]}
-            for p, c, r in zip(heldout_pairs, chosen, rejected)]  # fmt: skip
+            for p, c, r in zip(heldout_pairs, chosen, rejected)]
     files.write_jsonl(out.path / "heldout_scores.jsonl", rows)
-    plot_calibration(out.path / "calibration.png", probabilities, outcomes, args.calibration_bins)
-    plot_length(out.path / "length.png", scores, lengths, length_corr)
     table = evaluation.calibration_bins(probabilities, outcomes, args.calibration_bins)
-    return {**metrics, "gate_passed": passed, "gate_reasons": reasons, "gate_thresholds": thresholds,
-            "calibration_table": table}  # fmt: skip
-
-
-def plot_calibration(path: Path, probabilities, outcomes, bins: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = [row for row in evaluation.calibration_bins(probabilities, outcomes, bins) if row["count"]]
-    figure, axis = plt.subplots(figsize=(4.5, 4.5))
-    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    axis.plot([row["mean_probability"] for row in table], [row["observed"] for row in table], marker="o",
-              label="reward model")  # fmt: skip
-    axis.set_xlabel("predicted P(A preferred) = sigmoid(r_A - r_B)")
-    axis.set_ylabel("observed frequency A preferred")
-    axis.set_title("Calibration on held-out pairs")
-    axis.legend(loc="upper left")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def plot_length(path: Path, scores, lengths, correlation: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5.5, 4))
-    axis.scatter(lengths, scores, s=12, alpha=0.6)
-    axis.set_xlabel("response length (tokens)")
-    axis.set_ylabel("reward score")
-    axis.set_title(f"Score vs length (Spearman {correlation:.2f})")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-GATE_ROWS = (
-    ("pairwise accuracy", "pairwise_accuracy", "min_accuracy", ">="),
-    ("mean margin (r_chosen - r_rejected)", "mean_margin", "min_mean_margin", ">="),
-    ("calibration error (ECE)", "ece", "max_ece", "<="),
-    ("length correlation (Spearman)", "length_correlation", "max_abs_length_corr", "abs <="),
-)
-
-
-def write_report(out, args, pair_report: preferences.PairReport, split: dict, gate: dict) -> None:
-    verdict = "PASSED" if gate["gate_passed"] else "FAILED"
-    lines = [f"# Reward model report: run `{args.run}`", "",
-             f"**Quality gate: {verdict}.**" + ("" if gate["gate_passed"] else
-             " This reward model should not be optimized against as it is. Why: " + "; ".join(gate["gate_reasons"])
-             + ". Later stages warn, or refuse with `reward_gate_policy: refuse`."), "",
-             "## Data", "",
-             f"- {pair_report.records} rankings ({pair_report.records_used} used) on {pair_report.prompts} prompts "
-             f"by {pair_report.annotators} annotator(s) -> {pair_report.pairs} pairs "
-             f"(ties: `{args.ties}`, {pair_report.ties_dropped} tied pairs dropped, {pair_report.tie_pairs} soft "
-             f"tie pairs; aggregation: `{args.aggregation}`)",
-             f"- duplicates dropped: {pair_report.duplicates_dropped}; bad rankings: {len(pair_report.bad)} "
-             f"(policy `{args.bad_rankings}`)",
-             f"- split by prompt: train {split['train_pairs']} pairs / {split['train_prompts']} prompts, held-out "
-             f"{split['heldout_pairs']} pairs / {split['heldout_prompts']} prompts; longer than max_length "
-             f"(dropped): {split['dropped_too_long_train']} train, "
-             f"{split['dropped_too_long_heldout']} held-out"]  # fmt: skip
-    if pair_report.agreement_rate is not None:
-        per_prompt = ", ".join(f"{n} annotators: {count} prompts"
-                               for n, count in sorted(pair_report.annotators_per_prompt.items()))  # fmt: skip
-        lines.append(f"- annotator agreement: {pair_report.agreement_rate:.1%} of "
-                     f"{pair_report.agreement_comparisons} pairwise comparisons ({per_prompt})")  # fmt: skip
-    else:
-        lines.append("- annotator agreement: no prompt was ranked by two annotators")
-    if pair_report.bad:
-        lines += ["", "### Bad rankings (left out)", ""] + [f"- `{bad}`" for bad in pair_report.bad]
-    lines += ["", "## Quality gate (held-out pairs)", ""]
-    if "pairwise_accuracy" in gate:
-        lines += ["| check | value | threshold | result |", "| --- | --- | --- | --- |"]
-        for label, metric, key, rule in GATE_ROWS:
-            limit = gate["gate_thresholds"].get(key)
-            value = gate.get(metric)
-            failed = any(reason.startswith((metric, f"|{metric}|")) for reason in gate["gate_reasons"])
-            result = "-" if limit is None else ("FAIL" if failed else "PASS")
-            lines.append(f"| {label} | {_fmt(value)} | {'-' if limit is None else f'{rule} {limit}'} | {result} |")
-        low, high = gate["pairwise_accuracy_ci95"]
-        lines += ["",
-                  f"Pairwise accuracy: share of held-out pairs where the chosen response scores higher (95% "
-                  f"bootstrap interval {low:.3f}-{high:.3f}). ECE: each pair read both ways, predicted "
-                  f"sigmoid(r_A - r_B) against what annotators chose, {args.calibration_bins} equal-width bins. "
-                  f"Length correlation: Spearman between score and response length over the distinct held-out "
-                  f"responses; for reference, the chosen response is the longer one in "
-                  f"{gate['chosen_longer_fraction']:.0%} of held-out pairs.", "",
-                  "![calibration](calibration.png) ![score vs length](length.png)"]  # fmt: skip
-    else:
-        lines.append("Not measured: " + "; ".join(gate["gate_reasons"]))
-    (out.path / "report.md").write_text("\n".join(lines) + "\n")
+    reports.plot_calibration(out.path / reports.REWARD_PLOTS["calibration"], table)
+    reports.plot_length(out.path / reports.REWARD_PLOTS["length"], scores, lengths, length_corr)
+    return {**metrics, "gate_passed": gate.passed, "gate_reasons": gate.reasons, "gate_thresholds": thresholds,
+            "calibration_table": table}, gate
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import run_stage
 
+from align import ab_test
 from align import argilla_io as aio
 
 K = 3
@@ -68,7 +69,7 @@ class Annotator:
             headers=self.headers,
             json={"filters": {"and": [{"type": "terms", "scope": {"entity": "response", "property": "status"}, "values": [status]}]}},
             timeout=60,
-        )  # fmt: skip
+        )
         assert r.status_code == 200, r.text
         return sorted(i["record"]["external_id"] for i in r.json()["items"])
 
@@ -104,7 +105,7 @@ def loop(argilla_server):
     alice_3 = [1, 2, 3]
     bob_0 = [1, 2, 3]
     alice.respond(raw["prompt-0"]["id"], "submitted", _positions(order["prompt-0"], alice_0),
-                  extra={aio.RATING: {"value": 4}, aio.COMMENT: {"value": "two equally good"}})  # fmt: skip
+                  extra={aio.RATING: {"value": 4}, aio.COMMENT: {"value": "two equally good"}})
     alice.respond(raw["prompt-1"]["id"], "discarded")
     alice.respond(raw["prompt-2"]["id"], "draft", {"candidate_1": 1})  # incomplete draft
     draft = alice.respond(raw["prompt-3"]["id"], "draft", _positions(order["prompt-3"], [3, 2, 1]))
@@ -112,14 +113,14 @@ def loop(argilla_server):
     alice.update(
         draft["id"], "submitted",
         {aio.RANKING: {"value": [{"value": n, "rank": r} for n, r in _positions(order["prompt-3"], alice_3).items()]}},
-    )  # fmt: skip
+    )
     bob.respond(raw["prompt-0"]["id"], "submitted", _positions(order["prompt-0"], bob_0))
     bob.respond(raw["prompt-2"]["id"], "discarded")
     expected = {("prompt-0", "alice"): alice_0, ("prompt-3", "alice"): alice_3, ("prompt-0", "bob"): bob_0}
     return dict(
         client=client, ds=ds, name=name, workspace=workspace, items=items, ids=ids, raw=raw, order=order,
         alice=alice, bob=bob, creds=creds, expected=expected,
-    )  # fmt: skip
+    )
 
 
 def test_dataset_layout_and_shuffle(loop):
@@ -251,7 +252,7 @@ def test_push_rejects_wrong_candidate_count(loop):
 def test_ab_round_trip_decodes_sides(argilla_server, loop, unique_name):
     client = argilla_server.client()
     name = unique_name("ab")
-    ds = aio.create_ab_dataset(client, name, loop["workspace"], min_submitted=1)
+    ds = ab_test.create_ab_dataset(client, name, loop["workspace"], min_submitted=1)
     pairs = [
         {
             "pair_id": f"pair-{i}",
@@ -261,11 +262,11 @@ def test_ab_round_trip_decodes_sides(argilla_server, loop, unique_name):
         }
         for i in range(6)
     ]
-    aio.push_ab_pairs(ds, pairs)
-    aio.push_ab_pairs(ds, pairs)  # upsert, no duplicates
+    ab_test.push_ab_pairs(ds, pairs)
+    ab_test.push_ab_pairs(ds, pairs)  # upsert, no duplicates
     raw = _raw(client, ds)
     assert len(raw) == 6
-    sides = {pid: aio.ab_sides(pid, ["dpo", "sft"]) for pid in raw}
+    sides = {pid: ab_test.ab_sides(pid, ["dpo", "sft"]) for pid in raw}
     assert len(set(sides.values())) == 2, "both side assignments should occur in 6 pairs"
     for pid, (a, b) in sides.items():
         assert raw[pid]["fields"]["response_a"].startswith(a)
@@ -277,11 +278,11 @@ def test_ab_round_trip_decodes_sides(argilla_server, loop, unique_name):
         r = httpx.post(
             f"{alice.url}/api/v1/records/{raw[pid]['id']}/responses",
             headers=alice.headers,
-            json={"status": "submitted", "values": {aio.PREFERENCE: {"value": label}}},
+            json={"status": "submitted", "values": {ab_test.PREFERENCE: {"value": label}}},
             timeout=60,
         )
         assert r.status_code == 201, r.text
-    rows = aio.pull_ab_answers(client, name, loop["workspace"])
+    rows = ab_test.pull_ab_answers(client, name, loop["workspace"])
     assert rows.problems == []
     winners = {r["pair_id"]: r["winner"] for r in rows}
     assert winners == {f"pair-{i}": ("tie" if i == 5 else "dpo") for i in range(6)}

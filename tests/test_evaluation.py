@@ -1,5 +1,6 @@
-"""Gate metrics, intervals and win rates against hand-computed cases; and the gate
-failing on a deliberately bad (untrained, random-head) reward model."""
+"""Gate metrics and checks, intervals, win rates and the compare stage's paired statistics
+against hand-computed cases; and the gate failing on a deliberately bad (untrained,
+random-head) reward model."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 
 from align.evaluation import (
-    bootstrap_mean_ci, calibration_bins, expected_calibration_error, length_correlation, mean_margin,
-    pair_probabilities, pairwise_accuracy, rank_average, reward_gate, sigmoid, wilson_interval, win_rate,
-)  # fmt: skip
+    GateCheck, bootstrap_mean_ci, calibration_bins, decide, expected_calibration_error, length_correlation,
+    mean_margin, pair_probabilities, paired_difference, pairwise_accuracy, prompt_means, prompt_win_rate,
+    rank_average, reward_gate, sigmoid, wilson_interval, win_rate,
+)
 
 THRESHOLDS = {"min_accuracy": 0.6, "min_mean_margin": 0.0, "max_ece": 0.2, "max_abs_length_corr": 0.5}
 
@@ -58,20 +60,44 @@ def test_length_correlation_is_spearman():
 
 def test_reward_gate():
     good = {"pairwise_accuracy": 0.8, "mean_margin": 1.2, "ece": 0.05, "length_correlation": -0.1}
-    assert reward_gate(good, THRESHOLDS) == (True, [])
+    result = reward_gate(good, THRESHOLDS)
+    assert (result.passed, result.reasons) == (True, [])
     bad = {"pairwise_accuracy": 0.55, "mean_margin": -0.1, "ece": 0.3, "length_correlation": 0.7}
-    passed, reasons = reward_gate(bad, THRESHOLDS)
+    result = reward_gate(bad, THRESHOLDS)
+    passed, reasons = result.passed, result.reasons
     assert not passed
     assert reasons == ["pairwise_accuracy 0.550 < min_accuracy 0.6", "mean_margin -0.100 < min_mean_margin 0.0",
-                       "ece 0.300 > max_ece 0.2", "|length_correlation| 0.700 > max_abs_length_corr 0.5"]  # fmt: skip
+                       "ece 0.300 > max_ece 0.2", "|length_correlation| 0.700 > max_abs_length_corr 0.5"]
     # a negative correlation is as suspicious as a positive one
-    assert not reward_gate({**good, "length_correlation": -0.6}, THRESHOLDS)[0]
+    assert not reward_gate({**good, "length_correlation": -0.6}, THRESHOLDS).passed
     # undefined metric fails; a threshold of None is not checked
-    assert reward_gate({**good, "length_correlation": float("nan")}, THRESHOLDS)[1] == [
+    assert reward_gate({**good, "length_correlation": float("nan")}, THRESHOLDS).reasons == [
         "length_correlation is undefined (needed for max_abs_length_corr 0.5)"]
-    assert reward_gate({**good, "ece": 0.9}, {**THRESHOLDS, "max_ece": None}) == (True, [])
+    result = reward_gate({**good, "ece": 0.9}, {**THRESHOLDS, "max_ece": None})
+    assert (result.passed, result.reasons) == (True, [])
     with pytest.raises(ValueError, match="unknown gate threshold"):
         reward_gate(good, {"min_acc": 0.5})
+
+
+def test_reward_gate_checks_are_structured():
+    """One check per threshold, in a fixed order, with what a report needs: no string matching of reasons."""
+    metrics = {"pairwise_accuracy": 0.55, "mean_margin": 1.2, "ece": float("nan"), "length_correlation": -0.7}
+    result = reward_gate(metrics, {**THRESHOLDS, "min_mean_margin": None})
+    assert [check.key for check in result.checks] == ["min_accuracy", "min_mean_margin", "max_ece", "max_abs_length_corr"]
+    accuracy, margin, ece, length = result.checks
+    assert accuracy == GateCheck(label="pairwise accuracy", metric="pairwise_accuracy", value=0.55, key="min_accuracy",
+                                 limit=0.6, rule=">=", passed=False, reason="pairwise_accuracy 0.550 < min_accuracy 0.6")
+    assert (margin.passed, margin.reason, margin.threshold_text) == (None, None, "-")  # not checked
+    assert (ece.passed, ece.reason) == (False, "ece is undefined (needed for max_ece 0.2)")
+    assert (length.passed, length.threshold_text) == (False, "abs <= 0.5")
+    assert accuracy.threshold_text == ">= 0.6" and ece.threshold_text == "<= 0.2"
+    # the reasons are exactly the failed checks' reasons, in check order
+    assert result.reasons == [c.reason for c in result.checks if c.passed is False] and not result.passed
+    assert all(c.passed for c in reward_gate({**metrics, "pairwise_accuracy": 0.9, "ece": 0.1,
+                                              "length_correlation": 0.2}, THRESHOLDS).checks)
+    # a gate on no keys at all still lists every check, none checked, and passes
+    empty = reward_gate(metrics, {})
+    assert empty.passed and [c.passed for c in empty.checks] == [None] * 4
 
 
 def test_bootstrap_mean_ci():
@@ -91,6 +117,59 @@ def test_wilson_and_win_rate():
     assert (result.low, result.high) == pytest.approx(wilson_interval(2, 3))
     near = win_rate([1.0, 1.05], [1.0, 1.0], tie_tolerance=0.1)
     assert (near.wins, near.ties, near.losses) == (0, 2, 0) and math.isnan(near.rate)
+
+
+# ----------------------------------------------------------------------------- paired statistics (compare stage)
+
+
+def test_prompt_means_average_samples_of_a_prompt():
+    assert prompt_means([[1.0, 3.0], [2.0], [-1.0, 0.0, 4.0]]).tolist() == [2.0, 2.0, 1.0]
+    with pytest.raises(ValueError):
+        prompt_means([[1.0], []])
+
+
+def test_paired_difference_hand_computed():
+    # differences 1, 1, 1: every resample has mean 1, so the interval collapses on it
+    d = paired_difference([2.0, 3.0, 4.0], [1.0, 2.0, 3.0], resamples=500)
+    assert (d["difference"], d["low"], d["high"]) == (1.0, 1.0, 1.0)
+    assert d["aligned"] == 3.0 and d["baseline"] == 2.0 and d["prompts"] == 3
+    # differences 0 and 1: a resample's mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4,
+    # so the 2.5% and 97.5% percentiles are 0 and 1, and the mean is 0.5
+    d = paired_difference([0.0, 1.0], [0.0, 0.0], resamples=4000, seed=3)
+    assert (d["difference"], d["low"], d["high"]) == (0.5, 0.0, 1.0)
+    # the share of resamples with mean 0.5 is about 1/2 (binomial check of the resampling itself)
+    assert bootstrap_mean_ci([0.0, 1.0], 4000, 3, confidence=0.4)[1:] == (0.5, 0.5)
+
+
+def test_win_rate_counts_ties_apart_hand_computed():
+    # per prompt: win, loss, tie, win, tie  -> 2 wins, 1 loss, 2 ties; rate 2/3
+    w = prompt_win_rate([3.0, 1.0, 2.0, 5.0, 0.5], [1.0, 2.0, 2.0, 4.0, 0.5])
+    assert (w["wins"], w["losses"], w["ties"], w["n"]) == (2, 1, 2, 5)
+    assert w["rate"] == pytest.approx(2 / 3)
+    assert w["rate_ties_half"] == pytest.approx(3 / 5)
+    # Wilson 95% for 2 of 3, by hand: z = 1.959964; centre (p + z^2/2n)/(1 + z^2/n); half-width z*sqrt(p(1-p)/n + z^2/4n^2)/(1 + z^2/n)
+    z, n, p = 1.959964, 3, 2 / 3
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert (w["low"], w["high"]) == (pytest.approx(centre - half, abs=1e-5), pytest.approx(centre + half, abs=1e-5))
+    assert w["low"] == pytest.approx(0.2077, abs=1e-4) and w["high"] == pytest.approx(0.9385, abs=1e-4)
+    # a tolerance turns small differences into ties
+    w = prompt_win_rate([1.05, 1.0], [1.0, 1.2], tie_tolerance=0.1)
+    assert (w["wins"], w["losses"], w["ties"]) == (0, 1, 1)
+
+
+def test_verdict_rules():
+    up = {"difference": 0.4, "low": 0.1, "high": 0.7}
+    across = {"difference": 0.1, "low": -0.1, "high": 0.3}
+    down = {"difference": -0.4, "low": -0.7, "high": -0.1}
+    wins_up = {"wins": 30, "losses": 10, "low": 0.6, "high": 0.85}
+    wins_across = {"wins": 12, "losses": 10, "low": 0.35, "high": 0.7}
+    wins_down = {"wins": 10, "losses": 30, "low": 0.15, "high": 0.4}
+    assert decide(up, wins_up) == "better"
+    assert decide(down, wins_down) == "worse"
+    assert decide(across, wins_up) == "inconclusive"
+    assert decide(up, wins_across) == "inconclusive"
+    assert decide(up, {"wins": 0, "losses": 0, "low": 0.0, "high": 1.0}) == "inconclusive"
 
 
 def test_gate_fails_on_an_untrained_reward_model(tiny_model_dir, tiny_data):
@@ -113,6 +192,6 @@ def test_gate_fails_on_an_untrained_reward_model(tiny_model_dir, tiny_data):
     metrics = {"pairwise_accuracy": pairwise_accuracy(chosen, rejected), "mean_margin": mean_margin(chosen, rejected),
                "ece": expected_calibration_error(*pair_probabilities(chosen, rejected)),
                "length_correlation": length_correlation(chosen + rejected, [len(p["chosen"]) for p in pairs]
-                                                        + [len(p["rejected"]) for p in pairs])}  # fmt: skip
-    passed, reasons = reward_gate(metrics, THRESHOLDS)
-    assert not passed and reasons
+                                                        + [len(p["rejected"]) for p in pairs])}
+    result = reward_gate(metrics, THRESHOLDS)
+    assert not result.passed and result.reasons

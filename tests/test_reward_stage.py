@@ -13,7 +13,7 @@ from align.errors import AlignError, DataError
 from tests.conftest import assert_ok, run_stage, write_jsonl
 
 FAST = ("--max_steps", "24", "--per_device_train_batch_size", "4", "--learning_rate", "0.003",
-        "--logging_steps", "4", "--warmup_steps", "0", "--precision", "fp32")  # fmt: skip
+        "--logging_steps", "4", "--warmup_steps", "0", "--precision", "fp32")
 
 
 def manifest(runs_root, run: str) -> dict:
@@ -23,7 +23,7 @@ def manifest(runs_root, run: str) -> dict:
 @pytest.fixture(scope="module")
 def good_run(runs_root, tiny_sft_run, tiny_data) -> str:
     result = run_stage("reward", "--run", tiny_sft_run, "--ranked_files", str(tiny_data["ranked"]), *FAST,
-                       "--gate_max_abs_length_corr", "0.95", "--lora_top_layers", "1")  # fmt: skip
+                       "--gate_max_abs_length_corr", "0.95", "--lora_top_layers", "1")
     assert_ok(result)
     assert "[reward] gate PASS" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
     return tiny_sft_run
@@ -131,10 +131,10 @@ def test_rankings_pulled_from_argilla(runs_root, tiny_sft_run, tiny_data, argill
     workspace, name, user = unique_name("rw"), unique_name("reward"), unique_name("ranker")
     dataset = argilla_io.create_ranking_dataset(client, name, workspace, k=3, guidelines="Rank.", min_submitted=1)
     items = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "candidates": [x["text"] for x in r["responses"]]}
-             for r in records]  # fmt: skip
+             for r in records]
     argilla_io.push_candidates(dataset, items)
     password = {c["username"]: c["password"] for c in
-                argilla_io.create_annotators(client, workspace, [user], out=lambda s: None)}[user]  # fmt: skip
+                argilla_io.create_annotators(client, workspace, [user], out=lambda s: None)}[user]
     annotator = Annotator(argilla_server.url, user, password)
     raw = client.http_client.get(f"/api/v1/datasets/{dataset.id}/records", params={"limit": 1000}).json()["items"]
     ranks = {r["prompt_id"]: [x["rank"] for x in r["responses"]] for r in records}
@@ -149,7 +149,7 @@ def test_rankings_pulled_from_argilla(runs_root, tiny_sft_run, tiny_data, argill
     (runs_root / run).mkdir()
     (runs_root / run / "sft").symlink_to(runs_root / tiny_sft_run / "sft")
     result = run_stage("reward", "--run", run, "--ranked_files", str(tiny_data["ranked"]),
-                       "--argilla_dataset", name, "--argilla_workspace", workspace, *FAST)  # fmt: skip
+                       "--argilla_dataset", name, "--argilla_workspace", workspace, *FAST)
     assert_ok(result)
     assert argilla_server.api_key not in result.stdout + result.stderr
     folder = runs_root / run / "reward"

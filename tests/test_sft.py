@@ -3,7 +3,6 @@ manifest, and clean failures on bad input."""
 
 import json
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align.files import sha256_file
