@@ -43,17 +43,29 @@ from align.evaluation import (
     relative_change,
 )
 from align.files import read_jsonl_records
+from align.scoring import effective_reward
+from align.style import check_response, is_unsafe_prompt, last_user_text, style_score, word_count
 
+# The statistics' settings, the same for `make compare` (its config's defaults) and a policy stage's
+# held-out verdict (align.online.HeldOut): tests/test_config.py checks that the two agree.
+STATISTICS = {"bootstrap_resamples": 2000, "confidence": 0.95, "tie_tolerance": 0.0, "length_warn": 0.2,
+              "style_warn": 0.1}
 SAMPLES = "samples.jsonl"  # one row per response: prompt, model, sample, text, reward, tokens, style checks
 VERDICTS = {"better": "aligned is better", "worse": "aligned is WORSE", "inconclusive": "inconclusive"}
 
 
-def cost_notes(length_change: float, style_change: dict[str, float], length_warn: float, style_warn: float) -> list[str]:
-    """Warnings for the verdict: length hacking (mean length up more than `length_warn`, a fraction)
-    and style drift (a rule's pass rate down more than `style_warn`, absolute)."""
+def cost_notes(length_change: float, style_change: dict[str, float], length_warn: float, style_warn: float,
+               cut_change: float = 0.0) -> list[str]:
+    """Warnings for the verdict: length hacking (mean length up more than `length_warn`, a fraction),
+    length collapse (down more than that), answers cut at the cap (their share up by more than 10
+    points) and style drift (a rule's pass rate down more than `style_warn`, absolute)."""
     notes = []
     if not math.isnan(length_change) and length_change > length_warn:
         notes.append(f"responses {length_change:+.0%} longer: check for length hacking")
+    if not math.isnan(length_change) and length_change < -length_warn:
+        notes.append(f"responses {length_change:+.0%} shorter: check the gain is not brevity alone")
+    if cut_change > 0.1:
+        notes.append(f"{cut_change:+.0%} more answers cut at max_new_tokens")
     drops = [f"{rule} {change:+.0%}" for rule, change in style_change.items() if change < -style_warn]
     if drops:
         notes.append("style drift: " + ", ".join(drops))
@@ -75,6 +87,7 @@ def summarize_model(rows: list[dict], resamples: int, seed: int, confidence: flo
         "tokens_median": float(np.median(tokens)),
         "words_mean": float(np.mean([row["words"] for row in rows])),
         "truncated_share": float(np.mean([row["finish_reason"] == "length" for row in rows])),
+        "reward_model_score_mean": float(np.mean([row.get("reward_model_score", row["reward"]) for row in rows])),
         "style_score": float(np.mean([row["style_score"] for row in rows])),
         "style_pass_rates": pass_rates(checks),
         "reward_length_spearman": correlation,
@@ -113,7 +126,8 @@ def compare_pair(aligned: str, baseline: str, rows: dict[str, list[dict]], summa
     a, b = summaries[aligned], summaries[baseline]
     length = relative_change(a["tokens_mean"], b["tokens_mean"])
     style = {rule: a["style_pass_rates"][rule] - b["style_pass_rates"][rule] for rule in b["style_pass_rates"]}
-    notes = cost_notes(length, style, options["length_warn"], options["style_warn"])
+    notes = cost_notes(length, style, options["length_warn"], options["style_warn"],
+                       a["truncated_share"] - b["truncated_share"])
     label = decide(difference, wins)
     comparison = {
         "aligned": aligned, "baseline": baseline, "reward_difference": difference, "win_rate": wins, "kl": kl,
@@ -154,7 +168,7 @@ def fmt_pct(value: float) -> str:
     return fmt(value, ".0%")
 
 
-def verdict_line(comparison: dict) -> str:
+def verdict_line(comparison: dict, stage: str = "compare") -> str:
     """`[compare] dpo vs sft: reward +0.42 [0.21, 0.63], win rate 68% [59%, 76%], KL 0.12 nats, length +8% -> aligned is better`"""
     d, w, kl = comparison["reward_difference"], comparison["win_rate"], comparison["kl"]
     parts = [
@@ -164,11 +178,55 @@ def verdict_line(comparison: dict) -> str:
     if kl is not None:
         parts.append(f"KL {kl['mean']:.3g} nats")
     parts.append(f"length {fmt(comparison['length_change'], '+.0%')}")
-    line = f"[compare] {comparison['aligned']} vs {comparison['baseline']}: " + ", ".join(parts)
+    line = f"[{stage}] {comparison['aligned']} vs {comparison['baseline']}: " + ", ".join(parts)
     line += f" -> {VERDICTS[comparison['verdict']]}"
     if comparison["notes"]:
         line += " (" + "; ".join(comparison["notes"]) + ")"
     return line
+
+
+def response_rows(prompts: list[dict], label: str, samples: list[list], checkpoint: str) -> list[dict]:
+    """One row per response (no rewards yet), as samples.jsonl holds them: `prompts` are
+    `align.data.load_prompts` records, `samples` per prompt the model's `Sample`s."""
+    rows = []
+    for prompt, group in zip(prompts, samples):
+        unsafe = is_unsafe_prompt(last_user_text(prompt["prompt"]))
+        for index, sample in enumerate(group):
+            tokens = len(sample.token_ids) - (1 if sample.finish_reason == "stop" else 0)  # without the eos
+            rows.append({
+                "prompt_id": prompt["prompt_id"], "prompt": prompt["prompt"], "unsafe_prompt": unsafe,
+                "model": label, "checkpoint": checkpoint, "sample": index, "text": sample.text,
+                "tokens": tokens, "words": word_count(sample.text), "finish_reason": sample.finish_reason,
+                "style": check_response(sample.text, unsafe), "style_score": style_score(sample.text, unsafe),
+            })
+    return rows
+
+
+def score_rows(scorer, rows: list[dict], truncation_penalty: float = 0.0) -> None:
+    """`reward_model_score` of every row, and its `reward` (`align.scoring.effective_reward`: a cut answer
+    scores `truncation_penalty` lower). Each distinct (prompt, response) is scored once, so identical
+    responses tie exactly."""
+    keys, unique = {}, []
+    for row in rows:
+        key = (row["prompt_id"], row["text"])
+        if key not in keys:
+            keys[key] = len(unique)
+            unique.append(row)
+    scores = scorer.score([row["prompt"] for row in unique], [row["text"] for row in unique], progress="reward")
+    for row in rows:
+        row["reward_model_score"] = scores[keys[(row["prompt_id"], row["text"])]]
+        row["reward"] = effective_reward(row["reward_model_score"], row["finish_reason"], truncation_penalty)
+
+
+def compare_models(rows: list[dict], labels: list[str], kl: dict, options: dict) -> tuple[dict, list[dict]]:
+    """(per-model summaries, one comparison per model after the first, the baseline): what compare
+    reports and what a policy stage's held-out verdict is. `kl`: per aligned label, `compare_pair`'s
+    kl_samples (or None)."""
+    by_model = {label: [row for row in rows if row["model"] == label] for label in labels}
+    summaries = {label: summarize_model(by_model[label], options["bootstrap_resamples"], options["seed"],
+                                        options["confidence"]) for label in labels}
+    comparisons = [compare_pair(label, labels[0], by_model, summaries, kl.get(label), options) for label in labels[1:]]
+    return summaries, comparisons
 
 
 def read_samples(folder: Path) -> list[dict]:

@@ -26,8 +26,9 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from align import logprobs, style
+from align import comparison, logprobs, style
 from align.generation import SamplingSettings, render_prompts
+from align.scoring import effective_reward
 
 PHASES = ("generate", "score", "train", "sync", "eval")  # PPO adds "forward" (old/ref/value passes)
 
@@ -70,9 +71,10 @@ class SampleSet:
 
     prompts: list[list[dict]]
     samples: list[list]  # per prompt: list of align.generation.Sample
-    scores: list[list[float]] = field(default_factory=list)
+    scores: list[list[float]] = field(default_factory=list)  # align.scoring.effective_reward (cut answers lower)
     styles: list[list[float]] = field(default_factory=list)
     kl: dict = field(default_factory=dict)
+    model_scores: list[list[float]] = field(default_factory=list)  # what the reward model alone said
 
     def texts(self) -> list[list[str]]:
         return [[s.text for s in group] for group in self.samples]
@@ -106,11 +108,14 @@ class SampleSet:
     def records(self, prompt_ids: list[str] | None = None) -> list[dict]:
         """One JSON-able row per sample (for samples/*.jsonl)."""
         out = []
-        groups = zip(self.prompts, self.samples, self.scores, self.styles)
-        for index, (prompt, group, scores, styles) in enumerate(groups):
-            for sample, score, house in zip(group, scores, styles):
+        model_scores = self.model_scores or [[None] * len(group) for group in self.samples]
+        groups = zip(self.prompts, self.samples, self.scores, self.styles, model_scores)
+        for index, (prompt, group, scores, styles, raw_scores) in enumerate(groups):
+            for sample, score, house, raw in zip(group, scores, styles, raw_scores):
                 row = {"prompt": prompt, "response": sample.text, "reward": score, "style_score": house,
                        "tokens": len(sample.token_ids), "finish_reason": sample.finish_reason}
+                if raw is not None:
+                    row["reward_model_score"] = raw
                 if prompt_ids:
                     row = {"prompt_id": prompt_ids[index], **row}
                 out.append(row)
@@ -118,8 +123,9 @@ class SampleSet:
 
 
 def sample_and_score(generator, scorer, prompts: list[list[dict]], settings: SamplingSettings,
-                     timer: PhaseTimer, progress: str | None = None) -> SampleSet:
-    """Sample `settings.n` responses per prompt, then score each with the reward model and the house style."""
+                     timer: PhaseTimer, progress: str | None = None, truncation_penalty: float = 0.0) -> SampleSet:
+    """Sample `settings.n` responses per prompt, then score each with the reward model (a cut answer
+    `truncation_penalty` lower: `align.scoring.effective_reward`) and the house style."""
     with timer.phase("generate"):
         samples = generator.generate(prompts, settings, progress=bool(progress))
     result = SampleSet(prompts, samples)
@@ -129,35 +135,61 @@ def sample_and_score(generator, scorer, prompts: list[list[dict]], settings: Sam
         flat_scores = scorer.score(flat_prompts, flat_texts, progress=progress and f"{progress}: score")
         position = 0
         for prompt, group in zip(prompts, samples):
-            result.scores.append(flat_scores[position : position + len(group)])
+            raw = flat_scores[position : position + len(group)]
+            result.model_scores.append(raw)
+            result.scores.append([effective_reward(score, sample.finish_reason, truncation_penalty)
+                                  for score, sample in zip(raw, group)])
             result.styles.append([style.house_style(prompt, s.text) for s in group])
             position += len(group)
     return result
 
 
-def measure_kl(model, tokenizer, sample_set: SampleSet, max_samples: int, estimator: str = "k3",
-               autocast_bf16: bool = False, batch_size: int = 8, reference_model=None) -> dict:
-    """KL(policy || reference) on (up to `max_samples` of) the set's samples, which must come from `model`.
+def kl_samples(model, tokenizer, sample_set: SampleSet, max_samples: int, estimator: str = "k3",
+               autocast_bf16: bool = False, batch_size: int = 8, reference_model=None,
+               prompt_ids: list[str] | None = None) -> dict:
+    """Per-sample KL(policy || reference) on (up to `max_samples` of) the set's samples, which must
+    come from `model`: {"estimator", "values", "k1", "prompt_ids", "tokens"} (what
+    `align.comparison.compare_pair` takes).
 
     Both sides are computed here, with the same numerics: the policy with its adapter, the
     reference with the adapter disabled (or `reference_model`, for full fine-tuning)."""
     import torch
 
-    rows = [(prompt, sample) for prompt, sample, _, _ in sample_set.flat()][:max_samples]
+    ids = prompt_ids or [str(index) for index in range(len(sample_set.prompts))]
+    rows = [(ids[index], prompt, sample) for index, (prompt, group) in enumerate(zip(sample_set.prompts, sample_set.samples))
+            for sample in group][:max_samples]
     if not rows:
-        return {}
-    prompt_ids = render_prompts(tokenizer, [prompt for prompt, _ in rows])
-    completions = [sample.token_ids for _, sample in rows]
+        return {"estimator": estimator, "values": [], "k1": [], "prompt_ids": [], "tokens": 0}
+    rendered = render_prompts(tokenizer, [prompt for _, prompt, _ in rows])
+    completions = [sample.token_ids for _, _, sample in rows]
     pad = tokenizer.pad_token_id
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
     with autocast:
-        policy = logprobs.completion_logprobs(model, prompt_ids, completions, pad, batch_size)
+        policy = logprobs.completion_logprobs(model, rendered, completions, pad, batch_size)
         if reference_model is not None:
-            reference = logprobs.completion_logprobs(reference_model, prompt_ids, completions, pad, batch_size)
+            reference = logprobs.completion_logprobs(reference_model, rendered, completions, pad, batch_size)
         else:
             with logprobs.adapters_disabled(model):
-                reference = logprobs.completion_logprobs(model, prompt_ids, completions, pad, batch_size)
-    return logprobs.kl_summary(policy, reference, estimator)
+                reference = logprobs.completion_logprobs(model, rendered, completions, pad, batch_size)
+    return {"estimator": estimator, "values": logprobs.kl_per_sequence(policy, reference, estimator),
+            "k1": logprobs.kl_per_sequence(policy, reference, "k1"), "prompt_ids": [row[0] for row in rows],
+            "tokens": sum(len(c) for c in completions)}
+
+
+def kl_means(per_sample: dict) -> dict:
+    """The summary `measure_kl` returns, from `kl_samples`' values (as `align.logprobs.kl_summary`)."""
+    values, tokens = per_sample["values"], per_sample["tokens"]
+    if not values:
+        return {}
+    return {"kl": sum(values) / len(values), "kl_per_token": sum(values) / tokens if tokens else float("nan"),
+            "kl_estimator": per_sample["estimator"], "kl_samples": len(values)}
+
+
+def measure_kl(model, tokenizer, sample_set: SampleSet, max_samples: int, estimator: str = "k3",
+               autocast_bf16: bool = False, batch_size: int = 8, reference_model=None) -> dict:
+    """Mean KL(policy || reference) per sample and per token (see `kl_samples`)."""
+    return kl_means(kl_samples(model, tokenizer, sample_set, max_samples, estimator, autocast_bf16, batch_size,
+                               reference_model))
 
 
 # ---------------------------------------------------------------------------
@@ -166,10 +198,14 @@ def measure_kl(model, tokenizer, sample_set: SampleSet, max_samples: int, estima
 
 @dataclass
 class HeldOut:
-    """Held-out prompts (records of `align.data.load_prompts`) and the decoding both models get."""
+    """Held-out prompts (records of `align.data.load_prompts`), the decoding both models get, and
+    the rule for answers cut at the cap: the same defaults and statistics as `make compare`, so a
+    policy stage's verdict and compare's cannot disagree."""
 
     records: list[dict]
     settings: SamplingSettings
+    truncation_penalty: float = 0.0
+    statistics: dict = field(default_factory=lambda: dict(comparison.STATISTICS))
 
     @property
     def prompts(self) -> list[list[dict]]:
@@ -182,21 +218,46 @@ class HeldOut:
     def sample(self, generator, scorer, label: str) -> SampleSet:
         """The generator's current model on every held-out prompt (its own timer: the caller times "eval")."""
         return sample_and_score(generator, scorer, self.prompts, self.settings, PhaseTimer(),
-                                progress=f"held-out: {label}")
+                                progress=f"held-out: {label}", truncation_penalty=self.truncation_penalty)
+
+    def rows(self, label: str, sample_set: SampleSet) -> list[dict]:
+        """`align.comparison` rows (as compare's samples.jsonl) of a scored sample set."""
+        rows = comparison.response_rows(self.records, label, sample_set.samples, label)
+        flat = [(score, raw) for scores, raws in zip(sample_set.scores, sample_set.model_scores)
+                for score, raw in zip(scores, raws)]
+        for row, (score, raw) in zip(rows, flat):
+            row.update(reward=score, reward_model_score=raw)
+        return rows
+
+    def verdict(self, name: str, sft: SampleSet, policy: SampleSet, kl: dict | None) -> dict:
+        """compare's comparison of `name` against sft: paired reward difference and win rate with
+        intervals, KL, length and cut-answer changes, better | worse | inconclusive."""
+        rows = self.rows("sft", sft) + self.rows(name, policy)
+        options = {**self.statistics, "seed": self.settings.seed or 0}
+        _, (result,) = comparison.compare_models(rows, ["sft", name], {name: kl}, options)
+        result["verdict_line"] = comparison.verdict_line(result, stage=name)
+        return result
 
 
-def heldout_metrics(name: str, heldout: HeldOut, sft: SampleSet, policy: SampleSet, estimator: str) -> dict:
-    """Manifest metrics of a policy stage named `name` from its two held-out sample sets."""
+def heldout_metrics(name: str, heldout: HeldOut, sft: SampleSet, policy: SampleSet, estimator: str,
+                    verdict: dict) -> dict:
+    """Manifest metrics of a policy stage named `name` from its two held-out sample sets and their verdict."""
     before, after = sft.summary(), policy.summary()
+    difference, wins = verdict["reward_difference"], verdict["win_rate"]
     return {
+        "verdict": verdict["verdict"], "beats_sft": verdict["verdict"] == "better",
+        "reward_difference": difference["difference"], "reward_difference_ci95": [difference["low"], difference["high"]],
+        "win_rate": wins["rate"], "win_rate_ci95": [wins["low"], wins["high"]], "win_rate_ties": wins["ties"],
+        "length_change": verdict["length_change"], "verdict_notes": verdict["notes"],
+        "cut_fraction_sft": 1 - before["finished_fraction"], f"cut_fraction_{name}": 1 - after["finished_fraction"],
         "mean_reward_sft": before["mean_reward"], f"mean_reward_{name}": after["mean_reward"],
         "reward_gain": after["mean_reward"] - before["mean_reward"],
-        "beats_sft": after["mean_reward"] > before["mean_reward"],
         "style_score_sft": before["style_score"], f"style_score_{name}": after["style_score"],
         "response_tokens_sft": before["response_tokens"], f"response_tokens_{name}": after["response_tokens"],
         "kl": after.get("kl"), "kl_per_token": after.get("kl_per_token"), "kl_estimator": estimator,
         "heldout_prompts": len(heldout.records), "heldout_samples": after["samples"],
-        "eval_decoding": dataclasses.asdict(heldout.settings), "heldout_sft": before, f"heldout_{name}": after,
+        "eval_decoding": dataclasses.asdict(heldout.settings), "truncation_penalty": heldout.truncation_penalty,
+        "heldout_sft": before, f"heldout_{name}": after,
     }
 
 

@@ -325,6 +325,8 @@ def render_compare_report(results: dict, rows: list[dict]) -> str:
         f"| decoding (every model) | {s['n']} samples per prompt, temperature {s['temperature']}, top_p {s['top_p']}, "
         f"max_new_tokens {s['max_new_tokens']}, seed {s['seed']}; backend {results['backend']} |",
         f"| KL samples | {results['kl_settings']} |",
+        f"| answers cut at max_new_tokens | scored {results['options'].get('truncation_penalty', 0.0):g} below the "
+        f"reward model (an unfinished answer is not judged as a finished one; align.scoring.effective_reward) |",
         f"| intervals | 95% = percentile bootstrap over prompts ({results['options']['bootstrap_resamples']} "
         f"resamples) for means; Wilson score interval for win rates |",
         "",
@@ -338,16 +340,17 @@ def render_compare_report(results: dict, rows: list[dict]) -> str:
         "",
         "## Per model",
         "",
-        "| model | mean reward [95% CI] | mean length (tokens) | words | cut off at max_new_tokens | style score "
-        "| reward-length Spearman |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | mean reward [95% CI] | reward model alone | mean length (tokens) | words | cut off at max_new_tokens "
+        "| style score | reward-length Spearman |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model in models:
         m = results["models"][model]
         rho = m["reward_length_spearman"]
         rho_text = fmt(rho, "+.2f")
-        lines.append(f"| {model} | {_interval(m['reward'], signed=True)} | {m['tokens_mean']:.1f} | {m['words_mean']:.1f} "
-                     f"| {m['truncated_share']:.0%} | {m['style_score']:.0%} | {rho_text} |")
+        raw = fmt(m.get("reward_model_score_mean"), "+.2f")
+        lines.append(f"| {model} | {_interval(m['reward'], signed=True)} | {raw} | {m['tokens_mean']:.1f} "
+                     f"| {m['words_mean']:.1f} | {m['truncated_share']:.0%} | {m['style_score']:.0%} | {rho_text} |")
     rules = list(results["models"][models[0]]["style_pass_rates"])
     lines += ["", "House-style pass rates (share of responses passing each rule of data/README.md):", "",
               "| rule | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]

@@ -142,6 +142,17 @@ class RewardScorer:
         return both[: len(pairs)], both[len(pairs) :]
 
 
+def effective_reward(score: float, finish_reason: str, truncation_penalty: float) -> float:
+    """THE rule for an answer cut at the length cap (`finish_reason == "length"`): it scores
+    `truncation_penalty` below what the reward model says.
+
+    The reward layout closes every text with the end-of-turn token, so the reward model
+    reads a cut answer as if it had ended there: an unfinished answer would be judged as a
+    finished one. Every stage that compares scores (on-policy rounds, held-out evaluation,
+    compare, candidate suggestions; PPO's missing-EOS penalty) applies this one rule."""
+    return score - truncation_penalty if finish_reason == "length" else score
+
+
 def load_reward_checkpoint(
     run: str, gate_policy: str = "warn", explicit: str | None = None, **scorer_args
 ) -> RewardScorer:

@@ -43,7 +43,6 @@ from align.hardware import Precision
 from align.logprobs import KLEstimator
 from align.runs import GatePolicy
 from align.scoring import load_reward_checkpoint
-from align.style import check_response, is_unsafe_prompt, style_score, word_count
 
 
 @dataclass
@@ -72,12 +71,17 @@ class CompareArgs:
     server_url: str | None = field(default=None, metadata={"help": "vLLM server for generation_backend openai"})
     seed: int = field(default=1234, metadata={"help": "sampling seed, the same for every model"})
     samples_per_prompt: int = field(default=2, metadata={"help": "responses per prompt and model"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature (0 = greedy); 1.0: each model's own distribution, the KL reuses the samples"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    max_new_tokens: int = field(default=160, metadata={"help": "response length limit"})
+    max_new_tokens: int = field(default=256, metadata={
+        "help": "response length cap: 2x the 95th percentile of the example SFT answers (116 tokens)"})
+    truncation_penalty: float = field(default=1.0, metadata={
+        "help": "an answer cut at max_new_tokens scores this much below the reward model (align.scoring.effective_reward)"})
     # KL
     kl_temperature: float = field(default=1.0, metadata={"help": "temperature of the aligned samples the KL is estimated on"})
-    kl_samples_per_prompt: int = field(default=1, metadata={"help": "aligned samples per prompt for the KL"})
+    kl_samples_per_prompt: int = field(default=2, metadata={
+        "help": "aligned samples per prompt for the KL (= samples_per_prompt at kl_temperature: the same samples)"})
     kl_estimator: KLEstimator = field(default="k3", metadata={"help": "k3 (>= 0, low variance) | k1 (log-ratio)"})
     kl_dtype: Precision = field(default="fp32", metadata={"help": "dtype of the KL forward passes: auto | bf16 | fp32"})
     kl_batch_size: int = field(default=8, metadata={"help": "KL forward-pass batch"})
@@ -112,8 +116,9 @@ def main(argv=None):
                 reward_model=scorer.checkpoint.as_parent())
         # 1. generate, 2. score, 3. KL, 4. numbers, 5. report
         outputs, kl_outputs, backend = generate_all(args, checkpoints, labels, conversations, settings, kl_settings)
-        rows = sample_rows(prompts, labels, outputs, checkpoints)
-        score_rows(scorer, rows)
+        rows = [row for label, checkpoint in zip(labels, checkpoints)
+                for row in comparison.response_rows(prompts, label, outputs[label], str(checkpoint.folder))]
+        comparison.score_rows(scorer, rows, args.truncation_penalty)
         reward_model = {**scorer.checkpoint.as_parent(),
                         "gate_passed": scorer.checkpoint.manifest.get("metrics", {}).get("gate_passed")}
         del scorer
@@ -230,49 +235,15 @@ def kl_estimates(args, checkpoints, labels, conversations, prompt_ids, kl_output
     return results
 
 
-def sample_rows(prompts, labels, outputs, checkpoints) -> list[dict]:
-    """One row per response (no rewards yet): what samples.jsonl holds."""
-    rows = []
-    for label, checkpoint in zip(labels, checkpoints):
-        for prompt, samples in zip(prompts, outputs[label]):
-            user = next(m["content"] for m in reversed(prompt["prompt"]) if m["role"] == "user")
-            unsafe = is_unsafe_prompt(user)
-            for index, sample in enumerate(samples):
-                tokens = len(sample.token_ids) - (1 if sample.finish_reason == "stop" else 0)  # without the eos
-                rows.append({
-                    "prompt_id": prompt["prompt_id"], "prompt": prompt["prompt"], "unsafe_prompt": unsafe,
-                    "model": label, "checkpoint": str(checkpoint.folder), "sample": index, "text": sample.text,
-                    "tokens": tokens, "words": word_count(sample.text), "finish_reason": sample.finish_reason,
-                    "style": check_response(sample.text, unsafe), "style_score": style_score(sample.text, unsafe),
-                })
-    return rows
-
-
-def score_rows(scorer, rows: list[dict]) -> None:
-    """Reward of every row; each distinct (prompt, response) scored once, so identical responses tie exactly."""
-    keys, unique = {}, []
-    for row in rows:
-        key = (row["prompt_id"], row["text"])
-        if key not in keys:
-            keys[key] = len(unique)
-            unique.append(row)
-    scores = scorer.score([row["prompt"] for row in unique], [row["text"] for row in unique], progress="reward")
-    for row in rows:
-        row["reward"] = scores[keys[(row["prompt_id"], row["text"])]]
-
-
 def compare_results(args, labels, checkpoints, rows, kl, settings, kl_settings, *, prompts: int, backend: str,
                     reward_model: dict) -> dict:
     """What report.json holds: per-model summaries and one comparison per aligned model (align.comparison)."""
     options = {"bootstrap_resamples": args.bootstrap_resamples, "seed": args.seed, "confidence": args.confidence,
                "tie_tolerance": args.tie_tolerance, "length_warn": args.length_warn, "style_warn": args.style_warn,
-               "example_rows": args.example_rows}
-    by_model = {label: [row for row in rows if row["model"] == label] for label in labels}
-    summaries = {label: comparison.summarize_model(by_model[label], args.bootstrap_resamples, args.seed,
-                                                   args.confidence) for label in labels}
+               "example_rows": args.example_rows, "truncation_penalty": args.truncation_penalty}
+    summaries, comparisons = comparison.compare_models(rows, labels, kl, options)
     for label, checkpoint in zip(labels, checkpoints):
         summaries[label]["checkpoint"] = checkpoint.as_parent()
-    comparisons = [comparison.compare_pair(label, labels[0], by_model, summaries, kl[label], options) for label in labels[1:]]
     kl_text = ("the comparison samples themselves" if kl_settings is None else
                f"{args.kl_samples_per_prompt} separate sample(s) per prompt from each aligned model at temperature "
                f"{args.kl_temperature}, top_p 1.0, seed {args.seed} (the estimate is unbiased only for the model's "

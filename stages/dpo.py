@@ -21,8 +21,13 @@ Modes
     offline    one TRL DPO run on the human preference pairs.
 
 Both modes first sample the SFT model on the held-out prompts and, after training,
-the DPO model with the same decoding settings and seed: mean reward-model score,
-house-style score, length, and KL(DPO || SFT) from those samples.
+the DPO model with the same decoding settings and seed, and judge them with the
+statistics of `make compare` (align.online.HeldOut): the paired reward difference
+and the win rate with their 95% intervals, KL(DPO || SFT), length and cut-answer
+changes, and a verdict (better only when both intervals clear no-effect).
+
+Answers cut at max_new_tokens (rounds and held-out) are never treated as finished:
+they score `truncation_penalty` below the reward model and never enter a pair.
 
 Run: make dpo [RUN=name] [ARGS="--mode offline --beta 0.2 ..."]
 """
@@ -69,7 +74,8 @@ class DPOStageArgs:
     samples_per_prompt: int = field(default=4, metadata={"help": "K responses per prompt"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rounds"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the rounds"})
-    max_new_tokens: int = field(default=128, metadata={"help": "response length cap of the rounds"})
+    max_new_tokens: int = field(default=256, metadata={
+        "help": "response length cap of the rounds: 2x the 95th percentile of the example SFT answers"})
     min_reward_margin: float = field(default=0.5, metadata={"help": "keep best vs worst only when r_best - r_worst >= this"})
     truncated_answers: Literal["drop", "keep"] = field(default="drop", metadata={
         "help": "answers cut at max_new_tokens: drop (never paired) | keep (paired as if they had ended)"})
@@ -80,7 +86,10 @@ class DPOStageArgs:
     # held-out evaluation
     eval_samples_per_prompt: int = field(default=2, metadata={"help": "samples per held-out prompt"})
     eval_temperature: float = field(default=1.0, metadata={"help": "1.0 samples the policy itself (KL needs it)"})
-    eval_max_new_tokens: int = field(default=128, metadata={"help": "response length cap on held-out prompts"})
+    eval_max_new_tokens: int = field(default=256, metadata={"help": "response length cap on held-out prompts (as compare)"})
+    eval_seed: int = field(default=1234, metadata={"help": "held-out sampling seed: the same for SFT and DPO (as compare)"})
+    truncation_penalty: float = field(default=1.0, metadata={
+        "help": "an answer cut at the cap scores this much below the reward model (align.scoring.effective_reward)"})
     eval_limit: int | None = field(default=None, metadata={"help": "use only the first N held-out prompts"})
     kl_estimator: KLEstimator = field(default="k3", metadata={"help": "k1 | k3 (align.logprobs)"})
     kl_max_samples: int = field(default=64, metadata={"help": "samples per KL estimate"})
@@ -140,7 +149,8 @@ def main(argv=None):
 
     # Inputs, parents and the reward model, all checked before the policy loads.
     heldout = online.HeldOut(data.load_prompts(args.eval_file)[: args.eval_limit], SamplingSettings(
-        n=args.eval_samples_per_prompt, temperature=args.eval_temperature, max_new_tokens=args.eval_max_new_tokens))
+        n=args.eval_samples_per_prompt, temperature=args.eval_temperature, max_new_tokens=args.eval_max_new_tokens,
+        seed=args.eval_seed), truncation_penalty=args.truncation_penalty)
     prompts, offline_pairs, pair_report = load_train_inputs(args, heldout.records)
     sft = runs.find_checkpoint(args.run, ["sft"], args.sft_dir)
     bf16 = hardware.use_bf16(args.precision)
@@ -180,9 +190,11 @@ def main(argv=None):
                 round_rows = [train_offline(trainer, generator, offline_pairs, timer, out)]
             with timer.phase("eval"):
                 dpo_eval = heldout.sample(generator, scorer, "DPO")
-                dpo_eval.kl = online.measure_kl(trainer.model, tokenizer, dpo_eval, args.kl_max_samples,
-                                                args.kl_estimator, bf16, reference_model=reference)
+                kl = online.kl_samples(trainer.model, tokenizer, dpo_eval, len(heldout.records) * heldout.settings.n,
+                                       args.kl_estimator, bf16, reference_model=reference, prompt_ids=heldout.prompt_ids)
+                dpo_eval.kl = online.kl_means(kl)
             backend = generator.describe()
+        verdict = heldout.verdict("dpo", sft_eval, dpo_eval, kl)
 
         files.write_jsonl(out.path / "samples" / "eval_sft.jsonl", sft_eval.records(heldout.prompt_ids))
         files.write_jsonl(out.path / "samples" / "eval_dpo.jsonl", dpo_eval.records(heldout.prompt_ids))
@@ -195,7 +207,8 @@ def main(argv=None):
         training.save_outputs(trainer.model, tokenizer, out, peft_config is not None)
         training.remove_trainer_scratch(out)
         out.set(generation_backend=backend, pair_report=pair_report.as_metrics() if args.mode == "offline" else None)
-        out.metrics.update(mode=args.mode, **online.heldout_metrics("dpo", heldout, sft_eval, dpo_eval, args.kl_estimator),
+        out.metrics.update(mode=args.mode,
+                           **online.heldout_metrics("dpo", heldout, sft_eval, dpo_eval, args.kl_estimator, verdict),
                            rounds=round_rows, train_steps=trainer.steps, bf16=trl_config.bf16,
                            **timer.as_metrics(), total_s=round(time.time() - started, 1))
     m = out.metrics
@@ -207,6 +220,7 @@ def main(argv=None):
             time_s="generate {time_generate_s:.0f} / score {time_score_s:.0f} / train {time_train_s:.0f} / "
                    "sync {time_sync_s:.1f} / eval {time_eval_s:.0f}".format(**m),
             output=str(out.path))
+    print(verdict["verdict_line"], flush=True)
 
 
 def train_offline(trainer, generator, pairs: list[dict], timer, out) -> dict:
@@ -228,7 +242,8 @@ def run_rounds(args, trainer, generator, scorer, prompts, timer, writer, out, bf
         number = index + 1
         round_set = online.round_prompts(prompts, index, args.prompts_per_round, trainer.dpo_config.seed)
         fresh = online.sample_and_score(generator, scorer, round_set, settings, timer,
-                                        progress=f"round {number}/{args.rounds}")
+                                        progress=f"round {number}/{args.rounds}",
+                                        truncation_penalty=args.truncation_penalty)
         with timer.phase("score"):
             if index > 0:  # before the first round the policy is the reference: KL is 0
                 fresh.kl = online.measure_kl(trainer.model, trainer.tokenizer, fresh, args.kl_max_samples,

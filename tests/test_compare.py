@@ -110,7 +110,7 @@ def test_report_numbers_agree_with_the_samples(compare_run, tiny_data):
     report = (folder / reports.REPORT_MD).read_text()
     assert f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" in report
     assert entry["verdict_line"] in report
-    assert "Why sampled decoding" in report and "temperature 0.7" in report
+    assert "Why sampled decoding" in report and "temperature 1.0" in report and "max_new_tokens 12" in report
     for plot in reports.PLOTS.values():
         assert f"]({plot})" in report
     assert "### Examples (dpo vs sft)" in report and "Not collected yet" in report
