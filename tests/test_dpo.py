@@ -67,19 +67,19 @@ def build_token_reward_model(tokenizer_dir, folder, token_values: dict[int, floa
     tokenizer.save_pretrained(folder)
 
 
-def rewarded_tokens(tokenizer) -> dict[int, float]:
+def rewarded_tokens(tokenizer, words: dict[str, float] = REWARDED_WORDS) -> dict[int, float]:
     values = {}
-    for word, value in REWARDED_WORDS.items():
+    for word, value in words.items():
         (token,) = tokenizer(word, add_special_tokens=False)["input_ids"]
         values[token] = value
     return values
 
 
-def make_reward_run(run: str, tokenizer_dir) -> None:
+def make_reward_run(run: str, tokenizer_dir, words: dict[str, float] = REWARDED_WORDS) -> None:
     """A finished `reward` stage output holding the hand-built model (gate passed)."""
     from align.models import load_tokenizer
 
-    values = rewarded_tokens(load_tokenizer(str(tokenizer_dir)))
+    values = rewarded_tokens(load_tokenizer(str(tokenizer_dir)), words)
     with runs.stage_output(run, "reward", {"built_by": "tests/test_dpo.py", "token_values": values}, seed=0) as out:
         build_token_reward_model(tokenizer_dir, out.model_dir, values)
         out.metrics.update(gate_passed=True, gate_reasons=[])
@@ -280,6 +280,37 @@ def test_bad_config_and_missing_parents_fail_clearly(runs_root, tiny_data):
                        "--eval_file", str(tiny_data["prompts"]))
     assert result.returncode == 2 and "runs/nowhere/sft" in result.stderr and "make sft" in result.stderr
     assert not (runs_root / "nowhere" / "dpo").exists()
+
+
+def test_cut_answers_never_win_a_pair_for_length_alone(runs_root, cold_dry):
+    """A length-biased reward model (every "cold" AND every "dry" token scores, so a longer answer
+    scores higher) and a cap that cuts part of the samples: no cut answer enters a pair, while the
+    old rule (cut answers scored as if they had ended) would have made one the chosen answer."""
+    run = "length-biased"
+    sft = runs_root / cold_dry["run"] / "sft"
+    make_reward_run(run, sft / "model", words={"cold": 1.0, "dry": 1.0})
+    result = run_stage("dpo", "--run", run, "--sft_dir", str(sft), "--rounds", "1", "--ranked_files",
+                       str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]), *DPO_ARGS,
+                       "--max_new_tokens", "3", "--min_reward_margin", "0.1")
+    assert_ok(result)
+    folder = runs_root / run / "dpo" / "rounds"
+    samples, pairs = read_rows(folder / "round-1-samples.jsonl"), read_rows(folder / "round-1-pairs.jsonl")
+    finish = {(json.dumps(row["prompt"]), row["response"]): row["finish_reason"] for row in samples}
+    cut = sum(reason == "length" for reason in finish.values())
+    assert 0 < cut < len(finish), f"{cut} of {len(finish)} distinct samples cut: the test needs both kinds"
+    assert pairs, "no pair at all"
+    for pair in pairs:
+        key = json.dumps(pair["prompt"])
+        assert finish[(key, pair["chosen"])] == finish[(key, pair["rejected"])] == "stop", pair
+    # The control: the same samples, the reward model's own scores, cut answers allowed.
+    by_prompt: dict[str, list[dict]] = {}
+    for row in samples:
+        by_prompt.setdefault(json.dumps(row["prompt"]), []).append(row)
+    groups = list(by_prompt.values())
+    old_pairs, _ = dpo_rounds.select_pairs([g[0]["prompt"] for g in groups], [[r["response"] for r in g] for g in groups],
+                                           [[r["reward_model_score"] for r in g] for g in groups], 0.1)
+    assert any(finish[(json.dumps(p["prompt"]), p["chosen"])] == "length"
+               and finish[(json.dumps(p["prompt"]), p["rejected"])] == "stop" for p in old_pairs)
 
 
 def test_reward_model_that_failed_its_gate_is_refused_on_request(runs_root, cold_dry):
