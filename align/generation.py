@@ -323,7 +323,8 @@ class VLLMGenerator(Generator):
     _open: "VLLMGenerator | None" = None
 
     def __init__(self, model_path: str, dtype: str = "bfloat16", kv_cache_gib: float = 1.0,
-                 max_model_len: int = 2048, seed: int = 0, **kwargs):
+                 max_model_len: int = 2048, seed: int = 0, chunked_prefill: bool | None = None,
+                 max_num_batched_tokens: int | None = None, **kwargs):
         if VLLMGenerator._open is not None:
             raise AlignError(f"a vLLM engine is already open in this process ({VLLMGenerator._open.model_path}); "
                              "reuse it (update_weights) or close() it first")
@@ -340,10 +341,20 @@ class VLLMGenerator(Generator):
         config = AutoConfig.from_pretrained(self.model_path)
         max_len = min(max_model_len, getattr(config, "max_position_embeddings", max_model_len))
         self.dtype = dtype
+        # Seeded sampling on a CPU: when a batch's prompts exceed the token budget, vLLM 0.32
+        # prefills a prompt in chunks and discards the token sampled after a partial chunk,
+        # rewinding that request's torch.Generator with `set_offset`, which CPU generators do not
+        # have ("CPU Generator does not use offset"): every seeded request of a large batch
+        # crashed. Without chunked prefill no prefill is partial (whole prompts wait for the next
+        # step instead); CUDA generators rewind fine, so GPUs keep chunked prefill.
+        if chunked_prefill is None:
+            chunked_prefill = hardware.has_cuda()
+        budget = {} if chunked_prefill and max_num_batched_tokens is None else {
+            "max_num_batched_tokens": max_num_batched_tokens or max(4096, max_len)}  # vLLM's CPU default, >= a prompt
         self.llm = LLM(
             model=self.model_path, tokenizer=self.model_path, dtype=dtype, seed=seed, enforce_eager=True,
             distributed_executor_backend="uni", kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)),
-            max_model_len=max_len,
+            max_model_len=max_len, enable_chunked_prefill=chunked_prefill, **budget,
         )
         VLLMGenerator._open = self
 
@@ -363,7 +374,11 @@ class VLLMGenerator(Generator):
             )
             for index in range(len(prompt_ids))
         ]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=progress)
+        try:
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=progress)
+        except RuntimeError as error:  # an engine failure: one line for the user, and the engine is done
+            self._broken = f"vllm engine failed while sampling ({error}); use generation_backend: hf, or report it"
+            raise AlignError(self._broken) from None
         results = []
         for output in outputs:
             samples = []

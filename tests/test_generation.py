@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +123,48 @@ def test_seeded_sampling_is_reproducible_with_n_samples(vllm_generator, hf_gener
         other_seed = generator.generate(CONVERSATIONS, replace(settings, seed=8))
         assert tokens(other_seed) != tokens(first)
         assert len({tuple(sample.token_ids) for sample in first[3]}) > 1  # the n samples differ
+
+
+HELD_OUT = Path(__file__).resolve().parents[1] / "data" / "eval_prompts.jsonl"
+
+
+def test_seeded_sampling_of_a_batch_larger_than_the_token_budget(vllm_generator):
+    """The 65 held-out prompts x 2 samples overflow vLLM's 4,096-token step budget on a CPU, which
+    used to split prefills and crash every seeded request (see the next test); now reproducible."""
+    from align.data import load_prompts
+
+    conversations = [record["prompt"] for record in load_prompts(HELD_OUT)]
+    rendered = render_prompts(vllm_generator.tokenizer, conversations)
+    assert sum(len(ids) for ids in rendered) * 2 > 4096
+    settings = SamplingSettings(n=2, temperature=1.0, max_new_tokens=4, seed=1234)
+    first = vllm_generator.generate(conversations, settings)
+    assert tokens(first) == tokens(vllm_generator.generate(conversations, settings))
+
+
+CHUNKED_SEEDED = """
+import sys
+from align.data import load_prompts
+from align.errors import AlignError
+from align.generation import SamplingSettings, VLLMGenerator
+generator = VLLMGenerator(sys.argv[1], dtype="float32", kv_cache_gib=0.25, chunked_prefill=True,
+                          max_num_batched_tokens=2048)
+try:
+    generator.generate([r["prompt"] for r in load_prompts(sys.argv[2])], SamplingSettings(n=2, max_new_tokens=4, seed=1))
+except AlignError as error:
+    print(error)
+    sys.exit(2)
+print("no crash")
+"""
+
+
+def test_chunked_prefill_with_seeds_is_the_crash_routed_around(tiny_model_dir):
+    """The condition itself, in its own process (one engine per process): chunked prefill on, a batch
+    over the budget, seeded requests -> vLLM's CPU runner fails; our engine turns it into one line."""
+    done = subprocess.run([sys.executable, "-c", CHUNKED_SEEDED, str(tiny_model_dir), str(HELD_OUT)],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "CPU Generator does not use offset" in done.stdout and "generation_backend: hf" in done.stdout
 
 
 def free_port() -> int:
