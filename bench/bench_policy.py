@@ -5,7 +5,8 @@ stage (`dpo` by default) with its own arguments, once per seed, and `make compar
 judges it against the SFT parent on the held-out prompts. Printed per arm: the reward
 difference over SFT with its 95% interval, the win rate with its interval, KL to SFT,
 length change and cap hits (answers cut at max_new_tokens), the verdict, and the
-stage's wall time; then the mean and spread over seeds. Arms and seeds are
+stage's wall time; then the mean and spread over seeds. `--judge stage` reads the stage's
+own held-out verdict instead (compare's statistics on the stage's samples; no compare run). Arms and seeds are
 interleaved (seed 1 of every arm, then seed 2, ...), so a machine whose load changes
 hits them alike.
 
@@ -44,11 +45,13 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
-def one(arm: str, extra: str, stage: str, seed: int, parents: Path, logs: Path) -> dict:
+def one(arm: str, extra: str, stage: str, seed: int, parents: Path, logs: Path, judge: str) -> dict:
     name = f"bench-{arm}-s{seed}"
     policy_args = [sys.executable, "-m", f"stages.{stage}", "--run", name, "--sft_dir", str(parents / "sft"),
                    "--reward_dir", str(parents / "reward"), "--seed", str(seed), *shlex.split(extra)]
     stage_s = run(policy_args, logs / f"{name}-{stage}.log")
+    if judge == "stage":  # the stage's own held-out verdict: compare's statistics on its own samples
+        return {"arm": arm, "seed": seed, "stage_s": stage_s, **stage_verdict(runs.stage_dir(name, stage), stage)}
     compare_args = [sys.executable, "-m", "stages.compare", "--run", name, "--checkpoints", str(parents / "sft"),
                     str(runs.stage_dir(name, stage)), "--reward_dir", str(parents / "reward")]
     run(compare_args, logs / f"{name}-compare.log")
@@ -65,6 +68,15 @@ def one(arm: str, extra: str, stage: str, seed: int, parents: Path, logs: Path) 
         "length_change": comparison["length_change"], "cut_sft": baseline["truncated_share"],
         "cut_policy": aligned["truncated_share"], "verdict": comparison["verdict"],
     }
+
+
+def stage_verdict(folder: Path, stage: str) -> dict:
+    """The same fields from a policy stage's manifest (align.online.heldout_metrics)."""
+    m = json.loads((folder / runs.MANIFEST).read_text())["metrics"]
+    return {"reward_diff": m["reward_difference"], "reward_low": m["reward_difference_ci95"][0],
+            "reward_high": m["reward_difference_ci95"][1], "win_rate": m["win_rate"], "win_low": m["win_rate_ci95"][0],
+            "win_high": m["win_rate_ci95"][1], "kl": m["kl"], "length_change": m["length_change"],
+            "cut_sft": m["cut_fraction_sft"], "cut_policy": m[f"cut_fraction_{stage}"], "verdict": m["verdict"]}
 
 
 def show(rows: list[dict]) -> None:
@@ -102,6 +114,8 @@ def main() -> None:
     parser.add_argument("--arm", action="append", default=[], metavar='NAME="ARGS"',
                         help='an arm: a name and the stage arguments it adds (repeatable); default: defaults=""')
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--judge", choices=("compare", "stage"), default="compare",
+                        help="compare: make compare judges each run; stage: the stage's own held-out verdict (faster)")
     parser.add_argument("--keep", action="store_true", help="keep the bench runs (default: removed after)")
     args = parser.parse_args()
     missing = [stage for stage in ("sft", "reward") if not (args.parents / stage / runs.MANIFEST).is_file()]
@@ -119,7 +133,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for name, extra in arms:
-            rows.append(one(name, extra, args.stage, seed, args.parents, logs))
+            rows.append(one(name, extra, args.stage, seed, args.parents, logs, args.judge))
             print(f"[bench_policy] {name} seed {seed}: {rows[-1]['verdict']}, reward {rows[-1]['reward_diff']:+.3f}",
                   flush=True)
     print()
