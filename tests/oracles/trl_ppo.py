@@ -97,7 +97,7 @@ def one_ppo_update(inputs: dict, config: dict, workdir: str) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(inputs["policy_dir"])
     policy = AutoModelForCausalLM.from_pretrained(inputs["policy_dir"], dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(inputs["policy_dir"], dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(inputs["reference_dir"], dtype=torch.float32)
     value_model = AutoModelForSequenceClassification.from_pretrained(inputs["value_dir"], dtype=torch.float32)
     reward_model = AutoModelForSequenceClassification.from_pretrained(inputs["reward_dir"], dtype=torch.float32)
     queries, responses, scores = inputs["queries"], inputs["responses"], inputs["scores"]
@@ -121,6 +121,7 @@ def one_ppo_update(inputs: dict, config: dict, workdir: str) -> dict:
         permutations.append([int(i) for i in drawn])
         return drawn
 
+    numpy.random.seed(config["seed"])  # TRL draws its minibatches from numpy's global generator
     ppo_trainer.batch_generation = rollouts.batch_generation
     ppo_trainer.get_reward = get_reward
     numpy.random.permutation = permutation
