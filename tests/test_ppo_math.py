@@ -209,6 +209,19 @@ def test_gae_pad_columns_leave_valid_entries_unchanged_and_come_out_zero():
     assert returns.tolist() == _approx_rows([row + [0.0, 0.0] for row in GAE_RETURNS])
 
 
+def test_the_eos_token_gets_the_score_itself_not_through_a_pad_value():
+    """Where TRL 1.12 differs (design notes P1): it adds the score one column after the eos and
+    bootstraps the eos token's advantage from a value read at that pad column. Here the eos of a
+    finished row (length 2 in width 4, gamma 1, lam 1) gets A = s - V_eos, whatever the pad columns hold."""
+    mask = ppo_math.response_mask([2], 4).to(F64)
+    rewards = ppo_math.shape_rewards(t([3.0]), torch.zeros(1, 4, dtype=F64), mask, beta=0.1)
+    values = t([[0.5, 0.25, 40.0, -40.0]])  # a critic's outputs at pad positions: meaningless
+    advantages, returns = ppo_math.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert rewards.tolist() == [[0.0, 3.0, 0.0, 0.0]]
+    assert advantages.tolist() == _approx_rows([[3.0 - 0.5, 3.0 - 0.25, 0.0, 0.0]])
+    assert returns.tolist() == _approx_rows([[3.0, 3.0, 0.0, 0.0]])
+
+
 # ---------------------------------------------------------------- policy loss
 
 def test_policy_loss_at_ratio_one_is_minus_the_mean_advantage():
@@ -250,6 +263,7 @@ def test_clipped_tokens_get_zero_gradient_and_clipfrac_counts_exactly_them():
     assert grad.tolist() == pytest.approx([0.0, 0.0, -0.5 / 5, 1.5 / 5, -2.2 / 5, 0.0])
     assert grad[0] == 0 and grad[1] == 0 and grad[5] == 0
     assert stats["clipfrac"] == pytest.approx(2 / 5)
+    # ratio and approx_kl are masked means: the padded token's ratio of 3 does not count (TRL 1.12 counts it)
     ratios = CLIP_RATIOS[0][:5]
     assert stats["ratio_mean"] == pytest.approx(sum(ratios) / 5)
     assert stats["approx_kl"] == pytest.approx(sum(r - 1 - math.log(r) for r in ratios) / 5)
