@@ -1,5 +1,5 @@
 # Test oracles: old library releases the tests compare our hand-written code against.
-# Included by the Makefile (`include mk/oracles.mk`, hooked into `test-deps`), which defines PY.
+# Included by the Makefile (`include mk/oracles.mk`, hooked into `test-deps`), which defines PY and INSTALLED.
 #
 #   make oracle-deps   TRL 1.12.0, the last release with `trl.experimental.ppo` (TRL 1.13 removed PPO),
 #                      as an overlay folder: tests/test_ppo_oracle.py runs it in a subprocess with
@@ -18,7 +18,9 @@ TRL_ORACLE   := $(ALIGN_CACHE)/oracles/trl-$(TRL_ORACLE_VERSION)
 oracle-deps: $(TRL_ORACLE)/.installed
 
 # Stamped: pip runs once; a failed install leaves no stamp (and a fresh target folder next time).
-$(TRL_ORACLE)/.installed:
+# Order-only on the venv's stamp (the Makefile's INSTALLED; empty when this file runs alone):
+# the venv's pip must exist, but a reinstalled venv does not change a --no-deps overlay.
+$(TRL_ORACLE)/.installed: | $(INSTALLED)
 	@rm -rf $(TRL_ORACLE) && mkdir -p $(dir $(TRL_ORACLE))
 	$(PY) -m pip install -q --no-deps --target $(TRL_ORACLE) trl==$(TRL_ORACLE_VERSION)
 	@touch $@
