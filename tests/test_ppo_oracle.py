@@ -101,6 +101,9 @@ CONFIGS = [
     # whitened rewards, k3, and a clip range small enough that the second minibatch clips
     {**BASE_CONFIG, "name": "k3-whiten-clip", "seed": 2, "kl_estimator": "k3", "whiten_rewards": True,
      "cliprange": 0.02, "cliprange_value": 0.02},
+    # discounting and a shorter trace; one epoch of four minibatches (a larger lr, so the critic moves as far)
+    {**BASE_CONFIG, "name": "discounted-4-minibatches", "seed": 3, "kl_estimator": "k1", "whiten_rewards": False,
+     "cliprange": 0.2, "gamma": 0.9, "lam": 0.8, "num_ppo_epochs": 1, "num_mini_batches": 4, "learning_rate": 3e-2},
 ]
 PARAMETER_TOLERANCE = 1e-5
 TRL_STATS = ["objective/kl", "objective/non_score_reward", "objective/scores", "objective/rlhf_reward",
@@ -257,6 +260,7 @@ def test_one_ppo_update_matches_trl(config, ppo_inputs, trl_updates):
     # the update must move both models far more than the tolerance, or the comparison proves nothing
     assert min(policy_moved, value_moved) > 100 * PARAMETER_TOLERANCE
     assert policy_gap <= PARAMETER_TOLERANCE and value_gap <= PARAMETER_TOLERANCE
+    assert policy_gap <= 1e-3 * policy_moved and value_gap <= 1e-3 * value_moved  # within 0.1% of the step
 
     (trl_log,) = trl_run["log"]
     for key in TRL_STATS:
