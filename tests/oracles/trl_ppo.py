@@ -25,12 +25,8 @@ import os
 import sys
 import tempfile
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import numpy  # noqa: E402
-import torch  # noqa: E402
-import trl  # noqa: E402
+import numpy
+import torch
 
 ORACLE_VERSION = "1.12.0"
 
@@ -167,6 +163,10 @@ def ppo_update(inputs: dict) -> dict:
 
 def main(argv: list[str]) -> int:
     command, source, target = argv
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # before anything imports TRL or the hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import trl
+
     if trl.__version__ != ORACLE_VERSION:
         print(f"expected TRL {ORACLE_VERSION} on PYTHONPATH, got {trl.__version__} at {trl.__file__}")
         return 2
