@@ -20,7 +20,7 @@ oracle-deps: $(TRL_ORACLE)/.installed
 # Stamped: pip runs once; a failed install leaves no stamp (and a fresh target folder next time).
 # Order-only on the venv's stamp (the Makefile's INSTALLED; empty when this file runs alone):
 # the venv's pip must exist, but a reinstalled venv does not change a --no-deps overlay.
-$(TRL_ORACLE)/.installed: | $(INSTALLED)
+$(TRL_ORACLE)/.installed: requirements/oracles.txt | $(INSTALLED)
 	@rm -rf $(TRL_ORACLE) && mkdir -p $(dir $(TRL_ORACLE))
-	$(PY) -m pip install -q --no-deps --target $(TRL_ORACLE) trl==$(TRL_ORACLE_VERSION)
+	$(PY) -m pip install -q --no-deps --require-hashes --target $(TRL_ORACLE) -r requirements/oracles.txt
 	@touch $@
