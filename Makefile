@@ -102,8 +102,8 @@ compare-pull: $(INSTALLED) $(MALLOC_DEBS)
 	$(WITH_TCMALLOC) $(PY) -m stages.compare_human --action pull --run $(RUN) $(ARGS)
 
 # ---- tests and benchmarks ---------------------------------------------------
-# The tests start a real Argilla server and drive its UI in Debian's Chromium.
-test-deps: $(INSTALLED) $(MALLOC_DEBS) argilla-deps argilla-browser-deps
+# The tests start a real Argilla server, drive its UI in Debian's Chromium, and run TRL 1.12's PPO as an oracle.
+test-deps: $(INSTALLED) $(MALLOC_DEBS) argilla-deps argilla-browser-deps oracle-deps
 
 test: test-deps
 	$(WITH_TCMALLOC) $(PY) -m pytest -q $(PYTEST_ARGS)
@@ -120,3 +120,5 @@ clean-runs:
 
 # test-deps (Argilla server venv, Redis, Chromium) and the argilla-* targets
 include mk/argilla.mk
+# oracle-deps: TRL 1.12.0 (the last release with PPO) for tests/test_ppo_oracle.py
+include mk/oracles.mk
