@@ -204,7 +204,8 @@ def main(argv=None):
         online.log_scalars(writer, "heldout_dpo", dpo_eval.summary(), 0)
         if writer is not None:
             writer.close()
-        training.save_outputs(trainer.model, tokenizer, out, peft_config is not None)
+        # no pair in any round: nothing was trained and the policy is still the plain SFT model
+        training.save_outputs(trainer.model, tokenizer, out, use_peft=trainer.steps > 0 and peft_config is not None)
         training.remove_trainer_scratch(out)
         out.set(generation_backend=backend, pair_report=pair_report.as_metrics() if args.mode == "offline" else None)
         out.metrics.update(mode=args.mode,

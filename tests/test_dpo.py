@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -217,8 +218,11 @@ def read_rows(path) -> list[dict]:
 
 def test_on_policy_round_raises_the_reward_of_fresh_samples(runs_root, cold_dry):
     run = cold_dry["run"]
+    # The tiny policy never stops within 16 tokens, so every sample is cut: pair them anyway
+    # (`keep`), as the test is about the learning signal; the next tests are about the cut.
     result = run_stage("dpo", "--run", run, "--mode", "on_policy", "--rounds", "1", "--ranked_files",
-                       str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]), *DPO_ARGS)
+                       str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]), *DPO_ARGS,
+                       "--truncated_answers", "keep")
     assert_ok(result)
     folder = runs_root / run / "dpo"
     facts = dpo_manifest(runs_root, run)
@@ -282,16 +286,46 @@ def test_bad_config_and_missing_parents_fail_clearly(runs_root, tiny_data):
     assert not (runs_root / "nowhere" / "dpo").exists()
 
 
-def test_cut_answers_never_win_a_pair_for_length_alone(runs_root, cold_dry):
+def make_stopping_policy_run(run: str, tokenizer_dir) -> Path:
+    """A finished `sft` stage whose tiny model says "cold" or "dry" and stops with probability ~0.15
+    after every token, whatever came before: every layer is zero, so the logits are the tied
+    embeddings times the normalised embedding of the last token, and every embedding row is a
+    multiple of one unit vector (others ~0.1, eos ~14.7, "cold"/"dry" ~15.8 after RMSNorm)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from align.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    with runs.stage_output(run, "sft", {"built_by": "tests/test_dpo.py: stopping policy"}, seed=0) as out:
+        build_tiny_model(out.model_dir, tokenizer_dir)
+        model = AutoModelForCausalLM.from_pretrained(out.model_dir)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.fill_(1.0)
+                elif "embed_tokens" not in name:
+                    param.zero_()
+            direction = torch.ones(model.config.hidden_size) / model.config.hidden_size ** 0.5
+            scales = torch.full((model.config.vocab_size,), 0.01)
+            for word in ("cold", "dry"):
+                scales[tokenizer(word, add_special_tokens=False)["input_ids"][0]] = 1.4
+            scales[tokenizer.eos_token_id] = 1.3
+            model.get_input_embeddings().weight.copy_(scales[:, None] * direction[None, :])
+        model.save_pretrained(out.model_dir)
+    return runs.stage_dir(run, "sft")
+
+
+def test_cut_answers_never_win_a_pair_for_length_alone(runs_root, cold_dry, default_model_dir):
     """A length-biased reward model (every "cold" AND every "dry" token scores, so a longer answer
     scores higher) and a cap that cuts part of the samples: no cut answer enters a pair, while the
     old rule (cut answers scored as if they had ended) would have made one the chosen answer."""
     run = "length-biased"
-    sft = runs_root / cold_dry["run"] / "sft"
+    sft = make_stopping_policy_run(run, default_model_dir)
     make_reward_run(run, sft / "model", words={"cold": 1.0, "dry": 1.0})
-    result = run_stage("dpo", "--run", run, "--sft_dir", str(sft), "--rounds", "1", "--ranked_files",
-                       str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]), *DPO_ARGS,
-                       "--max_new_tokens", "3", "--min_reward_margin", "0.1")
+    result = run_stage("dpo", "--run", run, "--rounds", "1", "--ranked_files", str(cold_dry["ranked"]),
+                       "--eval_file", str(cold_dry["prompts"]), *DPO_ARGS, "--max_new_tokens", "4",
+                       "--eval_max_new_tokens", "4", "--min_reward_margin", "0.1")
     assert_ok(result)
     folder = runs_root / run / "dpo" / "rounds"
     samples, pairs = read_rows(folder / "round-1-samples.jsonl"), read_rows(folder / "round-1-pairs.jsonl")
@@ -311,6 +345,12 @@ def test_cut_answers_never_win_a_pair_for_length_alone(runs_root, cold_dry):
                                            [[r["reward_model_score"] for r in g] for g in groups], 0.1)
     assert any(finish[(json.dumps(p["prompt"]), p["chosen"])] == "length"
                and finish[(json.dumps(p["prompt"]), p["rejected"])] == "stop" for p in old_pairs)
+    # Held out, a cut answer scores exactly truncation_penalty below the reward model.
+    heldout = read_rows(runs_root / run / "dpo" / "samples" / "eval_sft.jsonl")
+    for row in heldout:
+        expected = row["reward_model_score"] - (1.0 if row["finish_reason"] == "length" else 0.0)
+        assert row["reward"] == pytest.approx(expected)
+    assert {row["finish_reason"] for row in heldout} == {"stop", "length"}
 
 
 def test_reward_model_that_failed_its_gate_is_refused_on_request(runs_root, cold_dry):
