@@ -363,7 +363,8 @@ class UpdateLoop:
                                    raw_advantages, args.temperature))
         row.update({"kl_coef": beta, "lr/policy": args.learning_rate, "lr/critic": args.critic_learning_rate,
                     "sync_s": sync_s, "sync/greedy_agreement": agreement,
-                    "policy/first_ratio": steps[0]["val/ratio"], "policy/first_clipfrac": steps[0]["policy/clipfrac_avg"],
+                    "policy/first_ratio": steps[0]["val/ratio"],
+                    "policy/first_clipfrac": steps[0]["policy/clipfrac_avg"],
                     "fresh_style_score": fresh.summary()["style_score"]})
         self.kl_controller.update(row["objective/kl"], len(batch))
         return row
