@@ -203,3 +203,36 @@ def test_sampler_mismatch_is_zero_for_the_trainers_own_logprobs():
 def test_mean_rows_averages_the_minibatch_steps():
     rows = [{"epoch": 0, "minibatch": 0, "loss/policy_avg": 1.0}, {"epoch": 0, "minibatch": 1, "loss/policy_avg": 3.0}]
     assert ppo.mean_rows(rows) == {"loss/policy_avg": 2.0}
+
+
+def test_the_adapter_disabled_policy_is_the_reference():
+    """LoRA over the merged SFT weights: B = 0 gives the reference exactly; a trained adapter moves
+    the policy while the adapter-disabled model stays the SFT model."""
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(micro_policy(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    batch = ppo.RolloutBatch.from_ids(PROMPTS, RESPONSES, PAD)
+    reference = ppo.token_logprobs(micro_policy(), batch)  # a separately built copy of the same weights
+    torch.testing.assert_close(ppo.token_logprobs(policy, batch), reference, atol=0, rtol=0)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    assert (ppo.token_logprobs(policy, batch) - reference).abs().max() > 1e-3
+    with logprobs.adapters_disabled(policy):
+        torch.testing.assert_close(ppo.token_logprobs(policy, batch), reference, atol=1e-6, rtol=0)
+
+
+def test_a_lora_critic_reads_its_own_trained_score_head():
+    from peft import LoraConfig, get_peft_model
+
+    plain = micro_critic()
+    critic = get_peft_model(micro_critic(), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                       target_modules=["q_proj", "v_proj"], modules_to_save=["score"]))
+    batch = ppo.RolloutBatch.from_ids(PROMPTS, RESPONSES, PAD)
+    torch.testing.assert_close(ppo.critic_values(critic, batch), ppo.critic_values(plain, batch), atol=1e-6, rtol=0)
+    assert any("score" in name for name, p in critic.named_parameters() if p.requires_grad)
+    settings = ppo.PPOSettings(num_ppo_epochs=1, num_mini_batches=1, cliprange_value=100.0, vf_coef=1.0)
+    policy = micro_policy()
+    ppo.PPOUpdater(policy, critic, settings, 0.0, 1e-2).update(*rollout_inputs(policy, critic), train_policy=False)
+    assert (ppo.critic_values(critic, batch) - ppo.critic_values(plain, batch)).abs().max() > 1e-4
