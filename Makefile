@@ -29,7 +29,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-STAGES := sft candidates reward dpo compare
+STAGES := sft candidates reward dpo ppo compare
 
 # Debian packages go in through apt-get (as root, or with sudo).
 APT = $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get

@@ -148,13 +148,14 @@ def test_a_renamed_key_names_its_new_spelling(tmp_path):
         parse_stage_config("x", (Choosy,), ["--engine=hf"])
 
 
-def test_policy_stages_judge_held_out_samples_as_compare_does():
-    """One held-out evaluation: the DPO stage's decoding defaults and statistics are compare's."""
+@pytest.mark.parametrize("stage", ["dpo", "ppo"])
+def test_policy_stages_judge_held_out_samples_as_compare_does(stage):
+    """One held-out evaluation: every policy stage's decoding defaults and statistics are compare's."""
     from align.comparison import STATISTICS
 
-    dpo, compare = stage_defaults(REPO / "stages" / "dpo.py"), stage_defaults(REPO / "stages" / "compare.py")
+    policy, compare = stage_defaults(REPO / "stages" / f"{stage}.py"), stage_defaults(REPO / "stages" / "compare.py")
     pairs = {"eval_samples_per_prompt": "samples_per_prompt", "eval_temperature": "temperature",
              "eval_max_new_tokens": "max_new_tokens", "eval_seed": "seed", "truncation_penalty": "truncation_penalty",
              "kl_estimator": "kl_estimator"}
-    assert {key: dpo[key] for key in pairs} == {key: compare[other] for key, other in pairs.items()}
+    assert {key: policy[key] for key in pairs} == {key: compare[other] for key, other in pairs.items()}
     assert {key: compare[key] for key in STATISTICS} == STATISTICS
