@@ -26,8 +26,11 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from align import comparison, logprobs, style
-from align.generation import SamplingSettings, render_prompts
+from align import comparison, data, hardware, logprobs, scoring, style
+from align.generation import Backend, SamplingSettings, create_generator, render_prompts
+from align.errors import ConfigError
+from align.hardware import Precision
+from align.logprobs import KLEstimator
 from align.scoring import effective_reward
 
 PHASES = ("generate", "score", "train", "sync", "eval")  # PPO adds "forward" (old/ref/value passes)
@@ -237,6 +240,63 @@ class HeldOut:
         _, (result,) = comparison.compare_models(rows, ["sft", name], {name: kl}, options)
         result["verdict_line"] = comparison.verdict_line(result, stage=name)
         return result
+
+
+@dataclass
+class HeldOutArgs:
+    """Config keys of every policy stage's held-out evaluation (DPO, PPO): declared once, with the
+    defaults of `make compare` (same decoding, seed and cut-answer rule; tests/test_config.py checks)."""
+
+    eval_file: str = field(default="data/eval_prompts.jsonl", metadata={"help": "held-out prompts, never trained on"})
+    eval_samples_per_prompt: int = field(default=2, metadata={"help": "samples per held-out prompt"})
+    eval_temperature: float = field(default=1.0, metadata={"help": "1.0 samples the policy itself (the KL needs it)"})
+    eval_max_new_tokens: int = field(default=256, metadata={"help": "answer cap on held-out prompts (as compare)"})
+    eval_seed: int = field(default=1234, metadata={"help": "held-out sampling seed, the same for SFT and the policy"})
+    eval_limit: int | None = field(default=None, metadata={"help": "use only the first N held-out prompts"})
+    truncation_penalty: float = field(default=1.0, metadata={
+        "help": "an answer cut at the cap scores this much below the reward model (align.scoring.effective_reward)"})
+    kl_estimator: KLEstimator = field(default="k3", metadata={"help": "k1 | k3 (align.logprobs)"})
+
+    def __post_init__(self):
+        for key in ("eval_samples_per_prompt", "eval_max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.truncation_penalty < 0:
+            raise ConfigError(f"truncation_penalty: must be >= 0, got {self.truncation_penalty}")
+
+    def heldout(self) -> HeldOut:
+        """The held-out prompts (validated) with this decoding and cut-answer rule."""
+        settings = SamplingSettings(n=self.eval_samples_per_prompt, temperature=self.eval_temperature,
+                                    max_new_tokens=self.eval_max_new_tokens, seed=self.eval_seed)
+        return HeldOut(data.load_prompts(self.eval_file)[: self.eval_limit], settings, self.truncation_penalty)
+
+
+@dataclass
+class GenerationArgs:
+    """Config keys of every online stage's sampler and reward scorer: declared once."""
+
+    generation_backend: Backend = field(default="auto", metadata={"help": "auto | vllm | hf | openai"})
+    generation_dtype: Precision = field(default="auto", metadata={"help": "auto | bf16 | fp32"})
+    server_url: str | None = field(default=None, metadata={"help": "openai backend: vLLM server URL"})
+    kv_cache_gib: float = field(default=1.0, metadata={"help": "vLLM KV cache size"})
+    weight_push_timeout_s: float = field(default=120.0, metadata={"help": "give up on a stuck weight push"})
+    score_batch_size: int = field(default=16, metadata={"help": "reward model batch"})
+    score_dtype: Precision = field(default="auto", metadata={
+        "help": "reward model weights: auto (bf16 when training in bf16) | bf16 | fp32"})
+
+    def __post_init__(self):
+        if self.score_batch_size < 1:
+            raise ConfigError(f"score_batch_size: must be >= 1, got {self.score_batch_size}")
+
+    def generator(self, model_path: str, seed: int):
+        return create_generator(model_path, self.generation_backend, self.generation_dtype, server_url=self.server_url,
+                                weight_push_timeout_s=self.weight_push_timeout_s, kv_cache_gib=self.kv_cache_gib,
+                                seed=seed)
+
+    def scorer(self, run: str, gate_policy: str, reward_dir: str | None, bf16: bool):
+        """The run's reward model, its gate checked; `score_dtype: auto` follows the training precision."""
+        return scoring.load_reward_checkpoint(run, gate_policy, reward_dir, batch_size=self.score_batch_size,
+                                              dtype=hardware.torch_dtype_name(self.score_dtype, native=bf16))
 
 
 def heldout_metrics(name: str, heldout: HeldOut, sft: SampleSet, policy: SampleSet, estimator: str,

@@ -41,13 +41,12 @@ from typing import Literal
 
 from trl import DPOConfig, ModelConfig
 
-from align import data, dpo_rounds, files, hardware, models, online, preferences, runs, scoring, training
+from align import data, dpo_rounds, files, hardware, models, online, preferences, runs, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary
 from align.errors import ConfigError
-from align.generation import Backend, SamplingSettings, create_generator
+from align.generation import SamplingSettings
 from align.hardware import Precision
-from align.logprobs import KLEstimator
 from align.preferences import Aggregation, BadRankingPolicy, TieMode
 
 
@@ -60,7 +59,6 @@ class DPOStageArgs:
     reward_gate_policy: runs.GatePolicy = field(default="warn", metadata={"help": "reward model failed its gate: warn | refuse"})
     ranked_files: list[str] = field(default_factory=lambda: ["data/ranked.jsonl"],
                                     metadata={"help": "ranked responses: offline pairs / on-policy prompts"})
-    eval_file: str = field(default="data/eval_prompts.jsonl", metadata={"help": "held-out prompts"})
     precision: Precision = field(default="auto", metadata={"help": "training autocast: auto | bf16 | fp32"})
     # offline pairs
     ties: TieMode = field(default="drop", metadata={"help": "drop | soft (align.preferences)"})
@@ -83,33 +81,15 @@ class DPOStageArgs:
         "help": "best_vs_worst | length_matched (largest gap among pairs of similar length)"})
     pair_length_tolerance: float = field(default=0.25, metadata={
         "help": "length_matched: lengths may differ by this fraction of the longer answer"})
-    # held-out evaluation
-    eval_samples_per_prompt: int = field(default=2, metadata={"help": "samples per held-out prompt"})
-    eval_temperature: float = field(default=1.0, metadata={"help": "1.0 samples the policy itself (KL needs it)"})
-    eval_max_new_tokens: int = field(default=256, metadata={"help": "response length cap on held-out prompts (as compare)"})
-    eval_seed: int = field(default=1234, metadata={"help": "held-out sampling seed: the same for SFT and DPO (as compare)"})
-    truncation_penalty: float = field(default=1.0, metadata={
-        "help": "an answer cut at the cap scores this much below the reward model (align.scoring.effective_reward)"})
-    eval_limit: int | None = field(default=None, metadata={"help": "use only the first N held-out prompts"})
-    kl_estimator: KLEstimator = field(default="k3", metadata={"help": "k1 | k3 (align.logprobs)"})
+    # held-out evaluation and sampling: align.online.HeldOutArgs, GenerationArgs (shared with PPO)
     kl_max_samples: int = field(default=64, metadata={"help": "samples per KL estimate"})
-    # generation and scoring
-    generation_backend: Backend = field(default="auto", metadata={"help": "auto | vllm | hf | openai"})
-    generation_dtype: Precision = field(default="auto", metadata={"help": "auto | bf16 | fp32"})
-    server_url: str | None = field(default=None, metadata={"help": "openai backend: vLLM server URL"})
-    kv_cache_gib: float = field(default=1.0, metadata={"help": "vLLM KV cache size"})
-    weight_push_timeout_s: float = field(default=120.0, metadata={"help": "give up on a stuck weight push"})
-    score_batch_size: int = field(default=16, metadata={"help": "reward model batch"})
-    score_dtype: Precision = field(default="auto", metadata={
-        "help": "reward model weights: auto (bf16 when training in bf16) | bf16 | fp32"})
     lora_top_layers: int | None = field(default=None, metadata={
         "help": "LoRA only in the top N transformer layers (null: every layer); backward stops there"})
 
 
 def check_args(args: DPOStageArgs, dpo_config: DPOConfig) -> None:
     """What a type cannot say (choices are Literal types, checked by the parser)."""
-    for key in ("rounds", "prompts_per_round", "max_new_tokens", "eval_samples_per_prompt", "eval_max_new_tokens",
-                "kl_max_samples", "score_batch_size"):
+    for key in ("rounds", "prompts_per_round", "max_new_tokens", "kl_max_samples"):
         if getattr(args, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {getattr(args, key)}")
     if args.samples_per_prompt < 2:
@@ -144,31 +124,28 @@ def load_train_inputs(args: DPOStageArgs, heldout: list[dict]) -> tuple[list[lis
 
 
 def main(argv=None):
-    args, model_args, dpo_config = parse_stage_config("dpo", (DPOStageArgs, ModelConfig, DPOConfig), argv)
+    args, heldout_args, sampler, model_args, dpo_config = parse_stage_config(
+        "dpo", (DPOStageArgs, online.HeldOutArgs, online.GenerationArgs, ModelConfig, DPOConfig), argv)
     check_args(args, dpo_config)
 
     # Inputs, parents and the reward model, all checked before the policy loads.
-    heldout = online.HeldOut(data.load_prompts(args.eval_file)[: args.eval_limit], SamplingSettings(
-        n=args.eval_samples_per_prompt, temperature=args.eval_temperature, max_new_tokens=args.eval_max_new_tokens,
-        seed=args.eval_seed), truncation_penalty=args.truncation_penalty)
+    heldout = heldout_args.heldout()
     prompts, offline_pairs, pair_report = load_train_inputs(args, heldout.records)
     sft = runs.find_checkpoint(args.run, ["sft"], args.sft_dir)
     bf16 = hardware.use_bf16(args.precision)
-    scorer = scoring.load_reward_checkpoint(args.run, args.reward_gate_policy, args.reward_dir,
-                                            batch_size=args.score_batch_size,
-                                            dtype=hardware.torch_dtype_name(args.score_dtype, native=bf16))
+    scorer = sampler.scorer(args.run, args.reward_gate_policy, args.reward_dir, bf16)
     tokenizer = models.load_tokenizer(sft.model_path)
     policy = models.load_causal_lm(sft.model_path)
     peft_config = training.lora_config(model_args, args.lora_top_layers, sft.model_path)
     reference = None if peft_config else models.load_causal_lm(sft.model_path).eval()
 
-    config = resolved_config(args, model_args, dpo_config)
+    config = resolved_config(args, heldout_args, sampler, model_args, dpo_config)
     with runs.stage_output(args.run, "dpo", config, dpo_config.seed, parent=sft) as out:
         started = time.time()
         out.set(reward_model=scorer.checkpoint.as_parent())
         for path in args.ranked_files:
             out.add_input(path, "ranked")
-        out.add_input(args.eval_file, "eval prompts", len(heldout.records))
+        out.add_input(heldout_args.eval_file, "eval prompts", len(heldout.records))
         # report_to none: the StepLogger writes TensorBoard itself, on one timeline across rounds
         trl_config = training.fit_to_hardware(dpo_config, args.precision, out.path, report_to="none")
         writer = online.tensorboard_writer(out)
@@ -179,19 +156,17 @@ def main(argv=None):
               f"{len(heldout.records)} held-out prompts; reference = "
               f"{'the adapter-disabled SFT model' if peft_config else 'a frozen copy of the SFT model'}", flush=True)
 
-        with create_generator(sft.model_path, args.generation_backend, args.generation_dtype,
-                              server_url=args.server_url, weight_push_timeout_s=args.weight_push_timeout_s,
-                              kv_cache_gib=args.kv_cache_gib, seed=dpo_config.seed) as generator:
+        with sampler.generator(sft.model_path, seed=dpo_config.seed) as generator:
             with timer.phase("eval"):
                 sft_eval = heldout.sample(generator, scorer, "SFT")
             if args.mode == "on_policy":
-                round_rows = run_rounds(args, trainer, generator, scorer, prompts, timer, writer, out, bf16)
+                round_rows = run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, writer, out, bf16)
             else:
                 round_rows = [train_offline(trainer, generator, offline_pairs, timer, out)]
             with timer.phase("eval"):
                 dpo_eval = heldout.sample(generator, scorer, "DPO")
                 kl = online.kl_samples(trainer.model, tokenizer, dpo_eval, len(heldout.records) * heldout.settings.n,
-                                       args.kl_estimator, bf16, reference_model=reference, prompt_ids=heldout.prompt_ids)
+                                       heldout_args.kl_estimator, bf16, reference_model=reference, prompt_ids=heldout.prompt_ids)
                 dpo_eval.kl = online.kl_means(kl)
             backend = generator.describe()
         verdict = heldout.verdict("dpo", sft_eval, dpo_eval, kl)
@@ -209,7 +184,7 @@ def main(argv=None):
         training.remove_trainer_scratch(out)
         out.set(generation_backend=backend, pair_report=pair_report.as_metrics() if args.mode == "offline" else None)
         out.metrics.update(mode=args.mode,
-                           **online.heldout_metrics("dpo", heldout, sft_eval, dpo_eval, args.kl_estimator, verdict),
+                           **online.heldout_metrics("dpo", heldout, sft_eval, dpo_eval, heldout_args.kl_estimator, verdict),
                            rounds=round_rows, train_steps=trainer.steps, bf16=trl_config.bf16,
                            **timer.as_metrics(), total_s=round(time.time() - started, 1))
     m = out.metrics
@@ -234,7 +209,7 @@ def train_offline(trainer, generator, pairs: list[dict], timer, out) -> dict:
     return {"round": 1, **metrics}
 
 
-def run_rounds(args, trainer, generator, scorer, prompts, timer, writer, out, bf16) -> list[dict]:
+def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, writer, out, bf16) -> list[dict]:
     """On-policy rounds; returns one metrics row per round (also in TensorBoard under round/)."""
     settings = SamplingSettings(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
                                 max_new_tokens=args.max_new_tokens)
@@ -244,11 +219,11 @@ def run_rounds(args, trainer, generator, scorer, prompts, timer, writer, out, bf
         round_set = online.round_prompts(prompts, index, args.prompts_per_round, trainer.dpo_config.seed)
         fresh = online.sample_and_score(generator, scorer, round_set, settings, timer,
                                         progress=f"round {number}/{args.rounds}",
-                                        truncation_penalty=args.truncation_penalty)
+                                        truncation_penalty=heldout_args.truncation_penalty)
         with timer.phase("score"):
             if index > 0:  # before the first round the policy is the reference: KL is 0
                 fresh.kl = online.measure_kl(trainer.model, trainer.tokenizer, fresh, args.kl_max_samples,
-                                             args.kl_estimator, bf16, reference_model=trainer.reference_model)
+                                             heldout_args.kl_estimator, bf16, reference_model=trainer.reference_model)
             else:
                 fresh.kl = {"kl": 0.0, "kl_per_token": 0.0}
         pairs, counts = dpo_rounds.select_pairs(

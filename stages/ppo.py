@@ -42,13 +42,12 @@ from typing import Literal
 
 from trl import ModelConfig
 
-from align import data, files, hardware, models, online, ppo, ppo_math, preferences, runs, scoring, training
+from align import data, files, hardware, models, online, ppo, ppo_math, preferences, runs, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import ConfigError
-from align.generation import Backend, SamplingSettings, create_generator, render_prompts
+from align.generation import SamplingSettings, render_prompts
 from align.hardware import Precision
-from align.logprobs import KLEstimator
 
 PHASES = ("generate", "score", "forward", "train", "sync", "eval")
 
@@ -61,7 +60,6 @@ class PPOStageArgs:
     reward_gate_policy: runs.GatePolicy = field(default="warn", metadata={"help": "reward model failed its gate: warn | refuse"})
     ranked_files: list[str] = field(default_factory=lambda: ["data/ranked.jsonl"],
                                     metadata={"help": "ranked responses: only their prompts are used (train prompts)"})
-    eval_file: str = field(default="data/eval_prompts.jsonl", metadata={"help": "held-out prompts"})
     precision: Precision = field(default="auto", metadata={"help": "training autocast: auto | bf16 | fp32"})
     seed: int = field(default=42, metadata={"help": "LoRA init, prompt order, minibatch order, rollout sampling"})
     # rollouts
@@ -97,24 +95,7 @@ class PPOStageArgs:
     push_check_prompts: int = field(default=2, metadata={
         "help": "after each push, compare the generator's greedy answers with the policy's on N held-out prompts"})
     push_check_tokens: int = field(default=16, metadata={"help": "tokens per push-check answer"})
-    # held-out evaluation: the same defaults as the DPO stage and compare
-    eval_samples_per_prompt: int = field(default=2, metadata={"help": "samples per held-out prompt"})
-    eval_temperature: float = field(default=1.0, metadata={"help": "1.0 samples the policy itself (KL needs it)"})
-    eval_max_new_tokens: int = field(default=256, metadata={"help": "response length cap on held-out prompts (as compare)"})
-    eval_seed: int = field(default=1234, metadata={"help": "held-out sampling seed: the same for SFT and PPO (as compare)"})
-    truncation_penalty: float = field(default=1.0, metadata={
-        "help": "an answer cut at the cap scores this much below the reward model, in rollouts and held out"})
-    eval_limit: int | None = field(default=None, metadata={"help": "use only the first N held-out prompts"})
-    kl_estimator: KLEstimator = field(default="k3", metadata={"help": "held-out KL: k1 | k3 (align.logprobs)"})
-    # generation and scoring
-    generation_backend: Backend = field(default="auto", metadata={"help": "auto | vllm | hf | openai"})
-    generation_dtype: Precision = field(default="auto", metadata={"help": "auto | bf16 | fp32"})
-    server_url: str | None = field(default=None, metadata={"help": "openai backend: vLLM server URL"})
-    kv_cache_gib: float = field(default=1.0, metadata={"help": "vLLM KV cache size"})
-    weight_push_timeout_s: float = field(default=120.0, metadata={"help": "give up on a stuck weight push"})
-    score_batch_size: int = field(default=16, metadata={"help": "reward model batch"})
-    score_dtype: Precision = field(default="auto", metadata={
-        "help": "reward model weights: auto (bf16 when training in bf16) | bf16 | fp32"})
+    # held-out evaluation and sampling: align.online.HeldOutArgs, GenerationArgs (shared with DPO)
     lora_top_layers: int | None = field(default=None, metadata={
         "help": "policy LoRA only in the top N transformer layers (null: every layer)"})
 
@@ -122,8 +103,8 @@ class PPOStageArgs:
 def check_args(args: PPOStageArgs) -> None:
     """What a type cannot say (choices are Literal types, checked by the parser)."""
     for key in ("updates", "prompts_per_update", "samples_per_prompt", "max_new_tokens", "num_ppo_epochs",
-                "num_mini_batches", "micro_batch_size", "forward_batch_size", "eval_samples_per_prompt",
-                "eval_max_new_tokens", "score_batch_size", "push_check_tokens"):
+                "num_mini_batches", "micro_batch_size", "forward_batch_size",
+                "push_check_tokens"):
         if getattr(args, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {getattr(args, key)}")
     if args.prompts_per_update * args.samples_per_prompt < max(2, args.num_mini_batches):
@@ -169,19 +150,16 @@ def check_same_tokenizer(sft: runs.Checkpoint, reward: runs.Checkpoint) -> None:
 def main(argv=None):
     import torch
 
-    args, model_args = parse_stage_config("ppo", (PPOStageArgs, ModelConfig), argv)
+    args, heldout_args, sampler, model_args = parse_stage_config(
+        "ppo", (PPOStageArgs, online.HeldOutArgs, online.GenerationArgs, ModelConfig), argv)
     check_args(args)
 
     # Inputs, parents and the reward model, all checked before the policy loads.
-    heldout = online.HeldOut(data.load_prompts(args.eval_file)[: args.eval_limit], SamplingSettings(
-        n=args.eval_samples_per_prompt, temperature=args.eval_temperature, max_new_tokens=args.eval_max_new_tokens,
-        seed=args.eval_seed), truncation_penalty=args.truncation_penalty)
+    heldout = heldout_args.heldout()
     prompts = load_train_prompts(args, heldout.records)
     sft = runs.find_checkpoint(args.run, ["sft"], args.sft_dir)
     bf16 = hardware.use_bf16(args.precision)
-    scorer = scoring.load_reward_checkpoint(args.run, args.reward_gate_policy, args.reward_dir,
-                                            batch_size=args.score_batch_size,
-                                            dtype=hardware.torch_dtype_name(args.score_dtype, native=bf16))
+    scorer = sampler.scorer(args.run, args.reward_gate_policy, args.reward_dir, bf16)
     check_same_tokenizer(sft, scorer.checkpoint)
 
     torch.manual_seed(args.seed)  # LoRA A matrices
@@ -199,13 +177,13 @@ def main(argv=None):
     updater = ppo.PPOUpdater(policy, critic, update_settings(args), args.learning_rate, args.critic_learning_rate,
                              seed=args.seed, autocast_bf16=bf16)
 
-    config = resolved_config(args, model_args)
+    config = resolved_config(args, heldout_args, sampler, model_args)
     with runs.stage_output(args.run, "ppo", config, args.seed, parent=sft) as out:
         started = time.time()
         out.set(reward_model=scorer.checkpoint.as_parent())
         for path in args.ranked_files:
             out.add_input(path, "ranked")
-        out.add_input(args.eval_file, "eval prompts", len(heldout.records))
+        out.add_input(heldout_args.eval_file, "eval prompts", len(heldout.records))
         writer = online.tensorboard_writer(out)
         timer = online.PhaseTimer(PHASES)
         print(f"[ppo] {args.updates} updates x {args.prompts_per_update * args.samples_per_prompt} rollouts, "
@@ -215,16 +193,14 @@ def main(argv=None):
 
         loop = UpdateLoop(args, policy, reference, critic, updater, tokenizer, scorer, prompts, heldout, timer,
                           writer, out, bf16)
-        with create_generator(sft.model_path, args.generation_backend, args.generation_dtype,
-                              server_url=args.server_url, weight_push_timeout_s=args.weight_push_timeout_s,
-                              kv_cache_gib=args.kv_cache_gib, seed=args.seed) as generator:
+        with sampler.generator(sft.model_path, seed=args.seed) as generator:
             with timer.phase("eval"):
                 sft_eval = heldout.sample(generator, scorer, "SFT")
             update_rows = loop.run(generator)
             with timer.phase("eval"):
                 ppo_eval = heldout.sample(generator, scorer, "PPO")
                 kl = online.kl_samples(policy, tokenizer, ppo_eval, len(heldout.records) * heldout.settings.n,
-                                       args.kl_estimator, bf16, reference_model=reference,
+                                       heldout_args.kl_estimator, bf16, reference_model=reference,
                                        prompt_ids=heldout.prompt_ids)
                 ppo_eval.kl = online.kl_means(kl)
             backend = generator.describe()
@@ -241,7 +217,7 @@ def main(argv=None):
             writer.close()
         training.save_outputs(policy, tokenizer, out, peft_config is not None)
         out.set(generation_backend=backend)
-        out.metrics.update(**online.heldout_metrics("ppo", heldout, sft_eval, ppo_eval, args.kl_estimator, verdict),
+        out.metrics.update(**online.heldout_metrics("ppo", heldout, sft_eval, ppo_eval, heldout_args.kl_estimator, verdict),
                            **run_metrics(update_rows), updates=update_rows, train_steps=updater.steps, bf16=bf16,
                            **timer.as_metrics(), total_s=round(time.time() - started, 1))
     m = out.metrics
@@ -319,7 +295,7 @@ class UpdateLoop:
         round_set = online.round_prompts(self.prompts, index, args.prompts_per_update, args.seed)
         fresh = online.sample_and_score(generator, self.scorer, round_set, settings, self.timer,
                                         progress=f"update {number}/{args.updates}",
-                                        truncation_penalty=args.truncation_penalty)
+                                        truncation_penalty=self.heldout.truncation_penalty)
         files.write_jsonl(self.out.path / "rollouts" / f"update-{number}-samples.jsonl", fresh.records())
         flat = list(fresh.flat())
         samples = [sample for _, sample, _, _ in flat]

@@ -26,7 +26,7 @@ pytest_plugins = ["tests.argilla_fixtures"]
 
 # Fixtures that load a model, train, or start a server: any test using one (directly or
 # through another fixture) is slow.
-SLOW_FIXTURES = {"default_model_dir", "tiny_model_dir", "tiny_sft_run", "argilla_server"}
+SLOW_FIXTURES = {"default_model_dir", "tiny_model_dir", "tiny_sft_run", "argilla_server", "cold_dry"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -151,3 +151,12 @@ def tiny_sft_run(runs_root, tiny_model_dir, tiny_data) -> str:
     assert_ok(result)
     assert (runs_root / run / "sft" / "manifest.json").is_file()
     return run
+
+
+@pytest.fixture(scope="session")
+def cold_dry(runs_root, tmp_path_factory, default_model_dir) -> dict:
+    """A finished SFT run of the tiny model on the cold-or-dry data, plus the hand-built reward run
+    (tests/fakes.py); one per session, shared by the DPO and PPO stage tests."""
+    from tests import fakes
+
+    return fakes.make_cold_dry_run(runs_root, tmp_path_factory.mktemp("cold-dry"), default_model_dir)

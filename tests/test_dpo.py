@@ -23,68 +23,8 @@ from pathlib import Path
 import pytest
 
 from align import dpo_rounds, online, runs
-from tests.conftest import TOPICS, assert_ok, build_tiny_model, run_stage, write_jsonl
-
-REWARDED_WORDS = {"cold": 1.0, "dry": -1.0}  # each one token in the SmolLM2 vocabulary
-SCALE = 30.0  # ~ +1 score per rewarded token in a ~30-token sequence
-
-
-def build_token_reward_model(tokenizer_dir, folder, token_values: dict[int, float], scale: float = SCALE) -> None:
-    """A 1-layer Llama reward model: score = scale * mean over the sequence of value(token).
-
-    Residual stream (hidden 8): dim 0 carries value(t), dim 1 a constant 10 that keeps
-    RMSNorm's scale nearly fixed; attention with zero queries/keys averages dim 0 over the
-    causal prefix into dim 2 (values copy dim 0, the output writes dim 2); the MLP is zero;
-    the score head reads dim 2 at the last token."""
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    from align.models import load_tokenizer
-
-    tokenizer = load_tokenizer(str(tokenizer_dir))
-    hidden = 8
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=8, num_hidden_layers=1,
-        num_attention_heads=1, num_key_value_heads=1, head_dim=hidden, max_position_embeddings=2048,
-        num_labels=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id, rms_norm_eps=1e-6,
-    )
-    model = LlamaForSequenceClassification(config)
-    gain = (hidden**0.5) / 10.0  # each RMSNorm maps x to ~ x * sqrt(hidden) / 10 (the constant 10 dominates)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.zero_()
-        embed = model.model.embed_tokens.weight
-        for token, value in token_values.items():
-            embed[token, 0] = value
-        embed[:, 1] = 10.0
-        layer = model.model.layers[0]
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm, model.model.norm):
-            norm.weight.fill_(1.0)
-        layer.self_attn.v_proj.weight[0, 0] = 1.0
-        layer.self_attn.o_proj.weight[2, 0] = 1.0
-        model.score.weight[0, 2] = scale / gain**2
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
-def rewarded_tokens(tokenizer, words: dict[str, float] = REWARDED_WORDS) -> dict[int, float]:
-    values = {}
-    for word, value in words.items():
-        (token,) = tokenizer(word, add_special_tokens=False)["input_ids"]
-        values[token] = value
-    return values
-
-
-def make_reward_run(run: str, tokenizer_dir, words: dict[str, float] = REWARDED_WORDS) -> None:
-    """A finished `reward` stage output holding the hand-built model (gate passed)."""
-    from align.models import load_tokenizer
-
-    values = rewarded_tokens(load_tokenizer(str(tokenizer_dir)), words)
-    with runs.stage_output(run, "reward", {"built_by": "tests/test_dpo.py", "token_values": values}, seed=0) as out:
-        build_token_reward_model(tokenizer_dir, out.model_dir, values)
-        out.metrics.update(gate_passed=True, gate_reasons=[])
-
+from tests.conftest import assert_ok, build_tiny_model, run_stage
+from tests.fakes import SCALE, build_token_reward_model, make_reward_run, read_rows, rewarded_tokens
 
 def test_token_reward_model_scores_the_known_function(tmp_path, tiny_model_dir):
     from align.models import load_tokenizer
@@ -162,8 +102,6 @@ def test_round_prompts_rotate_through_a_seeded_shuffle():
 # ---------------------------------------------------------------------------
 # The stage, end to end
 
-SFT_ARGS = ("--max_steps", "40", "--learning_rate", "0.01", "--per_device_train_batch_size", "8", "--warmup_steps", "0",
-            "--lr_scheduler_type", "constant", "--logging_steps", "10", "--precision", "fp32")
 DPO_ARGS = ("--max_new_tokens", "16", "--eval_max_new_tokens", "16", "--eval_samples_per_prompt", "4",
             "--prompts_per_round", "16", "--samples_per_prompt", "4", "--min_reward_margin", "0.3",
             "--per_device_train_batch_size", "8", "--learning_rate", "0.003", "--num_train_epochs", "2",
@@ -171,49 +109,8 @@ DPO_ARGS = ("--max_new_tokens", "16", "--eval_max_new_tokens", "16", "--eval_sam
             "--kv_cache_gib", "0.25")
 
 
-def cold_or_dry_data(folder) -> dict:
-    """SFT answers are "cold" or "dry" equally often; the human rankings prefer cold."""
-    sft = [{"id": f"sft-{i}-{word}", "messages": [
-               {"role": "user", "content": f"How should I store {topic}?"},
-               {"role": "assistant", "content": word}]}
-           for i, topic in enumerate(TOPICS) for word in ("cold", "dry")]
-    prompts = [{"prompt_id": f"eval-{i}", "prompt": [{"role": "user", "content": f"How do I keep {topic}?"}],
-                "reference": "cold"} for i, topic in enumerate(TOPICS[:8])]
-    ranked = [{"prompt_id": f"pref-{i}", "prompt": [{"role": "user", "content": f"How should I store {topic}?"}],
-               "responses": [{"text": "cold", "rank": 1}, {"text": "dry", "rank": 2}],
-               "annotator": "fixture"} for i, topic in enumerate(TOPICS)]
-    return {"sft": write_jsonl(folder / "sft.jsonl", sft), "prompts": write_jsonl(folder / "prompts.jsonl", prompts),
-            "ranked": write_jsonl(folder / "ranked.jsonl", ranked)}
-
-
-@pytest.fixture(scope="module")
-def cold_dry(runs_root, tmp_path_factory, default_model_dir) -> dict:
-    """A finished SFT run of the tiny model on the cold-or-dry data, plus the hand-built reward run."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("cold-dry")
-    files = cold_or_dry_data(folder)
-    build_tiny_model(folder / "model", default_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(folder / "model")
-    embeddings = model.get_input_embeddings().weight
-    with torch.no_grad():
-        embeddings.mul_(0.15 / embeddings.std())
-    model.save_pretrained(folder / "model")
-    run = "cold-dry"
-    result = run_stage("sft", "--run", run, "--model_name_or_path", str(folder / "model"), "--train_file",
-                       str(files["sft"]), "--eval_file", str(files["prompts"]), *SFT_ARGS)
-    assert_ok(result)
-    make_reward_run(run, runs_root / run / "sft" / "model")
-    return {"run": run, **files}
-
-
 def dpo_manifest(runs_root, run: str) -> dict:
     return json.loads((runs_root / run / "dpo" / "manifest.json").read_text())
-
-
-def read_rows(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_on_policy_round_raises_the_reward_of_fresh_samples(runs_root, cold_dry):

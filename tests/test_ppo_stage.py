@@ -16,7 +16,7 @@ import pytest
 
 from align import runs
 from tests.conftest import assert_ok, run_stage
-from tests.test_dpo import cold_dry, read_rows  # noqa: F401 (cold_dry is a fixture)
+from tests.fakes import read_rows
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ PPO_ARGS = ("--updates", "3", "--prompts_per_update", "16", "--samples_per_promp
 
 
 @pytest.fixture(scope="module")
-def ppo_run(runs_root, cold_dry) -> dict:  # noqa: F811
+def ppo_run(runs_root, cold_dry) -> dict:
     run = cold_dry["run"]
     result = run_stage("ppo", "--run", run, "--ranked_files", str(cold_dry["ranked"]), "--eval_file",
                        str(cold_dry["prompts"]), *PPO_ARGS)
@@ -115,7 +115,7 @@ def test_after_a_push_the_engine_samples_the_merged_policy(ppo_run):
     assert hf == [row["generator_ids"] for row in last]
 
 
-def test_outputs_lineage_logs_and_tensorboard(ppo_run, runs_root, cold_dry):  # noqa: F811
+def test_outputs_lineage_logs_and_tensorboard(ppo_run, runs_root, cold_dry):
     folder, facts = ppo_run["folder"], ppo_run["manifest"]
     assert facts["status"] == "complete" and facts["parent"]["stage"] == "sft"
     assert facts["reward_model"]["stage"] == "reward" and facts["reward_model"]["manifest_sha256"]
@@ -135,7 +135,7 @@ def test_outputs_lineage_logs_and_tensorboard(ppo_run, runs_root, cold_dry):  # 
     assert metrics["verdict_notes"] is not None and "ppo" in stdout.splitlines()[-1].lower()
 
 
-def test_reward_model_that_failed_its_gate_is_refused_on_request(runs_root, cold_dry):  # noqa: F811
+def test_reward_model_that_failed_its_gate_is_refused_on_request(runs_root, cold_dry):
     run = "ppo-gate-failed"
     with runs.stage_output(run, "reward", {"built_by": "tests/test_ppo_stage.py"}, seed=0) as out:
         out.metrics.update(gate_passed=False, gate_reasons=["pairwise_accuracy 0.400 < min_accuracy 0.6"])
