@@ -321,6 +321,18 @@ def heldout_metrics(name: str, heldout: HeldOut, sft: SampleSet, policy: SampleS
     }
 
 
+def summary_fields(name: str, metrics: dict, phases: tuple[str, ...]) -> dict:
+    """The held-out numbers and phase times of a policy stage's one-line summary (`console.summary`)."""
+    m, label = metrics, name.upper()
+    return {
+        "mean_reward": f"SFT {m['mean_reward_sft']:.3f} -> {label} {m[f'mean_reward_{name}']:.3f} ({m['reward_gain']:+.3f})",
+        "KL": f"{m['kl']:.2f} nats" if m["kl"] is not None else "n/a",
+        "style": f"{m['style_score_sft']:.2f} -> {m[f'style_score_{name}']:.2f}",
+        "tokens": f"{m['response_tokens_sft']:.0f} -> {m[f'response_tokens_{name}']:.0f}",
+        "time_s": " / ".join(f"{phase} {m[f'time_{phase}_s']:.{1 if phase == 'sync' else 0}f}" for phase in phases),
+    }
+
+
 # ---------------------------------------------------------------------------
 # Logs
 

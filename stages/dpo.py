@@ -189,13 +189,7 @@ def main(argv=None):
                            **timer.as_metrics(), total_s=round(time.time() - started, 1))
     m = out.metrics
     summary("dpo", mode=f"{args.mode} ({len(round_rows)} round{'s' * (len(round_rows) != 1)}, {trainer.steps} steps)",
-            mean_reward=f"SFT {m['mean_reward_sft']:.3f} -> DPO {m['mean_reward_dpo']:.3f} ({m['reward_gain']:+.3f})",
-            KL=f"{m['kl']:.2f} nats" if m["kl"] is not None else "n/a",
-            style=f"{m['style_score_sft']:.2f} -> {m['style_score_dpo']:.2f}",
-            tokens=f"{m['response_tokens_sft']:.0f} -> {m['response_tokens_dpo']:.0f}",
-            time_s="generate {time_generate_s:.0f} / score {time_score_s:.0f} / train {time_train_s:.0f} / "
-                   "sync {time_sync_s:.1f} / eval {time_eval_s:.0f}".format(**m),
-            output=str(out.path))
+            **online.summary_fields("dpo", m, timer.phases), output=str(out.path))
     print(verdict["verdict_line"], flush=True)
 
 

@@ -221,15 +221,8 @@ def main(argv=None):
                            **run_metrics(update_rows), updates=update_rows, train_steps=updater.steps, bf16=bf16,
                            **timer.as_metrics(), total_s=round(time.time() - started, 1))
     m = out.metrics
-    summary("ppo", updates=f"{len(update_rows)} ({updater.steps} steps)",
-            mean_reward=f"SFT {m['mean_reward_sft']:.3f} -> PPO {m['mean_reward_ppo']:.3f} ({m['reward_gain']:+.3f})",
-            KL=f"{m['kl']:.2f} nats" if m["kl"] is not None else "n/a",
-            clipfrac=f"{m['clipfrac_mean']:.3f}",
-            style=f"{m['style_score_sft']:.2f} -> {m['style_score_ppo']:.2f}",
-            tokens=f"{m['response_tokens_sft']:.0f} -> {m['response_tokens_ppo']:.0f}",
-            time_s="generate {time_generate_s:.0f} / score {time_score_s:.0f} / forward {time_forward_s:.0f} / "
-                   "train {time_train_s:.0f} / sync {time_sync_s:.1f} / eval {time_eval_s:.0f}".format(**m),
-            output=str(out.path))
+    summary("ppo", updates=f"{len(update_rows)} ({updater.steps} steps)", clipfrac=f"{m['clipfrac_mean']:.3f}",
+            **online.summary_fields("ppo", m, timer.phases), output=str(out.path))
     print(verdict["verdict_line"], flush=True)
 
 
