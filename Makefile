@@ -52,6 +52,7 @@ help:
 	@echo "  candidates       sample K responses, push to Argilla for ranking"
 	@echo "  reward           reward model from ranked preferences -> runs/$(RUN)/reward"
 	@echo "  dpo              DPO against preferences / reward model -> runs/$(RUN)/dpo"
+	@echo "  ppo              PPO against the reward model (critic from it) -> runs/$(RUN)/ppo"
 	@echo "  compare          aligned vs SFT report            -> runs/$(RUN)/compare"
 	@echo "  compare-to-argilla / compare-pull   blind A/B of the compare run in Argilla -> human win rate in the report"
 	@echo "  argilla, argilla-stop, argilla-status, annotators   the local Argilla server"
