@@ -26,7 +26,10 @@ Definitions (each number in the report is one of these):
   for samples drawn from the aligned model itself (temperature 1, top_p 1),
   which is why the stage draws them at `kl_temperature` (default 1.0).
 - length: response tokens without the end-of-turn token; relative change of the
-  mean.
+  mean. A cut answer counts at the cap, so a model that rambles past the cap less
+  often is "shorter" even when its finished answers are as long as before: the
+  relative change of the finished answers' mean is reported beside it
+  (`finished_length_change`), and the notes say which of the two moved.
 - style: pass rate of each house-style rule of the example project
   (`align.style.check_response`), and the mean style score (share of rules passed).
 """
@@ -55,15 +58,22 @@ VERDICTS = {"better": "aligned is better", "worse": "aligned is WORSE", "inconcl
 
 
 def cost_notes(length_change: float, style_change: dict[str, float], length_warn: float, style_warn: float,
-               cut_change: float = 0.0) -> list[str]:
+               cut_change: float = 0.0, finished_length_change: float = float("nan")) -> list[str]:
     """Warnings for the verdict: length hacking (mean length up more than `length_warn`, a fraction),
     length collapse (down more than that), answers cut at the cap (their share up by more than 10
-    points) and style drift (a rule's pass rate down more than `style_warn`, absolute)."""
+    points) and style drift (a rule's pass rate down more than `style_warn`, absolute).
+
+    A mean that fell while the finished answers kept their length (within `length_warn`) is
+    fewer answers cut at the cap, not brevity: the note says so instead of warning."""
     notes = []
     if not math.isnan(length_change) and length_change > length_warn:
         notes.append(f"responses {length_change:+.0%} longer: check for length hacking")
     if not math.isnan(length_change) and length_change < -length_warn:
-        notes.append(f"responses {length_change:+.0%} shorter: check the gain is not brevity alone")
+        if not math.isnan(finished_length_change) and abs(finished_length_change) <= length_warn:
+            notes.append(f"responses {length_change:+.0%} shorter from fewer answers cut at the cap "
+                         f"(finished answers {finished_length_change:+.0%})")
+        else:
+            notes.append(f"responses {length_change:+.0%} shorter: check the gain is not brevity alone")
     if cut_change > 0.1:
         notes.append(f"{cut_change:+.0%} more answers cut at max_new_tokens")
     drops = [f"{rule} {change:+.0%}" for rule, change in style_change.items() if change < -style_warn]
@@ -85,6 +95,7 @@ def summarize_model(rows: list[dict], resamples: int, seed: int, confidence: flo
         "reward_std": float(np.std(scores)),
         "tokens_mean": float(np.mean(tokens)),
         "tokens_median": float(np.median(tokens)),
+        "finished_tokens_mean": mean_or_nan([row["tokens"] for row in rows if row["finish_reason"] != "length"]),
         "words_mean": float(np.mean([row["words"] for row in rows])),
         "truncated_share": float(np.mean([row["finish_reason"] == "length" for row in rows])),
         "reward_model_score_mean": float(np.mean([row.get("reward_model_score", row["reward"]) for row in rows])),
@@ -94,6 +105,10 @@ def summarize_model(rows: list[dict], resamples: int, seed: int, confidence: flo
         "samples": len(rows),
         "prompts": len(by_prompt),
     }
+
+
+def mean_or_nan(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
 
 
 def group_by_prompt(rows: list[dict]) -> dict[str, list[dict]]:
@@ -125,13 +140,16 @@ def compare_pair(aligned: str, baseline: str, rows: dict[str, list[dict]], summa
 
     a, b = summaries[aligned], summaries[baseline]
     length = relative_change(a["tokens_mean"], b["tokens_mean"])
+    finished_length = relative_change(a["finished_tokens_mean"], b["finished_tokens_mean"])
     style = {rule: a["style_pass_rates"][rule] - b["style_pass_rates"][rule] for rule in b["style_pass_rates"]}
     notes = cost_notes(length, style, options["length_warn"], options["style_warn"],
-                       a["truncated_share"] - b["truncated_share"])
+                       a["truncated_share"] - b["truncated_share"], finished_length)
     label = decide(difference, wins)
     comparison = {
         "aligned": aligned, "baseline": baseline, "reward_difference": difference, "win_rate": wins, "kl": kl,
-        "length_change": length, "style_score_change": a["style_score"] - b["style_score"],
+        "length_change": length, "finished_length_change": finished_length,
+        "cut_share": {aligned: a["truncated_share"], baseline: b["truncated_share"]},
+        "style_score_change": a["style_score"] - b["style_score"],
         "style_pass_rate_change": style, "verdict": label, "notes": notes,
     }
     comparison["verdict_line"] = verdict_line(comparison)
@@ -177,7 +195,12 @@ def verdict_line(comparison: dict, stage: str = "compare") -> str:
     ]
     if kl is not None:
         parts.append(f"KL {kl['mean']:.3g} nats")
-    parts.append(f"length {fmt(comparison['length_change'], '+.0%')}")
+    length = f"length {fmt(comparison['length_change'], '+.0%')}"
+    cut = comparison.get("cut_share")
+    if cut:  # older reports (before cut answers were counted) have neither
+        length += (f" (finished answers {fmt(comparison['finished_length_change'], '+.0%')}, "
+                   f"cut {fmt_pct(cut[comparison['baseline']])} -> {fmt_pct(cut[comparison['aligned']])})")
+    parts.append(length)
     line = f"[{stage}] {comparison['aligned']} vs {comparison['baseline']}: " + ", ".join(parts)
     line += f" -> {VERDICTS[comparison['verdict']]}"
     if comparison["notes"]:

@@ -417,7 +417,16 @@ def _comparison_section(results: dict, comparison: dict, rows: list[dict]) -> li
                      "upwards when the sampler runs in lower precision (bf16) than the forward passes |")
     lines += [
         f"| length change | {fmt(comparison['length_change'], '+.0%')} | mean response tokens "
-        f"{results['models'][aligned]['tokens_mean']:.1f} vs {results['models'][baseline]['tokens_mean']:.1f} |",
+        f"{results['models'][aligned]['tokens_mean']:.1f} vs {results['models'][baseline]['tokens_mean']:.1f} "
+        "(a cut answer counts at the cap) |",
+    ]
+    if "finished_length_change" in comparison:  # reports written before cut answers were counted lack it
+        a_model, b_model = results["models"][aligned], results["models"][baseline]
+        lines.append(f"| finished-answer length change | {fmt(comparison['finished_length_change'], '+.0%')} | mean "
+                     f"tokens of the answers that ended, {fmt(a_model['finished_tokens_mean'], '.1f')} vs "
+                     f"{fmt(b_model['finished_tokens_mean'], '.1f')}; cut at the cap: {a_model['truncated_share']:.0%} vs "
+                     f"{b_model['truncated_share']:.0%} |")
+    lines += [
         f"| style score change | {comparison['style_score_change']:+.0%} | share of house-style rules passed, "
         f"{aligned} minus {baseline} |",
     ]

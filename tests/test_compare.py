@@ -24,6 +24,34 @@ def test_cost_notes_flag_length_hacking_and_style_drift():
     assert notes == ["responses +50% longer: check for length hacking", "style drift: concise -30%"]
 
 
+def test_a_mean_that_fell_only_through_fewer_cut_answers_is_not_called_brevity():
+    brevity = comparison.cost_notes(-0.35, {}, 0.2, 0.1, finished_length_change=-0.30)
+    assert brevity == ["responses -35% shorter: check the gain is not brevity alone"]
+    fewer_cut = comparison.cost_notes(-0.35, {}, 0.2, 0.1, finished_length_change=-0.06)
+    assert fewer_cut == ["responses -35% shorter from fewer answers cut at the cap (finished answers -6%)"]
+
+
+def _rows(model: str, finished: list[int], cut: int, cap: int = 256) -> list[dict]:
+    tokens = finished + [cap] * cut
+    return [{"prompt_id": f"p{i}", "model": model, "reward": 0.0, "tokens": t, "words": t,
+             "finish_reason": "length" if i >= len(finished) else "stop", "style": {"concise": True},
+             "style_score": 1.0} for i, t in enumerate(tokens)]
+
+
+def test_finished_answer_length_is_reported_beside_the_mean():
+    """SFT: 6 answers of 80 tokens and 4 cut at 256; aligned: 9 of 76 and 1 cut. The mean falls 38%,
+    the finished answers 5%, and the verdict line shows both with the cut shares."""
+    rows = {"sft": _rows("sft", [80] * 6, 4), "dpo": _rows("dpo", [76] * 9, 1)}
+    options = {**comparison.STATISTICS, "seed": 0, "bootstrap_resamples": 200}
+    summaries = {m: comparison.summarize_model(r, 200, 0, 0.95) for m, r in rows.items()}
+    assert summaries["sft"]["finished_tokens_mean"] == 80 and summaries["dpo"]["finished_tokens_mean"] == 76
+    result = comparison.compare_pair("dpo", "sft", rows, summaries, None, options)
+    assert result["length_change"] == pytest.approx((9 * 76 + 256) / (6 * 80 + 4 * 256) - 1)
+    assert result["finished_length_change"] == pytest.approx(-0.05)
+    assert "length -38% (finished answers -5%, cut 40% -> 10%)" in result["verdict_line"]
+    assert any("fewer answers cut at the cap" in note for note in result["notes"])
+
+
 # ----------------------------------------------------------------------------- KL of a model with itself
 
 
