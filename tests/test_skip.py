@@ -1,7 +1,8 @@
 """Skip what is up to date: a stage whose config, parents, data, code and versions equal those its
 finished output recorded prints one line and leaves runs/ alone; otherwise one line names what changed.
 
-The unit tests write real stage outputs (align.runs.stage_output) into the session's runs/ folder."""
+The unit tests write real stage outputs (align.runs.stage_output) into the session's runs/ folder;
+the end-to-end test runs the real SFT stage on the tiny model three times."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from align import runs
 from align.config import parse_stage_config, resolved_config
 from align.errors import ConfigError, DataError
-from tests.conftest import write_jsonl
+from tests.conftest import assert_ok, run_stage, write_jsonl
 
 CONFIG = {"run": "r", "beta": 0.1, "rounds": 2, "ranked_files": ["ranked.jsonl"], "disable_tqdm": False}
 
@@ -216,3 +217,37 @@ def test_a_bad_force_value_or_a_force_key_in_yaml_is_refused(tmp_path):
     path.write_text("force: true\n")
     with pytest.raises(ConfigError, match=r"mine\.yaml: 'force' is a command-line flag \(--force\), not a config key"):
         parse_stage_config("x", (Example,), ["--config", str(path)])
+
+
+# ----------------------------------------------------------------------------- the real SFT stage, twice
+
+
+@pytest.mark.slow  # stage processes
+def test_sft_twice_skips_then_a_changed_key_retrains(runs_root, tiny_model_dir, tiny_data):
+    common = ("--run", "skip-e2e", "--model_name_or_path", str(tiny_model_dir), "--train_file", str(tiny_data["sft"]),
+              "--eval_file", str(tiny_data["prompts"]), "--per_device_train_batch_size", "4")
+    started = time.perf_counter()
+    assert_ok(run_stage("sft", *common, "--max_steps", "2"))
+    first_s = time.perf_counter() - started
+    folder = runs_root / "skip-e2e" / "sft"
+    before = snapshot(runs_root / "skip-e2e")
+
+    started = time.perf_counter()
+    again = run_stage("sft", *common, "--max_steps", "2")
+    again_s = time.perf_counter() - started
+    assert_ok(again)
+    assert again.stdout.splitlines() == [f"[sft] up to date: {folder} (config, parents, data, code and versions "
+                                         "unchanged; --force redoes it)"], again.stdout
+    assert snapshot(runs_root / "skip-e2e") == before  # the manifest byte for byte, and every other file
+    assert again_s < first_s, (again_s, first_s)
+
+    changed = run_stage("sft", *common, "--max_steps", "1")
+    assert_ok(changed)
+    assert changed.stdout.splitlines()[0] == "[sft] rerunning: config key max_steps 2 -> 1", changed.stdout
+    manifest = (folder / runs.MANIFEST).read_bytes()
+    assert json.loads(manifest)["metrics"]["train_steps"] == 1
+
+    forced = run_stage("sft", *common, "--max_steps", "1", "--force")
+    assert_ok(forced)
+    assert forced.stdout.splitlines()[0] == "[sft] rerunning: --force (it was up to date)", forced.stdout
+    assert "[sft] eval loss" in forced.stdout and (folder / runs.MANIFEST).read_bytes() != manifest
