@@ -2,7 +2,7 @@
 finished output recorded prints one line and leaves runs/ alone; otherwise one line names what changed.
 
 The unit tests write real stage outputs (align.runs.stage_output) into the session's runs/ folder;
-the end-to-end test runs the real SFT stage on the tiny model three times."""
+the end-to-end test runs the real SFT stage on the tiny model four times (train, skip, changed key, --force)."""
 
 from __future__ import annotations
 
