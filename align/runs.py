@@ -434,7 +434,7 @@ def _input_changes(recorded: dict, current: dict) -> list[str]:
 
 def _code_changes(recorded: dict, current: dict) -> list[str]:
     changed = sorted(path for path in set(recorded) | set(current) if recorded.get(path) != current.get(path))
-    if not changed:  # the per-file record is missing or was edited: the overall hash still differs
+    if not changed:  # the overall hash was edited by hand: it still differs
         return ["code changed"]
     shown = ", ".join(changed[:SHOWN_CODE_FILES])
     more = f" and {len(changed) - SHOWN_CODE_FILES} more" if len(changed) > SHOWN_CODE_FILES else ""
@@ -447,6 +447,15 @@ def _version_changes(recorded: dict, current: dict) -> list[str]:
     return [f"versions changed ({', '.join(changes)})"] if changes else []
 
 
+def _well_formed(recorded: dict) -> bool:
+    """Has the shape `stage_fingerprint` writes, so comparing it cannot crash on a hand-edited manifest."""
+    mappings = ("parents", "inputs", "code", "versions")
+    if not all(isinstance(recorded.get(key), dict) for key in mappings):
+        return False
+    return all(isinstance(parent, dict) and {"path", "manifest_sha256"} <= set(parent)
+               for parent in recorded["parents"].values())
+
+
 def stale_reasons(folder: Path, manifest: dict, config: dict, fingerprint: dict) -> list[str]:
     """Why the finished output in `folder` (its manifest) is not what this config and these inputs make;
     [] when it is up to date."""
@@ -455,6 +464,8 @@ def stale_reasons(folder: Path, manifest: dict, config: dict, fingerprint: dict)
     recorded = manifest.get("fingerprint")
     if not isinstance(recorded, dict):
         return [f"{folder} has no fingerprint (written before up-to-date checks, or by hand)"]
+    if not _well_formed(recorded):
+        return [f"{folder / MANIFEST}: its fingerprint is malformed (edited by hand?)"]
     reasons = []
     if recorded.get("config_sha256") != fingerprint["config_sha256"]:
         changes = _config_changes(comparable_config(manifest.get("config") or {}), comparable_config(config))
@@ -462,11 +473,11 @@ def stale_reasons(folder: Path, manifest: dict, config: dict, fingerprint: dict)
             reasons.append("config changed")
         else:
             reasons.append(f"config key{'s' * (len(changes) > 1)} {', '.join(changes)}")
-    reasons += _parent_changes(recorded.get("parents") or {}, fingerprint["parents"])
-    reasons += _input_changes(recorded.get("inputs") or {}, fingerprint["inputs"])
+    reasons += _parent_changes(recorded["parents"], fingerprint["parents"])
+    reasons += _input_changes(recorded["inputs"], fingerprint["inputs"])
     if recorded.get("code_sha256") != fingerprint["code_sha256"]:
-        reasons += _code_changes(recorded.get("code") or {}, fingerprint["code"])
-    reasons += _version_changes(recorded.get("versions") or {}, fingerprint["versions"])
+        reasons += _code_changes(recorded["code"], fingerprint["code"])
+    reasons += _version_changes(recorded["versions"], fingerprint["versions"])
     return reasons
 
 

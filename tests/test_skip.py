@@ -167,6 +167,15 @@ def test_an_output_without_fingerprint_reruns(runs_root, capsys):
                      "(written before up-to-date checks, or by hand)"]
 
 
+def test_a_malformed_fingerprint_reruns_with_one_line(finished_dpo, capsys):
+    manifest_path = finished_dpo["folder"] / runs.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["fingerprint"]["parents"] = ["runs/x/sft"]
+    manifest_path.write_text(json.dumps(manifest))
+    _, lines = check(finished_dpo["run"], CONFIG, finished_dpo["fingerprint"](), capsys)
+    assert lines == [f"[dpo] rerunning: {manifest_path}: its fingerprint is malformed (edited by hand?)"]
+
+
 def test_model_folder_counts_by_its_files(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
