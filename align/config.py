@@ -13,7 +13,11 @@ What we add on top, because the parser lets it through:
   (`Literal[...]` fields) are checked by value, in YAML and on the command line;
 - a key a stage renamed (its dataclass's `RENAMED = {"old": "new"}`) is an error
   naming the new spelling, never silently ignored;
-- argparse's own errors are one-line `ConfigError`s (exit 2), not a usage dump.
+- argparse's own errors are one-line `ConfigError`s (exit 2), not a usage dump;
+- `--force` (every stage): redo a stage whose output is up to date (`align.runs.skip_if_up_to_date`).
+  It is a run control, not a config key: it says whether to make the output, not how, so it is
+  never part of the resolved config, never recorded and never a reason to rerun. The parsed
+  dataclasses come back as a `ParsedConfig` (a tuple, unpacked as before) whose `.force` holds it.
 
 Defaults live in the stage dataclass; `configs/<stage>.yaml` repeats the stage's
 own keys for documentation (a test proves they agree) and sets the TRL keys whose
@@ -37,9 +41,17 @@ from align.errors import ConfigError
 from align.files import json_safe
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+FORCE_FLAG = "--force"
+BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
-def parse_stage_config(stage: str, dataclass_types: tuple, argv: list[str] | None = None):
+class ParsedConfig(tuple):
+    """A stage's config dataclasses in the order asked for (unpack it like a tuple), plus `force`."""
+
+    force: bool = False
+
+
+def parse_stage_config(stage: str, dataclass_types: tuple, argv: list[str] | None = None) -> ParsedConfig:
     """Parse `configs/<stage>.yaml`, then `--config FILE` on top of it, then CLI overrides, into dataclasses.
 
     A user's file names only what it changes: every other key keeps the stage's default
@@ -47,6 +59,7 @@ def parse_stage_config(stage: str, dataclass_types: tuple, argv: list[str] | Non
     checked in YAML and on the command line; a renamed key (a dataclass's `RENAMED`
     mapping, old -> new) is an error that names the new spelling."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    force = pop_force_flag(argv)
     layers = [CONFIG_DIR / f"{stage}.yaml"] if (CONFIG_DIR / f"{stage}.yaml").is_file() else []
     if "--config" in argv:
         index = argv.index("--config")
@@ -63,6 +76,8 @@ def parse_stage_config(stage: str, dataclass_types: tuple, argv: list[str] | Non
         for key in values:
             if key in renamed:
                 raise ConfigError(f"{config_path}: {key!r} is now called {renamed[key]!r}; rename the key")
+            if key == FORCE_FLAG.removeprefix("--") and key not in known:
+                raise ConfigError(f"{config_path}: {key!r} is a command-line flag ({FORCE_FLAG}), not a config key")
             if key not in known and key != "env":
                 raise ConfigError(f"{config_path}: unknown key {key!r}{_suggest(key, known)}")
         for key, value in values.items():
@@ -79,7 +94,7 @@ def parse_stage_config(stage: str, dataclass_types: tuple, argv: list[str] | Non
     parser = _stage_parser(dataclass_types)
     parser.set_defaults_with_config(**merged)
     try:
-        return tuple(parser.parse_args_into_dataclasses(args=argv))
+        parsed = ParsedConfig(parser.parse_args_into_dataclasses(args=argv))
     except ValueError as error:  # HfArgumentParser's message for unused CLI arguments, or a field check
         unused = re.search(r"not used by the HfArgumentParser: \[(.*)\]", str(error))
         if unused:
@@ -88,6 +103,26 @@ def parse_stage_config(stage: str, dataclass_types: tuple, argv: list[str] | Non
             raise ConfigError(f"command line: unknown option(s) {', '.join(flags) or unused.group(1)}{hint}") from None
         where = ", ".join(str(path) for path in layers) or "command line"
         raise ConfigError(f"{where}: {error}") from None
+    parsed.force = force
+    return parsed
+
+
+def pop_force_flag(argv: list[str]) -> bool:
+    """Remove `--force` (bare, `--force true|false` or `--force=...`, as the parser spells booleans)
+    from argv; whether it asked to redo an up-to-date stage."""
+    force, index = False, 0
+    while index < len(argv):
+        name, has_value, value = argv[index].partition("=")
+        if name != FORCE_FLAG:
+            index += 1
+            continue
+        if not has_value and index + 1 < len(argv) and argv[index + 1].lower() in BOOLEAN_WORDS:
+            has_value, value = True, argv.pop(index + 1)
+        del argv[index]
+        if has_value and value.lower() not in BOOLEAN_WORDS:
+            raise ConfigError(f"command line: {FORCE_FLAG} takes no value or true/false, got {value!r}")
+        force = BOOLEAN_WORDS[value.lower()] if has_value else True
+    return force
 
 
 def _stage_parser(dataclass_types: tuple):

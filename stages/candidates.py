@@ -23,6 +23,9 @@ Features and assumptions
     - Candidate order is shuffled per record by align.argilla_io (position bias).
     - Suggested ranking: rank 1 = highest reward score, equal scores share a rank.
 
+Always runs (no up-to-date check, unlike the training stages): its job is the push, and
+a local fingerprint cannot vouch for what the server holds now. `--force` changes nothing.
+
 Run: make candidates [RUN=name] [ARGS="--k 4 --max_prompts 50 --push false"]
 """
 

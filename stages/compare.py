@@ -23,6 +23,10 @@ How
     - Numbers: align/comparison.py (definitions in its docstring) and the paired
       statistics of align/evaluation.py; report and plots: align/reports.py.
 
+Up to date (same config, compared checkpoints, reward model, prompts, code and versions
+as the finished runs/<run>/compare): one line, nothing regenerated; `--force` redoes it
+(align/runs.py). A human verdict pulled into the report stays until compare reruns.
+
 Run: make compare [RUN=name] [ARGS="--samples_per_prompt 4 ..."]
 Then, for a human verdict: make compare-to-argilla, annotate, make compare-pull
 (stages/compare_human.py).
@@ -95,7 +99,8 @@ class CompareArgs:
 
 
 def main(argv=None):
-    (args,) = parse_stage_config("compare", (CompareArgs,), argv)
+    parsed = parse_stage_config("compare", (CompareArgs,), argv)
+    (args,) = parsed
     if not 0 < args.confidence < 1:
         raise ConfigError(f"confidence: must be between 0 and 1, got {args.confidence}")
     settings, kl_settings = sampling_settings(args)
@@ -104,13 +109,21 @@ def main(argv=None):
     prompts = data.load_prompts(args.prompts_file)[: args.max_prompts]
     checkpoints = checkpoints_to_compare(args)
     labels = model_labels(checkpoints)
+    config = resolved_config(args)
+    # a pure function of its parents and config: the same ones give the same report
+    parents = {**dict(zip(labels, checkpoints)),  # labels have no spaces: "reward model" cannot clash
+               "reward model": runs.find_checkpoint(args.run, ["reward"], args.reward_dir)}
+    fingerprint = runs.stage_fingerprint("compare", config, parents, runs.data_inputs(args.prompts_file))
+    if runs.skip_if_up_to_date(args.run, "compare", config, fingerprint, parsed.force):
+        return
     check_same_prompt_format(checkpoints, labels)
     scorer = load_reward_checkpoint(args.run, args.reward_gate_policy, args.reward_dir, batch_size=args.score_batch_size)
     conversations = [prompt["prompt"] for prompt in prompts]
     print(f"[compare] {', '.join(labels)} on {len(prompts)} prompts x {settings.n} samples "
           f"(temperature {settings.temperature}, seed {settings.seed}); baseline {labels[0]}", flush=True)
 
-    with runs.stage_output(args.run, "compare", resolved_config(args), args.seed, parent=checkpoints[-1]) as out:
+    with runs.stage_output(args.run, "compare", config, args.seed, parent=checkpoints[-1],
+                           fingerprint=fingerprint) as out:
         out.add_input(args.prompts_file, "prompts", len(prompts))
         out.set(checkpoints={label: c.as_parent() for label, c in zip(labels, checkpoints)},
                 reward_model=scorer.checkpoint.as_parent())

@@ -23,6 +23,9 @@
     themselves in human_answers.jsonl. Sides are decoded from each record's metadata
     and checked against ab_pairs.jsonl. Run it again whenever more answers came in.
 
+Both actions always run (no up-to-date check): they talk to a server whose records and
+answers change without any local file changing. `--force` changes nothing.
+
 Run: make compare-to-argilla [RUN=name] [ARGS="--argilla_samples_per_prompt 2"],
 annotate in the Argilla UI, then make compare-pull [RUN=name].
 """

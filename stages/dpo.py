@@ -29,6 +29,9 @@ changes, and a verdict (better only when both intervals clear no-effect).
 Answers cut at max_new_tokens (rounds and held-out) are never treated as finished:
 they score `truncation_penalty` below the reward model and never enter a pair.
 
+Up to date (same config, SFT and reward parents, data, code and versions as the finished
+runs/<run>/dpo): one line, nothing retrained; `--force` redoes it (align/runs.py).
+
 Run: make dpo [RUN=name] [ARGS="--mode offline --beta 0.2 ..."]
 """
 
@@ -124,14 +127,21 @@ def load_train_inputs(args: DPOStageArgs, heldout: list[dict]) -> tuple[list[lis
 
 
 def main(argv=None):
-    args, heldout_args, sampler, model_args, dpo_config = parse_stage_config(
+    parsed = parse_stage_config(
         "dpo", (DPOStageArgs, online.HeldOutArgs, online.GenerationArgs, ModelConfig, DPOConfig), argv)
+    args, heldout_args, sampler, model_args, dpo_config = parsed
     check_args(args, dpo_config)
 
     # Inputs, parents and the reward model, all checked before the policy loads.
     heldout = heldout_args.heldout()
     prompts, offline_pairs, pair_report = load_train_inputs(args, heldout.records)
     sft = runs.find_checkpoint(args.run, ["sft"], args.sft_dir)
+    config = resolved_config(args, heldout_args, sampler, model_args, dpo_config)
+    fingerprint = runs.stage_fingerprint(
+        "dpo", config, parents={"sft": sft, "reward": runs.find_checkpoint(args.run, ["reward"], args.reward_dir)},
+        inputs=runs.data_inputs(*args.ranked_files, heldout_args.eval_file))
+    if runs.skip_if_up_to_date(args.run, "dpo", config, fingerprint, parsed.force):
+        return
     bf16 = hardware.use_bf16(args.precision)
     scorer = sampler.scorer(args.run, args.reward_gate_policy, args.reward_dir, bf16)
     tokenizer = models.load_tokenizer(sft.model_path)
@@ -139,8 +149,7 @@ def main(argv=None):
     peft_config = training.lora_config(model_args, args.lora_top_layers, sft.model_path)
     reference = None if peft_config else models.load_causal_lm(sft.model_path).eval()
 
-    config = resolved_config(args, heldout_args, sampler, model_args, dpo_config)
-    with runs.stage_output(args.run, "dpo", config, dpo_config.seed, parent=sft) as out:
+    with runs.stage_output(args.run, "dpo", config, dpo_config.seed, parent=sft, fingerprint=fingerprint) as out:
         started = time.time()
         out.set(reward_model=scorer.checkpoint.as_parent())
         for path in args.ranked_files:

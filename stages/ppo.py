@@ -29,6 +29,9 @@ Before and after training it samples the SFT model and the PPO model on the held
 prompts with the same decoding and seed, and judges them with the statistics of
 `make compare` (align.online.HeldOut), as the DPO stage does.
 
+Up to date (same config, SFT and reward parents, data, code and versions as the finished
+runs/<run>/ppo): one line, nothing retrained; `--force` redoes it (align/runs.py).
+
 Run: make ppo [RUN=name] [ARGS="--updates 4 --kl_coef 0.1 ..."]
 """
 
@@ -150,14 +153,20 @@ def check_same_tokenizer(sft: runs.Checkpoint, reward: runs.Checkpoint) -> None:
 def main(argv=None):
     import torch
 
-    args, heldout_args, sampler, model_args = parse_stage_config(
-        "ppo", (PPOStageArgs, online.HeldOutArgs, online.GenerationArgs, ModelConfig), argv)
+    parsed = parse_stage_config("ppo", (PPOStageArgs, online.HeldOutArgs, online.GenerationArgs, ModelConfig), argv)
+    args, heldout_args, sampler, model_args = parsed
     check_args(args)
 
     # Inputs, parents and the reward model, all checked before the policy loads.
     heldout = heldout_args.heldout()
     prompts = load_train_prompts(args, heldout.records)
     sft = runs.find_checkpoint(args.run, ["sft"], args.sft_dir)
+    config = resolved_config(args, heldout_args, sampler, model_args)
+    fingerprint = runs.stage_fingerprint(
+        "ppo", config, parents={"sft": sft, "reward": runs.find_checkpoint(args.run, ["reward"], args.reward_dir)},
+        inputs=runs.data_inputs(*args.ranked_files, heldout_args.eval_file))
+    if runs.skip_if_up_to_date(args.run, "ppo", config, fingerprint, parsed.force):
+        return
     bf16 = hardware.use_bf16(args.precision)
     scorer = sampler.scorer(args.run, args.reward_gate_policy, args.reward_dir, bf16)
     check_same_tokenizer(sft, scorer.checkpoint)
@@ -177,8 +186,7 @@ def main(argv=None):
     updater = ppo.PPOUpdater(policy, critic, update_settings(args), args.learning_rate, args.critic_learning_rate,
                              seed=args.seed, autocast_bf16=bf16)
 
-    config = resolved_config(args, heldout_args, sampler, model_args)
-    with runs.stage_output(args.run, "ppo", config, args.seed, parent=sft) as out:
+    with runs.stage_output(args.run, "ppo", config, args.seed, parent=sft, fingerprint=fingerprint) as out:
         started = time.time()
         out.set(reward_model=scorer.checkpoint.as_parent())
         for path in args.ranked_files:

@@ -23,6 +23,10 @@ Features and assumptions
       A failed gate is printed loudly and recorded; the stage still completes,
       and later stages warn or refuse (their `reward_gate_policy`).
 
+Up to date (same config, SFT parent, rankings, code and versions as the finished
+runs/<run>/reward): one line, nothing retrained; `--force` redoes it (align/runs.py).
+With `argilla_dataset` the rankings are pulled first, so new submissions rerun it.
+
 Run: make reward [RUN=name] [ARGS="--num_train_epochs 2 ..."]
 """
 
@@ -67,7 +71,8 @@ class RewardStageArgs:
 
 
 def main(argv=None):
-    args, model_args, reward_config = parse_stage_config("reward", (RewardStageArgs, ModelConfig, RewardConfig), argv)
+    parsed = parse_stage_config("reward", (RewardStageArgs, ModelConfig, RewardConfig), argv)
+    args, model_args, reward_config = parsed
     if not args.ranked_files and not args.argilla_dataset:
         raise ConfigError("ranked_files is empty and argilla_dataset is not set: nothing to train on")
 
@@ -81,6 +86,11 @@ def main(argv=None):
     if pulled is not None:
         records += pulled
     parent, base = find_start_model(args, model_args)
+    config = resolved_config(args, model_args, reward_config)
+    fingerprint = runs.stage_fingerprint("reward", config, parents={"sft": parent},
+                                         inputs=fingerprint_inputs(args, model_args, base, pulled))
+    if runs.skip_if_up_to_date(args.run, "reward", config, fingerprint, parsed.force):
+        return
     tokenizer = models.load_tokenizer(base)
     pairs, pair_report = preferences.ranked_to_pairs(records, args.ties, args.aggregation, args.bad_rankings)
     show_bad_rankings(pair_report)
@@ -96,8 +106,7 @@ def main(argv=None):
         "dropped_too_long_train": too_long_train, "dropped_too_long_heldout": too_long_heldout,
     }
 
-    config = resolved_config(args, model_args, reward_config)
-    with runs.stage_output(args.run, "reward", config, reward_config.seed, parent=parent) as out:
+    with runs.stage_output(args.run, "reward", config, reward_config.seed, parent=parent, fingerprint=fingerprint) as out:
         for path, count in inputs:
             out.add_input(path, "ranked", count)
         if pulled is not None:
@@ -161,6 +170,19 @@ def find_start_model(args, model_args) -> tuple[runs.Checkpoint | None, str]:
         return None, models.resolve_model(model_args.model_name_or_path)
     parent = runs.find_checkpoint(args.run, ["sft"], args.sft_dir)
     return parent, parent.model_path
+
+
+def fingerprint_inputs(args, model_args, base: str, pulled: list[dict] | None) -> dict[str, str]:
+    """The ranked files, the rankings pulled from Argilla (by content: new submissions rerun the
+    stage) and, without an SFT parent, the base model."""
+    inputs = runs.data_inputs(*args.ranked_files)
+    if pulled is not None:
+        # without `source`: it numbers records in pull order, which the server need not keep
+        inputs.update(runs.records_input(f"argilla {args.argilla_workspace}/{args.argilla_dataset}",
+                                         [_without_source(record) for record in pulled]))
+    if model_args.model_name_or_path:
+        inputs.update(runs.model_input(model_args.model_name_or_path, base))
+    return inputs
 
 
 def pull_from_argilla(args) -> list[dict]:

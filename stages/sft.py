@@ -18,6 +18,9 @@ Features and assumptions
     - CPU-tuned defaults: no gradient checkpointing, no packing, bf16 autocast only
       where the CPU has native bf16 (`precision: auto`).
 
+Up to date (same config, data, base model files, code and versions as the finished
+runs/<run>/sft): one line, nothing retrained; `--force` redoes it (align/runs.py).
+
 Run: make sft [RUN=name] [ARGS="--num_train_epochs 1 ..."]
 """
 
@@ -41,7 +44,8 @@ class SFTStageArgs:
 
 
 def main(argv=None):
-    stage_args, model_args, sft_config = parse_stage_config("sft", (SFTStageArgs, ModelConfig, SFTConfig), argv)
+    parsed = parse_stage_config("sft", (SFTStageArgs, ModelConfig, SFTConfig), argv)
+    stage_args, model_args, sft_config = parsed
 
     # Inputs: validated before any model loads, so bad data fails in a second.
     conversations = data.load_conversations(stage_args.train_file)
@@ -49,11 +53,16 @@ def main(argv=None):
     train_set = Dataset.from_list(data.completion_examples(conversations))
     eval_set = Dataset.from_list(data.reference_examples(eval_prompts))
     base = models.resolve_model(model_args.model_name_or_path)
+    config = resolved_config(stage_args, model_args, sft_config)
+    fingerprint = runs.stage_fingerprint("sft", config, inputs={
+        **runs.data_inputs(stage_args.train_file, stage_args.eval_file),
+        **runs.model_input(model_args.model_name_or_path, base)})
+    if runs.skip_if_up_to_date(stage_args.run, "sft", config, fingerprint, parsed.force):
+        return
     tokenizer = models.load_tokenizer(base)
     model = models.load_causal_lm(base)
 
-    config = resolved_config(stage_args, model_args, sft_config)
-    with runs.stage_output(stage_args.run, "sft", config, sft_config.seed) as out:
+    with runs.stage_output(stage_args.run, "sft", config, sft_config.seed, fingerprint=fingerprint) as out:
         out.add_input(stage_args.train_file, "train", len(conversations))
         out.add_input(stage_args.eval_file, "eval", len(eval_prompts))
         training.record_model_facts(out, tokenizer, model_args.model_name_or_path, base)
