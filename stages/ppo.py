@@ -51,6 +51,7 @@ from align.console import run_stage, summary, warn
 from align.errors import ConfigError
 from align.generation import SamplingSettings, render_prompts
 from align.hardware import Precision
+from align.model_card import write_model_card
 
 PHASES = ("generate", "score", "forward", "train", "sync", "eval")
 
@@ -228,6 +229,7 @@ def main(argv=None):
         out.metrics.update(**online.heldout_metrics("ppo", heldout, sft_eval, ppo_eval, heldout_args.kl_estimator, verdict),
                            **run_metrics(update_rows), updates=update_rows, train_steps=updater.steps, bf16=bf16,
                            **timer.as_metrics(), total_s=round(time.time() - started, 1))
+        write_model_card(out.model_dir, out.manifest)  # inside the temporary folder: a crashed stage has no card
     m = out.metrics
     summary("ppo", updates=f"{len(update_rows)} ({updater.steps} steps)", clipfrac=f"{m['clipfrac_mean']:.3f}",
             **online.summary_fields("ppo", m, timer.phases), output=str(out.path))

@@ -41,6 +41,7 @@ from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import ConfigError
 from align.hardware import Precision
+from align.model_card import write_model_card
 from align.preferences import Aggregation, BadRankingPolicy, TieMode
 
 
@@ -152,6 +153,7 @@ def main(argv=None):
             warn("reward model FAILED its quality gate: " + "; ".join(gate.reasons) + ". See "
                  f"{runs.stage_dir(args.run, 'reward') / 'report.md'}. Later stages will warn or refuse "
                  "(their reward_gate_policy).")
+        write_model_card(out.model_dir, out.manifest)  # inside the temporary folder: a crashed stage has no card
     summary("reward", gate="PASS" if gate.passed else "FAIL",
             heldout_accuracy=_fmt(metrics.get("pairwise_accuracy")), ece=_fmt(metrics.get("ece")),
             length_corr=_fmt(metrics.get("length_correlation")), pairs=f"{len(train_pairs)}+{len(heldout_pairs)}",

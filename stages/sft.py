@@ -33,6 +33,7 @@ from align import data, models, runs, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary
 from align.hardware import Precision
+from align.model_card import write_model_card
 
 
 @dataclass
@@ -94,6 +95,7 @@ def main(argv=None):
             trainable_parameters=trainable,
             bf16=trainer.args.bf16,
         )
+        write_model_card(out.model_dir, out.manifest)  # inside the temporary folder: a crashed stage has no card
     summary("sft", eval_loss=f"{eval_before:.3f} -> {eval_after:.3f}", train_loss=result.training_loss,
             steps=result.global_step, output=str(out.path))
 

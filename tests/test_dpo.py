@@ -171,6 +171,8 @@ def test_offline_mode_trains_on_the_human_pairs(runs_root, cold_dry):
     assert metrics["train_steps"] == 4  # 16 pairs / batch 8 x 2 epochs
     assert metrics["rounds"][0]["train_rewards_accuracies"] > 0.5
     assert metrics["mean_reward_dpo"] > metrics["mean_reward_sft"]
+    card = (folder / "model" / "README.md").read_text()  # the model card (align/model_card.py)
+    assert metrics["verdict_line"] in card and "| mode | offline |" in card and facts["reward_model"]["manifest_sha256"] in card
 
 
 @pytest.mark.slow  # two stage processes

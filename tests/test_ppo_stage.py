@@ -133,6 +133,9 @@ def test_outputs_lineage_logs_and_tensorboard(ppo_run, runs_root, cold_dry):
     stdout = ppo_run["result"].stdout
     assert stdout.count("[ppo] update ") == 3 and "mean reward SFT" in stdout
     assert metrics["verdict_notes"] is not None and "ppo" in stdout.splitlines()[-1].lower()
+    card = (folder / "model" / "README.md").read_text()  # the model card (align/model_card.py)
+    assert metrics["verdict_line"] == stdout.splitlines()[-1] and metrics["verdict_line"] in card
+    assert "| updates | 3 |" in card and facts["reward_model"]["manifest_sha256"] in card
 
 
 def test_reward_model_that_failed_its_gate_is_refused_on_request(runs_root, cold_dry):

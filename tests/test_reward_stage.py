@@ -46,6 +46,9 @@ def test_reward_run_outputs_and_gate(runs_root, good_run):
     assert adapter["layers_to_transform"] == [1]  # lora_top_layers 1 of the tiny model's 2
     report = (folder / "report.md").read_text()
     assert "Quality gate: PASSED" in report and "calibration.png" in report and "length.png" in report
+    card = (folder / "model" / "README.md").read_text()  # the model card (align/model_card.py)
+    assert "## Quality gate: PASSED" in card and "pipeline_tag: text-classification" in card
+    assert facts["parent"]["manifest_sha256"] in card
     assert (folder / "calibration.png").stat().st_size > 1000 and (folder / "length.png").stat().st_size > 1000
     # No prompt on both sides of the split.
     train = {obj["prompt_id"] for _, obj in files.read_jsonl(folder / "pairs" / "train.jsonl")}
