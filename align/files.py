@@ -5,9 +5,9 @@ built on it): the bytes land in a temporary file beside the target, which is
 then renamed over it, so a crash never leaves a half-written file that looks
 whole. Folders use the same idea at the stage level (`align.runs.stage_output`).
 
-`read_jsonl` refuses bad input with `DataError` naming file:line, so callers
-that validate records (`align.data`) and callers that read our own outputs
-share one reader.
+`read_jsonl` refuses bad input (not UTF-8, a line over 1 MiB, not JSON) with
+`DataError` naming file:line, so callers that validate records (`align.data`)
+and callers that read our own outputs share one reader.
 """
 
 from __future__ import annotations
@@ -87,14 +87,21 @@ def write_jsonl(path: str | Path, records) -> int:
     return count
 
 
+# One record a line: a longer line is a file that is not JSON Lines (a whole JSON array on one
+# line) or a runaway record; refused before it is parsed, and never read into memory whole.
+MAX_LINE_BYTES = 1 << 20
+
+
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; refuses a missing or empty file and bad JSON."""
+    """(line number, object) for every non-blank line; refuses a missing or empty file, a line over
+    MAX_LINE_BYTES, bytes that are not UTF-8 and bad JSON, each with its line number."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, None, "file not found")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(_raw_lines(handle), start=1):
+            line = _decoded_line(path, number, raw)
             if not line.strip():
                 continue
             try:
@@ -107,6 +114,23 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     if not rows:
         raise DataError(path, None, None, "file is empty", "add at least one JSON object per line")
     return rows
+
+
+def _raw_lines(handle):
+    """The lines of a binary file, none longer than MAX_LINE_BYTES + 1 (a longer one is cut there)."""
+    while raw := handle.readline(MAX_LINE_BYTES + 1):
+        yield raw
+
+
+def _decoded_line(path: Path, number: int, raw: bytes) -> str:
+    if len(raw) > MAX_LINE_BYTES:
+        raise DataError(path, number, None, f"line is over {MAX_LINE_BYTES:,} bytes",
+                        "one JSON object a line; split or shorten this record")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(path, number, None, f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at byte {error.start + 1} of the line)",
+                        "save the file as UTF-8") from None
 
 
 def read_jsonl_records(path: str | Path) -> list[dict]:
