@@ -153,12 +153,20 @@ def _type_hints(cls) -> dict:
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    raw = path.read_bytes()
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[error.start]:02x}); save the file as UTF-8") from None
+    try:
+        values = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if values is None:  # an empty file (or only comments) is more likely the wrong file than "change nothing"
+        raise ConfigError(f"{path}: config file is empty; give the keys to change (key: value), or leave out --config")
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: must be a mapping of key: value")
     return values
