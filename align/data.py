@@ -2,7 +2,8 @@
 
 All files are JSON Lines, one object a line. Every record is checked on load; a
 bad one raises `DataError` naming `file:line: field` and the problem, before
-any training starts.
+any training starts. A field a format does not have is refused too (with the
+closest known name): a misspelt optional field would otherwise vanish silently.
 
 - conversations (SFT):  {"id", "messages": [{"role", "content"}, ...]}  last turn: assistant
 - prompts (eval):       {"prompt_id", "prompt": [messages ending with user], "reference"?: str}
@@ -12,11 +13,27 @@ any training starts.
 
 from __future__ import annotations
 
+import difflib
 import json
+
 from align.errors import DataError
 from align.files import read_jsonl
 
 ROLES = ("system", "user", "assistant")
+CONVERSATION_FIELDS = ("id", "messages")
+PROMPT_FIELDS = ("prompt_id", "prompt", "reference")
+RANKED_FIELDS = ("prompt_id", "prompt", "responses", "annotator", "provenance")
+RESPONSE_FIELDS = ("text", "rank")
+
+
+def _reject_unknown(path, line, obj: dict, known: tuple[str, ...], prefix: str = "") -> None:
+    """Refuse fields the format does not have: a misspelt optional one (`refrence`) would
+    otherwise be dropped without a word."""
+    for key in obj:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else f"the fields are {', '.join(known)}"
+            raise DataError(path, line, f"{prefix}{key}", "unknown field", hint)
 
 
 def _require(path, line, obj: dict, field: str, kind, what: str):
@@ -58,6 +75,7 @@ def load_conversations(path) -> list[dict]:
     """SFT data. Returns [{"id", "messages"}]."""
     records, seen = [], {}
     for line, obj in read_jsonl(path):
+        _reject_unknown(path, line, obj, CONVERSATION_FIELDS)
         record_id = str(obj.get("id", f"line-{line}"))
         if record_id in seen:
             raise DataError(path, line, "id", f"duplicate id {record_id!r} (first on line {seen[record_id]})")
@@ -71,6 +89,7 @@ def load_prompts(path) -> list[dict]:
     """Evaluation prompts. Returns [{"prompt_id", "prompt", "reference"?}]."""
     records, seen = [], {}
     for line, obj in read_jsonl(path):
+        _reject_unknown(path, line, obj, PROMPT_FIELDS)
         prompt_id = _require(path, line, obj, "prompt_id", str, "string id")
         if prompt_id in seen:
             raise DataError(path, line, "prompt_id", f"duplicate {prompt_id!r} (first on line {seen[prompt_id]})")
@@ -94,6 +113,7 @@ def ranked_record(path, line: int, obj: dict) -> dict:
 
     Also for records that never were a file line (an Argilla pull names the line of
     the rankings.jsonl it is saved to)."""
+    _reject_unknown(path, line, obj, RANKED_FIELDS)
     prompt_id = _require(path, line, obj, "prompt_id", str, "string id")
     prompt = check_messages(path, line, "prompt", obj.get("prompt"), "user")
     responses = _require(path, line, obj, "responses", list, "list of {text, rank}")
@@ -102,6 +122,7 @@ def ranked_record(path, line: int, obj: dict) -> dict:
         where = f"responses[{index}]"
         if not isinstance(response, dict):
             raise DataError(path, line, where, "must be an object {text, rank}")
+        _reject_unknown(path, line, response, RESPONSE_FIELDS, prefix=f"{where}.")
         text, rank = response.get("text"), response.get("rank")
         if not isinstance(text, str) or not text.strip():
             raise DataError(path, line, f"{where}.text", "must be a non-empty string")
@@ -136,10 +157,16 @@ def completion_examples(conversations: list[dict]) -> list[dict]:
     return examples
 
 
-def reference_examples(prompts: list[dict]) -> list[dict]:
-    """Held-out prompts with reference answers, as prompt-completion examples."""
-    return [
+def reference_examples(prompts: list[dict], path) -> list[dict]:
+    """Held-out prompts with reference answers (from the file `path`), as prompt-completion examples.
+
+    Refuses a file in which no prompt has a reference: the held-out loss has nothing to measure."""
+    examples = [
         {"prompt": record["prompt"], "completion": [{"role": "assistant", "content": record["reference"]}]}
         for record in prompts
         if "reference" in record
     ]
+    if not examples:
+        raise DataError(path, None, "reference", f"none of the {len(prompts)} prompts has one",
+                        'SFT measures its held-out loss on reference answers: add "reference" to the prompts')
+    return examples

@@ -52,7 +52,7 @@ def main(argv=None):
     conversations = data.load_conversations(stage_args.train_file)
     eval_prompts = data.load_prompts(stage_args.eval_file)
     train_set = Dataset.from_list(data.completion_examples(conversations))
-    eval_set = Dataset.from_list(data.reference_examples(eval_prompts))
+    eval_set = Dataset.from_list(data.reference_examples(eval_prompts, stage_args.eval_file))
     base = models.resolve_model(model_args.model_name_or_path)
     config = resolved_config(stage_args, model_args, sft_config)
     fingerprint = runs.stage_fingerprint("sft", config, inputs={
