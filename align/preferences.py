@@ -50,7 +50,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from align.errors import DataError
+from align.errors import ConfigError, DataError
 
 TieMode = Literal["drop", "soft"]
 Aggregation = Literal["mean_rank", "majority"]
@@ -187,12 +187,22 @@ def check_options(ties: str, aggregation: str, bad_rankings: str) -> None:
             raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
 
 
-def _refuse(bad: list[BadRanking]) -> None:
+def _refuse(bad: list[BadRanking], hint: str = "fix or remove the record, or set bad_rankings: skip to train without it") -> None:
     first = bad[0]
     path, _, line = first.source.rpartition(":")
     more = f"; {len(bad) - 1} more bad ranking(s) after this one" if len(bad) > 1 else ""
-    hint = "fix or remove the record, or set bad_rankings: skip to train without it" + more
-    raise DataError(path or first.source, int(line) if line.isdigit() else None, first.field, first.problem, hint)
+    raise DataError(path or first.source, int(line) if line.isdigit() else None, first.field, first.problem, hint + more)
+
+
+def require_pairs(pairs: list[dict], report: PairReport, sources: list[str]) -> None:
+    """Refuse rankings that gave no pair at all, before any model loads: name the first bad ranking
+    (file:line: field) when bad ones were skipped, else the sources."""
+    if pairs:
+        return
+    if report.bad:
+        _refuse(report.bad, "no ranking is usable, so there is nothing to train on; fix the rankings")
+    raise ConfigError(f"{', '.join(sources)}: no preference pairs in {report.records} rankings "
+                      f"({report.ties_dropped} tied pairs dropped by ties: drop); rank the responses apart or set ties: soft")
 
 
 def ranked_to_pairs(records: list[dict], ties: str = "drop", aggregation: str = "mean_rank",

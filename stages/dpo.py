@@ -120,8 +120,8 @@ def load_train_inputs(args: DPOStageArgs, heldout: list[dict]) -> tuple[list[lis
         key = preferences.prompt_key(record["prompt"])
         if key not in excluded:
             prompts.setdefault(key, record["prompt"])
-    if args.mode == "offline" and not pairs:
-        raise ConfigError(f"{', '.join(args.ranked_files)}: no usable preference pairs for mode offline")
+    if args.mode == "offline":
+        preferences.require_pairs(pairs, report, args.ranked_files)
     if not prompts:
         raise ConfigError(f"{', '.join(args.ranked_files)}: no train prompts left after removing held-out ones")
     return list(prompts.values()), pairs, report

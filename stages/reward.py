@@ -86,6 +86,9 @@ def main(argv=None):
     pulled = pull_from_argilla(args) if args.argilla_dataset else None
     if pulled is not None:
         records += pulled
+    pairs, pair_report = preferences.ranked_to_pairs(records, args.ties, args.aggregation, args.bad_rankings)
+    sources = [*args.ranked_files, *([f"Argilla dataset {args.argilla_dataset}"] if pulled else [])]
+    preferences.require_pairs(pairs, pair_report, sources)  # no pair at all: refused before any model loads
     parent, base = find_start_model(args, model_args)
     config = resolved_config(args, model_args, reward_config)
     fingerprint = runs.stage_fingerprint("reward", config, parents={"sft": parent},
@@ -93,8 +96,7 @@ def main(argv=None):
     if runs.skip_if_up_to_date(args.run, "reward", config, fingerprint, parsed.force):
         return
     tokenizer = models.load_tokenizer(base)
-    pairs, pair_report = preferences.ranked_to_pairs(records, args.ties, args.aggregation, args.bad_rankings)
-    show_bad_rankings(pair_report)
+    show_bad_rankings(pair_report)  # after the up-to-date check, which prints one line and nothing else
     train_pairs, heldout_pairs = preferences.split_by_prompt(pairs, args.heldout_fraction, reward_config.seed)
     train_pairs, too_long_train = drop_too_long(tokenizer, train_pairs, reward_config.max_length)
     heldout_pairs, too_long_heldout = drop_too_long(tokenizer, heldout_pairs, reward_config.max_length)
