@@ -131,6 +131,11 @@ def _convert_gguf(gguf: Path, gguf_hash: str, target: Path) -> Path:
     return target
 
 
+# What a saved tokenizer leaves in a folder: tokenizer.save_pretrained always writes the config,
+# fast tokenizers the json; a folder with neither has none (transformers' own error is a traceback).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
 def load_tokenizer(path: str, padding_side: str = "right"):
     """Load a tokenizer whose pad token differs from eos.
 
@@ -140,6 +145,10 @@ def load_tokenizer(path: str, padding_side: str = "right"):
     """
     from transformers import AutoTokenizer
 
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise AlignError(f"{path}: no tokenizer ({' or '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+                         "into this folder (tokenizer.save_pretrained)")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         for candidate in ("<|endoftext|>", "<pad>", "<|pad|>", tokenizer.unk_token, tokenizer.bos_token):
@@ -149,7 +158,8 @@ def load_tokenizer(path: str, padding_side: str = "right"):
         else:
             raise AlignError(f"{path}: tokenizer has no special token usable as pad besides eos")
     if not tokenizer.chat_template:
-        raise AlignError(f"{path}: tokenizer has no chat template; conversational stages need one")
+        raise AlignError(f"{path}: tokenizer has no chat template; conversational stages need one: use an "
+                         "instruction-tuned model's tokenizer, or set tokenizer.chat_template and save it there")
     tokenizer.padding_side = padding_side
     return tokenizer
 
