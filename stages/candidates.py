@@ -93,10 +93,16 @@ def rank_by_score(scores: list[float]) -> list[int]:
     return [1 + sum(other > score for other in scores) for score in scores]
 
 
-def score_candidates(args, prompts, samples) -> tuple[list[list[float]], object]:
+def load_scorer(args):
+    """The reward model that suggests rankings (None when there is none or it is not wanted)."""
+    if not reward_checkpoint_wanted(args):
+        return None
     from align import scoring
 
-    scorer = scoring.load_reward_checkpoint(args.run, args.reward_gate_policy, explicit=args.reward_dir)
+    return scoring.load_reward_checkpoint(args.run, args.reward_gate_policy, explicit=args.reward_dir)
+
+
+def score_candidates(args, scorer, prompts, samples) -> tuple[list[list[float]], object]:
     flat_prompts = [record["prompt"] for record, group in zip(prompts, samples) for _ in group]
     flat_texts = [sample.text for group in samples for sample in group]
     flat = scorer.score(flat_prompts, flat_texts, progress="reward scores")
@@ -119,6 +125,7 @@ def main(argv=None):
         from align import argilla_io
 
         client = argilla_io.connect()
+    scorer = load_scorer(args)  # before sampling: a reward model it cannot use should cost seconds too
 
     with runs.stage_output(args.run, "candidates", resolved_config(args), args.seed, parent=sft) as out:
         out.add_input(args.prompts_file, "prompts", len(prompts))
@@ -133,9 +140,9 @@ def main(argv=None):
               f"= {tokens / sampling_s:.0f} tokens/s with {backend}", flush=True)
 
         scores, reward, scoring_s = None, None, 0.0
-        if reward_checkpoint_wanted(args):
+        if scorer is not None:
             started = time.perf_counter()
-            scores, reward = score_candidates(args, prompts, samples)
+            scores, reward = score_candidates(args, scorer, prompts, samples)
             scoring_s = time.perf_counter() - started
             print(f"[candidates] reward-model suggestions from {reward.folder} in {scoring_s:.1f} s", flush=True)
             out.set(reward_model=reward.as_parent())
