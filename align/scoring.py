@@ -117,7 +117,8 @@ class RewardScorer:
         self.tokenizer = load_tokenizer(str(model_dir))
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         if self.model.config.num_labels != 1:
-            raise AlignError(f"{model_dir}: num_labels is {self.model.config.num_labels}, a reward model has 1")
+            raise AlignError(f"{model_dir}: num_labels is {self.model.config.num_labels}, a reward model has 1 "
+                             "(one score per text); point at a reward stage's model (make reward)")
         if device:
             self.model.to(device)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
