@@ -34,15 +34,16 @@ def make_policy_stage(run: str, stage: str, source: Path, noise: float = 0.0, se
     return out.path
 
 
-def make_reward_stage(run: str, source: Path, gate_passed: bool = True) -> Path:
-    """A finished `reward` stage holding a tiny random 1-label sequence classifier."""
+def make_reward_stage(run: str, source: Path, gate_passed: bool = True, num_labels: int = 1) -> Path:
+    """A finished `reward` stage holding a tiny random sequence classifier (1 label, as a reward
+    model has; `num_labels` 2 makes the classifier a reward model must refuse)."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     from align.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(source))
-    config = AutoConfig.from_pretrained(source, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.from_pretrained(source, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(7)
     with runs.stage_output(run, "reward", {"built_by": "tests/fakes.py"}, 7) as out:
         AutoModelForSequenceClassification.from_config(config).save_pretrained(out.model_dir)
