@@ -14,6 +14,7 @@ What we add on top, because the parser lets it through:
 - a key a stage renamed (its dataclass's `RENAMED = {"old": "new"}`) is an error
   naming the new spelling, never silently ignored;
 - argparse's own errors are one-line `ConfigError`s (exit 2), not a usage dump;
+- `--report_to a b` takes several trackers on the command line, as a YAML list does;
 - `--force` (every stage): redo a stage whose output is up to date (`align.runs.skip_if_up_to_date`).
   It is a run control, not a config key: it says whether to make the output, not how, so it is
   never part of the resolved config, never recorded and never a reason to rerun. The parsed
@@ -139,7 +140,13 @@ def _stage_parser(dataclass_types: tuple):
                 raise ConfigError(f"command line: {key.replace('-', '_')}: expected one of {allowed}, got {value}")
             raise ConfigError(f"command line: {message}")
 
-    return StageParser(dataclass_types, allow_abbrev=False)  # `--epoch` must not silently mean `--epochs`
+    parser = StageParser(dataclass_types, allow_abbrev=False)  # `--epoch` must not silently mean `--epochs`
+    for action in parser._actions:
+        # transformers types report_to `None | str | list[str]`, which HfArgumentParser reads as one
+        # string: `--report_to tensorboard wandb` (as in YAML, a list) needs nargs "+"
+        if action.dest == "report_to" and action.nargs is None:
+            action.nargs = "+"
+    return parser
 
 
 def _type_hints(cls) -> dict:
