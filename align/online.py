@@ -12,8 +12,9 @@ and, before and after training, samples the SFT model and the trained policy on
 the held-out prompts with the same decoding (`HeldOut`), which `heldout_metrics`
 turns into the stage's manifest metrics.
 
-`PhaseTimer` splits wall time into generate / score / train / sync / eval; `StepLogger` puts every trainer step on one TensorBoard timeline across
-rounds (each round's TRL trainer restarts its step count) and into steps.jsonl.
+`PhaseTimer` splits wall time into generate / score / train / sync / eval; `StepLogger` puts every trainer step on one timeline across
+rounds (each round's TRL trainer restarts its step count) in the stage's trackers
+(`align.trackers`) and into steps.jsonl.
 """
 
 from __future__ import annotations
@@ -339,13 +340,14 @@ def summary_fields(name: str, metrics: dict, phases: tuple[str, ...]) -> dict:
 
 
 class StepLogger:
-    """A transformers TrainerCallback: every logged step goes to TensorBoard on one timeline
-    across rounds (each round's trainer restarts its step count) and into a list for steps.jsonl."""
+    """A transformers TrainerCallback: every logged step goes to the stage's trackers (align.trackers)
+    on one timeline across rounds (each round's trainer restarts its step count) and into a list
+    for steps.jsonl."""
 
-    def __init__(self, writer):
+    def __init__(self, trackers):
         from transformers import TrainerCallback
 
-        self.writer, self.rows, self.offset, self.round = writer, [], 0, 0
+        self.trackers, self.rows, self.offset, self.round = trackers, [], 0, 0
         logger = self
 
         class _Callback(TrainerCallback):
@@ -359,28 +361,6 @@ class StepLogger:
 
     def log(self, step: int, logs: dict) -> None:
         step = self.offset + step
-        row = {"round": self.round, "step": step}
-        for key, value in logs.items():
-            if isinstance(value, (int, float)):
-                row[key] = value
-                if self.writer is not None:
-                    self.writer.add_scalar(f"train/{key}", value, step)
-        self.rows.append(row)
-
-
-def tensorboard_writer(out):
-    """A SummaryWriter in the stage's logs/tensorboard, or None without tensorboard (the jsonl logs hold all)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(log_dir=str(out.logs_dir / "tensorboard"))
-
-
-def log_scalars(writer, prefix: str, values: dict, step: int, skip: tuple[str, ...] = ()) -> None:
-    """Every number of `values` under `prefix/` at `step` (no-op without a writer)."""
-    if writer is None:
-        return
-    for key, value in values.items():
-        if isinstance(value, (int, float)) and key not in skip:
-            writer.add_scalar(f"{prefix}/{key}", value, step)
+        numbers = {key: value for key, value in logs.items() if isinstance(value, (int, float))}
+        self.trackers.log("train", numbers, step)
+        self.rows.append({"round": self.round, "step": step, **numbers})

@@ -5,7 +5,7 @@ Every stage writes `runs/<run>/<stage>/`:
     model/           the model in Hugging Face format (merged, ready to load)
     adapter/         the LoRA adapter, when the stage trained one
     config.yaml      the resolved config, every field
-    logs/            stage.log (everything printed) and tensorboard/ events
+    logs/            stage.log (everything printed) and the trackers' files (align/trackers.py)
     manifest.json    what went in, what came out, how (see `Manifest` fields below)
 
 The folder is built as `runs/<run>/.<stage>.tmp-<pid>/` and renamed into place

@@ -1,4 +1,4 @@
-"""Shared trainer setup: hardware defaults, LoRA, logging, saving.
+"""Shared trainer setup: hardware defaults, LoRA, saving.
 
 TRL configs default to bf16 on an accelerator and fail on a CPU-only machine;
 `fit_to_hardware` picks the device and precision once for every stage.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -16,20 +15,17 @@ from align import hardware
 from align.errors import ConfigError
 from align.models import CONVERSION_STAMP, chat_template_hash
 
-def fit_to_hardware(trl_config, precision: str, output_dir: Path, report_to="tensorboard"):
+def fit_to_hardware(trl_config, precision: str, output_dir: Path):
     """Return a copy of a TRL/transformers config set for this machine and output folder.
 
-    `report_to`: "tensorboard" (events in logs/tensorboard) or "none" for stages that log
-    their own timeline. `dataclasses.replace` re-runs the config's own validation."""
-    logs = Path(output_dir) / "logs" / "tensorboard"
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs)  # read by transformers' TensorBoard callback
+    `report_to` stays the user's (align.trackers opens the runs and points TensorBoard at
+    logs/tensorboard). `dataclasses.replace` re-runs the config's own validation."""
     changes = {
         "output_dir": str(Path(output_dir) / "trainer"),
         "use_cpu": not hardware.has_cuda(),
         "bf16": hardware.use_bf16(precision),
         "fp16": False,
         "save_strategy": "no",  # the stage saves the final model itself, atomically
-        "report_to": [report_to] if report_to != "none" else "none",
     }
     return dataclasses.replace(trl_config, **changes)
 

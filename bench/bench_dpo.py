@@ -70,7 +70,7 @@ def child(setup: str, steps: int, batch: int, max_length: int, ranked: str) -> d
             gradient_checkpointing=False, report_to="none", seed=0, save_strategy="no",
             use_cpu=not hardware.has_cuda(), bf16=False,  # fit_to_hardware picks the precision next
         )
-        config = training.fit_to_hardware(config, "auto", Path(scratch), report_to="none")
+        config = training.fit_to_hardware(config, "auto", Path(scratch))
         peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                       "gate_proj", "up_proj", "down_proj"]) if lora else None
         started = time.perf_counter()

@@ -10,7 +10,8 @@ Consumes
 
 Produces runs/<run>/dpo/: model/ (merged, Hugging Face format), adapter/ (LoRA),
 samples/eval_{sft,dpo}.jsonl (held-out samples with reward and house-style scores),
-rounds/round-<n>-pairs.jsonl, logs/ (stage.log, steps.jsonl, rounds.jsonl, tensorboard/),
+rounds/round-<n>-pairs.jsonl, logs/ (stage.log, steps.jsonl, rounds.jsonl, and per `report_to`
+tensorboard/ and/or wandb/),
 config.yaml, manifest.json (parent: the SFT stage; reward_model: the reward stage).
 
 Modes
@@ -37,6 +38,7 @@ Run: make dpo [RUN=name] [ARGS="--mode offline --beta 0.2 ..."]
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -44,7 +46,7 @@ from typing import Literal
 
 from trl import DPOConfig, ModelConfig
 
-from align import data, dpo_rounds, files, hardware, models, online, preferences, runs, training
+from align import data, dpo_rounds, files, hardware, models, online, preferences, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary
 from align.errors import ConfigError
@@ -132,6 +134,7 @@ def main(argv=None):
         "dpo", (DPOStageArgs, online.HeldOutArgs, online.GenerationArgs, ModelConfig, DPOConfig), argv)
     args, heldout_args, sampler, model_args, dpo_config = parsed
     check_args(args, dpo_config)
+    tracker_names = trackers.requested_trackers(dpo_config.report_to)
 
     # Inputs, parents and the reward model, all checked before the policy loads.
     heldout = heldout_args.heldout()
@@ -156,39 +159,41 @@ def main(argv=None):
         for path in args.ranked_files:
             out.add_input(path, "ranked")
         out.add_input(heldout_args.eval_file, "eval prompts", len(heldout.records))
-        # report_to none: the StepLogger writes TensorBoard itself, on one timeline across rounds
-        trl_config = training.fit_to_hardware(dpo_config, args.precision, out.path, report_to="none")
-        writer = online.tensorboard_writer(out)
-        step_logger = online.StepLogger(writer)
-        trainer = dpo_rounds.RoundTrainer(policy, tokenizer, trl_config, peft_config, step_logger, reference)
-        timer = online.PhaseTimer()
-        print(f"[dpo] mode {args.mode}: {len(prompts)} train prompts, {len(offline_pairs)} human pairs, "
-              f"{len(heldout.records)} held-out prompts; reference = "
-              f"{'the adapter-disabled SFT model' if peft_config else 'a frozen copy of the SFT model'}", flush=True)
+        # The inner TRL trainers report to none: each round builds a new one whose step count starts
+        # at 0 again, so the StepLogger puts their steps on ONE timeline across rounds and sends it,
+        # with the round and held-out numbers, to the trackers report_to chose.
+        trl_config = training.fit_to_hardware(dataclasses.replace(dpo_config, report_to="none"), args.precision, out.path)
+        with trackers.open_trackers(tracker_names, out, config) as tracked:
+            step_logger = online.StepLogger(tracked)
+            trainer = dpo_rounds.RoundTrainer(policy, tokenizer, trl_config, peft_config, step_logger, reference)
+            timer = online.PhaseTimer()
+            print(f"[dpo] mode {args.mode}: {len(prompts)} train prompts, {len(offline_pairs)} human pairs, "
+                  f"{len(heldout.records)} held-out prompts; reference = "
+                  f"{'the adapter-disabled SFT model' if peft_config else 'a frozen copy of the SFT model'}", flush=True)
 
-        with sampler.generator(sft.model_path, seed=dpo_config.seed) as generator:
-            with timer.phase("eval"):
-                sft_eval = heldout.sample(generator, scorer, "SFT")
-            if args.mode == "on_policy":
-                round_rows = run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, writer, out, bf16)
-            else:
-                round_rows = [train_offline(trainer, generator, offline_pairs, timer, out)]
-            with timer.phase("eval"):
-                dpo_eval = heldout.sample(generator, scorer, "DPO")
-                kl = online.kl_samples(trainer.model, tokenizer, dpo_eval, len(heldout.records) * heldout.settings.n,
-                                       heldout_args.kl_estimator, bf16, reference_model=reference, prompt_ids=heldout.prompt_ids)
-                dpo_eval.kl = online.kl_means(kl)
-            backend = generator.describe()
-        verdict = heldout.verdict("dpo", sft_eval, dpo_eval, kl)
+            with sampler.generator(sft.model_path, seed=dpo_config.seed) as generator:
+                with timer.phase("eval"):
+                    sft_eval = heldout.sample(generator, scorer, "SFT")
+                if args.mode == "on_policy":
+                    round_rows = run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, tracked, out,
+                                            bf16)
+                else:
+                    round_rows = [train_offline(trainer, generator, offline_pairs, timer, out)]
+                with timer.phase("eval"):
+                    dpo_eval = heldout.sample(generator, scorer, "DPO")
+                    kl = online.kl_samples(trainer.model, tokenizer, dpo_eval, len(heldout.records) * heldout.settings.n,
+                                           heldout_args.kl_estimator, bf16, reference_model=reference,
+                                           prompt_ids=heldout.prompt_ids)
+                    dpo_eval.kl = online.kl_means(kl)
+                backend = generator.describe()
+            verdict = heldout.verdict("dpo", sft_eval, dpo_eval, kl)
+            tracked.log("heldout_sft", sft_eval.summary(), 0)
+            tracked.log("heldout_dpo", dpo_eval.summary(), 0)
 
         files.write_jsonl(out.path / "samples" / "eval_sft.jsonl", sft_eval.records(heldout.prompt_ids))
         files.write_jsonl(out.path / "samples" / "eval_dpo.jsonl", dpo_eval.records(heldout.prompt_ids))
         files.write_jsonl(out.logs_dir / "steps.jsonl", step_logger.rows)
         files.write_jsonl(out.logs_dir / "rounds.jsonl", round_rows)
-        online.log_scalars(writer, "heldout_sft", sft_eval.summary(), 0)
-        online.log_scalars(writer, "heldout_dpo", dpo_eval.summary(), 0)
-        if writer is not None:
-            writer.close()
         # no pair in any round: nothing was trained and the policy is still the plain SFT model
         training.save_outputs(trainer.model, tokenizer, out, use_peft=trainer.steps > 0 and peft_config is not None)
         training.remove_trainer_scratch(out)
@@ -214,8 +219,8 @@ def train_offline(trainer, generator, pairs: list[dict], timer, out) -> dict:
     return {"round": 1, **metrics}
 
 
-def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, writer, out, bf16) -> list[dict]:
-    """On-policy rounds; returns one metrics row per round (also in TensorBoard under round/)."""
+def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, tracked, out, bf16) -> list[dict]:
+    """On-policy rounds; returns one metrics row per round (also in the trackers under round/)."""
     settings = SamplingSettings(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
                                 max_new_tokens=args.max_new_tokens)
     rows = []
@@ -252,7 +257,7 @@ def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, w
         print(f"[dpo] round {number}/{args.rounds}: fresh mean reward {row['fresh_mean_reward']:.3f}, "
               f"style {row['fresh_style_score']:.2f}, KL {row.get('fresh_kl', 0):.2f}, {counts['pairs']} pairs, "
               f"DPO reward accuracy {row.get('train_rewards_accuracies', float('nan')):.2f}", flush=True)
-        online.log_scalars(writer, "round", row, number, skip=("round",))
+        tracked.log("round", row, number, skip=("round",))
     return rows
 
 

@@ -14,7 +14,8 @@ Consumes
 Produces runs/<run>/ppo/: model/ (merged, Hugging Face format), adapter/ (LoRA),
 samples/eval_{sft,ppo}.jsonl (held-out samples with reward and house-style scores),
 rollouts/update-<n>-samples.jsonl, logs/ (stage.log, updates.jsonl one row per update,
-steps.jsonl one row per minibatch step, push_check.jsonl, tensorboard/), config.yaml,
+steps.jsonl one row per minibatch step, push_check.jsonl, and per `report_to` tensorboard/
+and/or wandb/), config.yaml,
 manifest.json (parent: the SFT stage; reward_model: the reward stage).
 
 One update (design notes §2.2): sample `prompts_per_update` x `samples_per_prompt` answers
@@ -45,7 +46,7 @@ from typing import Literal
 
 from trl import ModelConfig
 
-from align import data, files, hardware, models, online, ppo, ppo_math, preferences, runs, training
+from align import data, files, hardware, models, online, ppo, ppo_math, preferences, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import ConfigError
@@ -66,6 +67,9 @@ class PPOStageArgs:
                                     metadata={"help": "ranked responses: only their prompts are used (train prompts)"})
     precision: Precision = field(default="auto", metadata={"help": "training autocast: auto | bf16 | fp32"})
     seed: int = field(default=42, metadata={"help": "LoRA init, prompt order, minibatch order, rollout sampling"})
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={
+        "help": "trackers of the updates: tensorboard | wandb (several allowed) | none (align/trackers.py); "
+                "the same key as the trainer stages' TrainingArguments"})
     # rollouts
     updates: int = field(default=8, metadata={"help": "PPO updates (rollout batches)"})
     prompts_per_update: int = field(default=32, metadata={"help": "train prompts sampled per update"})
@@ -157,6 +161,7 @@ def main(argv=None):
     parsed = parse_stage_config("ppo", (PPOStageArgs, online.HeldOutArgs, online.GenerationArgs, ModelConfig), argv)
     args, heldout_args, sampler, model_args = parsed
     check_args(args)
+    tracker_names = trackers.requested_trackers(args.report_to)
 
     # Inputs, parents and the reward model, all checked before the policy loads.
     heldout = heldout_args.heldout()
@@ -193,37 +198,35 @@ def main(argv=None):
         for path in args.ranked_files:
             out.add_input(path, "ranked")
         out.add_input(heldout_args.eval_file, "eval prompts", len(heldout.records))
-        writer = online.tensorboard_writer(out)
-        timer = online.PhaseTimer(PHASES)
-        print(f"[ppo] {args.updates} updates x {args.prompts_per_update * args.samples_per_prompt} rollouts, "
-              f"{len(prompts)} train prompts, {len(heldout.records)} held-out prompts; reference = "
-              f"{'the adapter-disabled SFT model' if peft_config else 'a frozen copy of the SFT model'}; "
-              f"critic from {scorer.model_dir}", flush=True)
+        with trackers.open_trackers(tracker_names, out, config) as tracked:
+            timer = online.PhaseTimer(PHASES)
+            print(f"[ppo] {args.updates} updates x {args.prompts_per_update * args.samples_per_prompt} rollouts, "
+                  f"{len(prompts)} train prompts, {len(heldout.records)} held-out prompts; reference = "
+                  f"{'the adapter-disabled SFT model' if peft_config else 'a frozen copy of the SFT model'}; "
+                  f"critic from {scorer.model_dir}", flush=True)
 
-        loop = UpdateLoop(args, policy, reference, critic, updater, tokenizer, scorer, prompts, heldout, timer,
-                          writer, out, bf16)
-        with sampler.generator(sft.model_path, seed=args.seed) as generator:
-            with timer.phase("eval"):
-                sft_eval = heldout.sample(generator, scorer, "SFT")
-            update_rows = loop.run(generator)
-            with timer.phase("eval"):
-                ppo_eval = heldout.sample(generator, scorer, "PPO")
-                kl = online.kl_samples(policy, tokenizer, ppo_eval, len(heldout.records) * heldout.settings.n,
-                                       heldout_args.kl_estimator, bf16, reference_model=reference,
-                                       prompt_ids=heldout.prompt_ids)
-                ppo_eval.kl = online.kl_means(kl)
-            backend = generator.describe()
-        verdict = heldout.verdict("ppo", sft_eval, ppo_eval, kl)
+            loop = UpdateLoop(args, policy, reference, critic, updater, tokenizer, scorer, prompts, heldout, timer,
+                              tracked, out, bf16)
+            with sampler.generator(sft.model_path, seed=args.seed) as generator:
+                with timer.phase("eval"):
+                    sft_eval = heldout.sample(generator, scorer, "SFT")
+                update_rows = loop.run(generator)
+                with timer.phase("eval"):
+                    ppo_eval = heldout.sample(generator, scorer, "PPO")
+                    kl = online.kl_samples(policy, tokenizer, ppo_eval, len(heldout.records) * heldout.settings.n,
+                                           heldout_args.kl_estimator, bf16, reference_model=reference,
+                                           prompt_ids=heldout.prompt_ids)
+                    ppo_eval.kl = online.kl_means(kl)
+                backend = generator.describe()
+            verdict = heldout.verdict("ppo", sft_eval, ppo_eval, kl)
+            tracked.log("heldout_sft", sft_eval.summary(), 0)
+            tracked.log("heldout_ppo", ppo_eval.summary(), 0)
 
         files.write_jsonl(out.path / "samples" / "eval_sft.jsonl", sft_eval.records(heldout.prompt_ids))
         files.write_jsonl(out.path / "samples" / "eval_ppo.jsonl", ppo_eval.records(heldout.prompt_ids))
         files.write_jsonl(out.logs_dir / "updates.jsonl", update_rows)
         files.write_jsonl(out.logs_dir / "steps.jsonl", loop.step_rows)
         files.write_jsonl(out.logs_dir / "push_check.jsonl", loop.push_checks)
-        online.log_scalars(writer, "heldout_sft", sft_eval.summary(), 0)
-        online.log_scalars(writer, "heldout_ppo", ppo_eval.summary(), 0)
-        if writer is not None:
-            writer.close()
         training.save_outputs(policy, tokenizer, out, peft_config is not None)
         out.set(generation_backend=backend)
         out.metrics.update(**online.heldout_metrics("ppo", heldout, sft_eval, ppo_eval, heldout_args.kl_estimator, verdict),
@@ -258,10 +261,10 @@ class UpdateLoop:
     """The updates: rollout -> score -> torch forwards -> rewards, GAE -> PPO epochs -> push."""
 
     def __init__(self, args, policy, reference, critic, updater, tokenizer, scorer, prompts, heldout, timer,
-                 writer, out, bf16):
+                 tracked, out, bf16):
         self.args, self.policy, self.reference, self.critic = args, policy, reference, critic
         self.updater, self.tokenizer, self.scorer, self.prompts = updater, tokenizer, scorer, prompts
-        self.heldout, self.timer, self.writer, self.out, self.bf16 = heldout, timer, writer, out, bf16
+        self.heldout, self.timer, self.tracked, self.out, self.bf16 = heldout, timer, tracked, out, bf16
         self.kl_controller = (ppo_math.FixedKLController(args.kl_coef) if args.kl_target is None else
                               ppo_math.AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon))
         self.step_rows: list[dict] = []
@@ -286,7 +289,7 @@ class UpdateLoop:
                   f"KL {row['objective/kl']:.3f}, clipfrac {row['policy/clipfrac_avg']:.3f}, "
                   f"value loss {row['loss/value_avg']:.4f}, explained var {row['critic/vf_explained_var']:.2f}, "
                   f"length {row['response/length_mean']:.1f}, {row['update_s']:.1f} s", flush=True)
-            online.log_scalars(self.writer, "update", row, index + 1, skip=("update",))
+            self.tracked.log("update", row, index + 1, skip=("update",))
         return rows
 
     def one_update(self, generator, index: int) -> dict:

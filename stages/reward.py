@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
-from align import data, evaluation, files, hardware, models, preferences, reports, runs, scoring, training
+from align import data, evaluation, files, hardware, models, preferences, reports, runs, scoring, trackers, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import ConfigError
@@ -74,6 +74,7 @@ class RewardStageArgs:
 def main(argv=None):
     parsed = parse_stage_config("reward", (RewardStageArgs, ModelConfig, RewardConfig), argv)
     args, model_args, reward_config = parsed
+    tracker_names = trackers.requested_trackers(reward_config.report_to)
     if not args.ranked_files and not args.argilla_dataset:
         raise ConfigError("ranked_files is empty and argilla_dataset is not set: nothing to train on")
 
@@ -120,19 +121,20 @@ def main(argv=None):
         out.metrics.update(pair_report.as_metrics(), **split_counts)
 
         training.record_model_facts(out, tokenizer, model_args.model_name_or_path or f"runs/{args.run}/sft", base)
-        trainer = RewardTrainer(
-            model=base,  # TRL loads it as AutoModelForSequenceClassification, num_labels=1, new score head
-            args=training.fit_to_hardware(reward_config, args.precision, out.path),
-            train_dataset=scoring.reward_dataset(tokenizer, train_pairs, args.use_margin),
-            processing_class=tokenizer,
-            peft_config=training.lora_config(model_args, args.lora_top_layers, base),
-        )
-        total, trainable = models.count_parameters(trainer.model)
-        print(f"[reward] {pair_report.records} rankings -> {len(pairs)} pairs on {pair_report.prompts} prompts; "
-              f"train {len(train_pairs)} pairs / held-out {len(heldout_pairs)} pairs "
-              f"({split_counts['heldout_prompts']} prompts); {trainable / 1e6:.2f}M of {total / 1e6:.1f}M "
-              "parameters trainable", flush=True)
-        result = trainer.train()
+        with trackers.open_trackers(tracker_names, out, config, trainer_writes_tensorboard=True):
+            trainer = RewardTrainer(
+                model=base,  # TRL loads it as AutoModelForSequenceClassification, num_labels=1, new score head
+                args=training.fit_to_hardware(reward_config, args.precision, out.path),
+                train_dataset=scoring.reward_dataset(tokenizer, train_pairs, args.use_margin),
+                processing_class=tokenizer,
+                peft_config=training.lora_config(model_args, args.lora_top_layers, base),
+            )
+            total, trainable = models.count_parameters(trainer.model)
+            print(f"[reward] {pair_report.records} rankings -> {len(pairs)} pairs on {pair_report.prompts} prompts; "
+                  f"train {len(train_pairs)} pairs / held-out {len(heldout_pairs)} pairs "
+                  f"({split_counts['heldout_prompts']} prompts); {trainable / 1e6:.2f}M of {total / 1e6:.1f}M "
+                  "parameters trainable", flush=True)
+            result = trainer.train()
 
         training.save_outputs(trainer.model, tokenizer, out, model_args.use_peft)
         training.remove_trainer_scratch(out)

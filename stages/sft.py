@@ -7,7 +7,7 @@ Consumes
     - `eval_file`: held-out prompts with reference answers, for eval loss
 
 Produces runs/<run>/sft/: model/ (merged, Hugging Face format), adapter/ (LoRA),
-config.yaml, logs/ (stage.log, tensorboard/), manifest.json with eval loss
+config.yaml, logs/ (stage.log, and per `report_to` tensorboard/ and/or wandb/), manifest.json with eval loss
 before and after training.
 
 Features and assumptions
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
-from align import data, models, runs, training
+from align import data, models, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary
 from align.hardware import Precision
@@ -47,6 +47,7 @@ class SFTStageArgs:
 def main(argv=None):
     parsed = parse_stage_config("sft", (SFTStageArgs, ModelConfig, SFTConfig), argv)
     stage_args, model_args, sft_config = parsed
+    tracker_names = trackers.requested_trackers(sft_config.report_to)
 
     # Inputs: validated before any model loads, so bad data fails in a second.
     conversations = data.load_conversations(stage_args.train_file)
@@ -67,21 +68,22 @@ def main(argv=None):
         out.add_input(stage_args.train_file, "train", len(conversations))
         out.add_input(stage_args.eval_file, "eval", len(eval_prompts))
         training.record_model_facts(out, tokenizer, model_args.model_name_or_path, base)
-        trainer = SFTTrainer(
-            model=model,
-            args=training.fit_to_hardware(sft_config, stage_args.precision, out.path),
-            train_dataset=train_set,
-            eval_dataset=eval_set,
-            processing_class=tokenizer,
-            peft_config=get_peft_config(model_args),
-        )
-        total, trainable = models.count_parameters(trainer.model)
-        print(f"[sft] {len(train_set)} examples, {len(eval_set)} held-out; "
-              f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters trainable")
+        with trackers.open_trackers(tracker_names, out, config, trainer_writes_tensorboard=True):
+            trainer = SFTTrainer(
+                model=model,
+                args=training.fit_to_hardware(sft_config, stage_args.precision, out.path),
+                train_dataset=train_set,
+                eval_dataset=eval_set,
+                processing_class=tokenizer,
+                peft_config=get_peft_config(model_args),
+            )
+            total, trainable = models.count_parameters(trainer.model)
+            print(f"[sft] {len(train_set)} examples, {len(eval_set)} held-out; "
+                  f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters trainable")
 
-        eval_before = trainer.evaluate()["eval_loss"]
-        result = trainer.train()
-        eval_after = trainer.evaluate()["eval_loss"]
+            eval_before = trainer.evaluate()["eval_loss"]
+            result = trainer.train()
+            eval_after = trainer.evaluate()["eval_loss"]
 
         training.save_outputs(trainer.model, tokenizer, out, model_args.use_peft)
         training.remove_trainer_scratch(out)

@@ -129,6 +129,11 @@ CASES = [
          "{file}: config file not found"),
     case("config-cli-wrong-type", "candidates", "--run {run} --max_prompts ten", "none",
          "command line:", "--max_prompts", "ten"),
+    # trackers (report_to, align/trackers.py): checked before any model loads
+    case("config-unknown-tracker", "ppo", "--run {run} --report_to tensorboard wandbb", "none",
+         "report_to: unknown tracker 'wandbb'", "did you mean 'wandb'"),
+    case("sft-unsupported-tracker", "sft", "--run {run} --report_to mlflow", "none",
+         "report_to: unknown tracker 'mlflow'", "tensorboard, wandb or none", slow=True),
     # parents: runs/<run>/<stage>/manifest.json
     case("parent-failed", "compare", "--run {run}", "failed_sft_parent",
          "{file}: status is 'failed', not 'complete'"),
