@@ -224,6 +224,16 @@ class HeldOut:
         return sample_and_score(generator, scorer, self.prompts, self.settings, PhaseTimer(),
                                 progress=f"held-out: {label}", truncation_penalty=self.truncation_penalty)
 
+    def sample_policy(self, generator, scorer, label: str, model, tokenizer, estimator: str, autocast_bf16: bool,
+                      reference_model=None) -> tuple[SampleSet, dict]:
+        """The trained policy on every held-out prompt, with the per-sample KL to the reference on all
+        of its samples (what `verdict` takes); the set's `kl` holds the means."""
+        policy = self.sample(generator, scorer, label)
+        kl = kl_samples(model, tokenizer, policy, len(self.records) * self.settings.n, estimator, autocast_bf16,
+                        reference_model=reference_model, prompt_ids=self.prompt_ids)
+        policy.kl = kl_means(kl)
+        return policy, kl
+
     def rows(self, label: str, sample_set: SampleSet) -> list[dict]:
         """`align.comparison` rows (as compare's samples.jsonl) of a scored sample set."""
         rows = comparison.response_rows(self.records, label, sample_set.samples, label)

@@ -180,11 +180,8 @@ def main(argv=None):
                 else:
                     round_rows = [train_offline(trainer, generator, offline_pairs, timer, out)]
                 with timer.phase("eval"):
-                    dpo_eval = heldout.sample(generator, scorer, "DPO")
-                    kl = online.kl_samples(trainer.model, tokenizer, dpo_eval, len(heldout.records) * heldout.settings.n,
-                                           heldout_args.kl_estimator, bf16, reference_model=reference,
-                                           prompt_ids=heldout.prompt_ids)
-                    dpo_eval.kl = online.kl_means(kl)
+                    dpo_eval, kl = heldout.sample_policy(generator, scorer, "DPO", trainer.model, tokenizer,
+                                                       heldout_args.kl_estimator, bf16, reference_model=reference)
                 backend = generator.describe()
             verdict = heldout.verdict("dpo", sft_eval, dpo_eval, kl)
             tracked.log("heldout_sft", sft_eval.summary(), 0)

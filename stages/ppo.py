@@ -212,11 +212,8 @@ def main(argv=None):
                     sft_eval = heldout.sample(generator, scorer, "SFT")
                 update_rows = loop.run(generator)
                 with timer.phase("eval"):
-                    ppo_eval = heldout.sample(generator, scorer, "PPO")
-                    kl = online.kl_samples(policy, tokenizer, ppo_eval, len(heldout.records) * heldout.settings.n,
-                                           heldout_args.kl_estimator, bf16, reference_model=reference,
-                                           prompt_ids=heldout.prompt_ids)
-                    ppo_eval.kl = online.kl_means(kl)
+                    ppo_eval, kl = heldout.sample_policy(generator, scorer, "PPO", policy, tokenizer,
+                                                       heldout_args.kl_estimator, bf16, reference_model=reference)
                 backend = generator.describe()
             verdict = heldout.verdict("ppo", sft_eval, ppo_eval, kl)
             tracked.log("heldout_sft", sft_eval.summary(), 0)
