@@ -8,11 +8,12 @@ step k of 2 ranks x 2 sees the same 4 examples as step k of 1 rank x 4, and DDP 
 gradients into the full batch's. Dropout is off (its masks come from each rank's own generator).
 What remains should be float32 summation order. Measured (4 steps, warmup makes step 1's learning
 rate 0, so steps 1-2 score the initial model): steps 1-2 agree to 2e-7 relative; steps 3-4, after
-the first real updates, to 2e-4 (SFT) and 3e-4 (reward). That is more than summation order alone:
-the gradient norm logged at step 1 differs by ~1% (SFT: 1.920 vs 1.943) on the same examples and the
-same LoRA init (checked: identical adapters after a 0-learning-rate step). Not explained yet (issue
-13); TRL scales the SFT loss by the tokens of every rank (average_tokens_across_devices), so it is
-not the per-rank token mean. LOSS_TOLERANCE (1e-3 relative) is ~3x the largest difference seen.
+the first real updates, to 2e-4 (SFT) and 3e-4 (reward). Reward: the gradient norms of steps 1-2 agree
+to the 4 digits logged, so its drift is Adam's first updates (about lr x sign(gradient)) turning
+float noise into whole steps. SFT: the step-1 gradient norm differs by 1.2% (1.920 vs 1.943) on the
+same examples and the same LoRA init (checked: identical adapters after a 0-learning-rate step):
+an SFT-specific difference, not explained yet (suspect: how the loss is normalised by the tokens
+of each rank vs of all ranks; issue 13). LOSS_TOLERANCE (1e-3 relative) is ~3x the largest difference seen.
 How large a real mistake would be is measured in the same test: a 1-rank run that only shuffles
 differently (`data_seed`), i.e. a rank training on the wrong examples, must differ by over
 ORDER_MARGIN times the 2-rank difference: reward 40x (1.2e-2), SFT only ~4x (8e-4: the tiny SFT
