@@ -12,8 +12,11 @@ the first real updates, to 2e-4 (SFT) and 3e-4 (reward). Reward: the gradient no
 to the 4 digits logged, so its drift is Adam's first updates (about lr x sign(gradient)) turning
 float noise into whole steps. SFT: the step-1 gradient norm differs by 1.2% (1.920 vs 1.943) on the
 same examples and the same LoRA init (checked: identical adapters after a 0-learning-rate step):
-an SFT-specific difference, not explained yet (suspect: how the loss is normalised by the tokens
-of each rank vs of all ranks; issue 13). LOSS_TOLERANCE (1e-3 relative) is ~3x the largest difference seen.
+an SFT-specific difference, not explained yet (issue 13). Narrowed down by hand: 1 rank x 2 with
+2 accumulation steps reproduces 1 rank x 4 exactly (1.920, 1.936), so micro-batch padding and the
+token normalisation inside a process are exact; 2 ranks give 1.943, 1.925 with
+average_tokens_across_devices true and false alike, so that flag changes nothing across ranks
+(transformers does see DDP: parallel_mode DISTRIBUTED, world_size 2). LOSS_TOLERANCE (1e-3 relative) is ~3x the largest difference seen.
 How large a real mistake would be is measured in the same test: a 1-rank run that only shuffles
 differently (`data_seed`), i.e. a rank training on the wrong examples, must differ by over
 ORDER_MARGIN times the 2-rank difference: reward 40x (1.2e-2), SFT only ~4x (8e-4: the tiny SFT
