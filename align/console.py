@@ -51,10 +51,18 @@ def note_allocator() -> None:
               "Debian package libtcmalloc-minimal4)", file=sys.stderr, flush=True)
 
 
-def run_stage(main, argv=None, uses_torch: bool = True) -> None:
+def run_stage(main, argv=None, uses_torch: bool = True, single_process: str | None = None) -> None:
     """Run a stage's `main`; a user error prints one line and exits 2.
 
-    uses_torch False (Argilla admin commands): no allocator note, it would be noise there."""
+    uses_torch False (Argilla admin commands): no allocator note, it would be noise there.
+    single_process: why this tool must not run under torchrun / accelerate launch (it talks to a
+    server or samples with one engine); started as several processes, it prints one line, exits 2."""
+    from align import processes
+
+    refusal = processes.single_process_refusal(_tool_name(), single_process) if single_process else None
+    if refusal:
+        print(refusal, file=sys.stderr, flush=True)
+        sys.exit(2)
     quiet_libraries()
     if uses_torch:
         note_allocator()
@@ -72,6 +80,12 @@ def run_stage(main, argv=None, uses_torch: bool = True) -> None:
     except MemoryError:
         print("error: out of memory; try a smaller --per_device_train_batch_size or --max_length", file=sys.stderr)
         sys.exit(3)
+
+
+def _tool_name() -> str:
+    """`stages.candidates` for `python -m stages.candidates`, else the script's name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name if spec is not None else os.path.basename(sys.argv[0])
 
 
 def summary(stage: str, **numbers) -> str:

@@ -11,7 +11,9 @@ Every stage writes `runs/<run>/<stage>/`:
 The folder is built as `runs/<run>/.<stage>.tmp-<pid>/` and renamed into place
 only when the stage finished, so a crashed stage never looks finished: its
 folder becomes `runs/<run>/<stage>.failed-<time>/`, with `status: failed` and
-the error in its manifest, for debugging. A later stage finds its parent by
+the error in its manifest, for debugging. Under torchrun / accelerate launch only
+rank 0 writes the folder; every rank trains and waits at barriers (`stage_output`,
+align/processes.py), and the manifest records `world_size`. A later stage finds its parent by
 reading `runs/<run>/<parent>/manifest.json` and records that file's sha256.
 
 Up to date, make-style (`skip_if_up_to_date`). Before it loads a model, a stage
@@ -62,6 +64,7 @@ from typing import Literal
 
 import yaml
 
+from align import processes
 from align.console import warn
 from align.errors import AlignError, DataError, LineageError
 from align.files import atomic_write_json, atomic_write_text, json_safe, sha256_file, sha256_text
@@ -193,11 +196,16 @@ class _Tee:
 
 
 class StageOutput:
-    """The folder a running stage writes into, and the manifest it will get."""
+    """The folder a running stage writes into, and the manifest it will get.
 
-    def __init__(self, run: str, stage: str, tmp: Path, manifest: dict):
+    Under a multi-process launch every rank gets one with the same run, stage and paths, but only
+    the main process writes: elsewhere `write_manifest` does nothing, and a stage guards its own
+    file writes with `is_main`."""
+
+    def __init__(self, run: str, stage: str, tmp: Path, manifest: dict, is_main: bool = True):
         self.run, self.stage, self.path, self.manifest = run, stage, tmp, manifest
         self.metrics: dict = manifest["metrics"]
+        self.is_main = is_main
 
     @property
     def model_dir(self) -> Path:
@@ -214,23 +222,24 @@ class StageOutput:
         """Record extra top-level manifest fields (e.g. chat_template_sha256, base_model)."""
         self.manifest.update(fields)
 
+    def say(self, line: str) -> None:
+        """Print from the main process only: one line, not one per rank."""
+        if self.is_main:
+            print(line, flush=True)
+
     def write_manifest(self, folder: Path | None = None) -> Path:
-        return atomic_write_json((folder or self.path) / MANIFEST, self.manifest)
+        path = (folder or self.path) / MANIFEST
+        return atomic_write_json(path, self.manifest) if self.is_main else path
 
 
-@contextmanager
-def stage_output(run: str, stage: str, config: dict, seed: int | None, parent: Checkpoint | None = None,
-                 fingerprint: dict | None = None):
-    """Create the temporary output folder; finish or fail it atomically.
+def _temporary_folder(run_folder: Path, stage: str) -> Path:
+    """`.<stage>.tmp-<pid of rank 0>`, the same on every rank (rank 0 broadcasts its pid once the
+    process group is up). The pid keeps two single-process runs of one stage apart; every rank must
+    name the same folder, so none may use its own pid."""
+    return run_folder / f".{stage}.tmp-{processes.from_main(os.getpid())}"
 
-    `fingerprint` (`stage_fingerprint`): recorded, so a rerun can tell that this output is up to date."""
-    run_folder = runs_root() / run
-    run_folder.mkdir(parents=True, exist_ok=True)
-    tmp = run_folder / f".{stage}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "logs").mkdir(parents=True)
-    atomic_write_text(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=True))
-    started = time.time()
+
+def _new_manifest(run: str, stage: str, config: dict, seed, parent, fingerprint, world_size: int) -> dict:
     manifest = {
         "stage": stage,
         "run": run,
@@ -241,6 +250,7 @@ def stage_output(run: str, stage: str, config: dict, seed: int | None, parent: C
         "parent": parent.as_parent() if parent else None,
         "inputs": [],
         "seed": seed,
+        "world_size": world_size,
         "versions": package_versions(),
         "git": git_state(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -249,14 +259,63 @@ def stage_output(run: str, stage: str, config: dict, seed: int | None, parent: C
     }
     if fingerprint is not None:
         manifest["fingerprint"] = fingerprint
-    output = StageOutput(run, stage, tmp, manifest)
-    log = open(tmp / "logs" / "stage.log", "a", buffering=1)
+    return manifest
+
+
+def _create_folder(tmp: Path, config: dict) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "logs").mkdir(parents=True)
+    atomic_write_text(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=True))
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    if final.exists():  # replace the previous output only now that the new one is whole
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+@contextmanager
+def stage_output(run: str, stage: str, config: dict, seed: int | None, parent: Checkpoint | None = None,
+                 fingerprint: dict | None = None):
+    """Create the temporary output folder; finish or fail it atomically.
+
+    `fingerprint` (`stage_fingerprint`): recorded, so a rerun can tell that this output is up to date.
+
+    Several processes (torchrun, accelerate launch): they join one process group here; rank 0 alone
+    creates, logs into, finishes and renames the folder, the others get the same paths and wait at
+    barriers: once after the folder exists (so no rank's trainer writes into a folder that is not
+    there yet), once before the rename (so every rank is past its up-to-date check and done with
+    the folder), once after it (so every rank's `out.path` names a folder that exists). A failure
+    skips the barriers: the other ranks may be gone; torchrun stops them, SIGTERM fails them."""
+    processes.join_process_group(processes.ddp_timeout_s(config.get("ddp_timeout")))
+    me = processes.current()
+    run_folder = runs_root() / run
+    tmp = _temporary_folder(run_folder, stage)
+    if me.is_main:
+        run_folder.mkdir(parents=True, exist_ok=True)
+        _create_folder(tmp, config)
+    processes.barrier()
+    started = time.time()
+    manifest = _new_manifest(run, stage, config, seed, parent, fingerprint, me.world_size)
+    output = StageOutput(run, stage, tmp, manifest, is_main=me.is_main)
+    log = open(tmp / "logs" / "stage.log", "a", buffering=1) if me.is_main else None
     stdout, stderr = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Tee(stdout, log), _Tee(stderr, log)
+    if log is not None:
+        sys.stdout, sys.stderr = _Tee(stdout, log), _Tee(stderr, log)
+    if me.distributed:  # in stage.log: which processes really ran (a collective: every rank calls it)
+        everyone = processes.describe_all()
+        if me.is_main:
+            print(f"[{stage}] {me.world_size} processes: {everyone}", flush=True)
     try:
         yield output
     except BaseException as error:
         sys.stdout, sys.stderr = stdout, stderr
+        if log is None:
+            raise
         log.close()
         manifest.update(status="failed", error=f"{type(error).__name__}: {error}", finished_at=_now())
         manifest["wall_s"] = round(time.time() - started, 1)
@@ -266,18 +325,14 @@ def stage_output(run: str, stage: str, config: dict, seed: int | None, parent: C
         print(f"[align] {stage} failed; partial output kept in {failed}", file=sys.stderr)
         raise
     sys.stdout, sys.stderr = stdout, stderr
-    log.close()
-    manifest.update(status="complete", finished_at=_now(), wall_s=round(time.time() - started, 1))
-    output.write_manifest()
-    final = run_folder / stage
-    if final.exists():  # replace the previous output only now that the new one is whole
-        old = run_folder / f".{stage}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    output.path = final
+    processes.barrier()
+    if log is not None:
+        log.close()
+        manifest.update(status="complete", finished_at=_now(), wall_s=round(time.time() - started, 1))
+        output.write_manifest()
+        _move_into_place(tmp, run_folder / stage)
+    processes.barrier()
+    output.path = run_folder / stage
 
 
 def update_manifest(folder: str | Path, **fields) -> Path:
@@ -481,19 +536,28 @@ def stale_reasons(folder: Path, manifest: dict, config: dict, fingerprint: dict)
     return reasons
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
 def skip_if_up_to_date(run: str, stage: str, config: dict, fingerprint: dict, force: bool) -> bool:
     """True when `runs/<run>/<stage>/` already holds what this run would make: say so in one line and
     leave it untouched. Otherwise (or with `force`) one line says why the stage runs again; a
-    stage that has never finished runs without a word."""
+    stage that has never finished runs without a word.
+
+    Under a multi-process launch every rank reads the same files and so decides the same: rank 0
+    renames a new output into place only after a barrier that every rank reaches after this check
+    (`stage_output`), so no rank can read a folder that another has already replaced."""
     folder = stage_dir(run, stage)
     manifest = read_manifest(folder)
     if manifest is None:
         return False
     reasons = stale_reasons(folder, manifest, config, fingerprint)
+    say = print if processes.current().is_main else _silent  # every rank decides; one line is enough
     if not reasons and not force:
-        print(f"[{stage}] up to date: {folder} (config, parents, data, code and versions unchanged; "
+        say(f"[{stage}] up to date: {folder} (config, parents, data, code and versions unchanged; "
               "--force redoes it)", flush=True)
         return True
     because = "--force (it was up to date)" if not reasons else "; ".join(reasons)
-    print(f"[{stage}] rerunning: {because}", flush=True)
+    say(f"[{stage}] rerunning: {because}", flush=True)
     return False

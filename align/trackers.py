@@ -180,9 +180,10 @@ def open_trackers(names: tuple[str, ...], out, config: dict, trainer_writes_tens
     (report_to passed through); we only point it at logs/tensorboard and open no second writer."""
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out.logs_dir / "tensorboard")  # transformers' TensorBoardCallback
     backends: dict = {}
-    if "tensorboard" in names and not trainer_writes_tensorboard:
+    # Only the main process opens runs (the trainer's callbacks also write from rank 0 only).
+    if "tensorboard" in names and not trainer_writes_tensorboard and out.is_main:
         backends["tensorboard"] = TensorBoardTracker(out)
-    if "wandb" in names:
+    if "wandb" in names and out.is_main:
         backends["wandb"] = WandbTracker(out, config)
     trackers = Trackers(backends)
     trainer_files = {"tensorboard": "logs/tensorboard"} if "tensorboard" in names else {}

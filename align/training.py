@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from align import hardware
+from align import hardware, processes
 from align.errors import ConfigError
 from align.models import CONVERSION_STAMP, chat_template_hash
 
@@ -19,15 +19,37 @@ def fit_to_hardware(trl_config, precision: str, output_dir: Path):
     """Return a copy of a TRL/transformers config set for this machine and output folder.
 
     `report_to` stays the user's (align.trackers opens the runs and points TensorBoard at
-    logs/tensorboard). `dataclasses.replace` re-runs the config's own validation."""
+    logs/tensorboard). `dataclasses.replace` re-runs the config's own validation.
+
+    Several processes (DDP): every trainable parameter here gets a gradient in every step (LoRA
+    adapters, with `lora_top_layers` too: peft puts adapters only into the top layers, and all of
+    those are on the loss's path; the reward score head; full fine-tuning of a causal LM), so DDP
+    need not search the graph for unused ones; transformers would search for a PeftModel (None
+    means True there), an extra traversal per step. A user's explicit value wins. The tests'
+    2-rank runs would fail at the second step (DDP's "Expected to have finished reduction") if a
+    parameter went unused. ddp_timeout: see align/processes.py."""
     changes = {
         "output_dir": str(Path(output_dir) / "trainer"),
         "use_cpu": not hardware.has_cuda(),
         "bf16": hardware.use_bf16(precision),
         "fp16": False,
         "save_strategy": "no",  # the stage saves the final model itself, atomically
+        "ddp_timeout": processes.ddp_timeout_s(trl_config.ddp_timeout),
     }
+    if trl_config.ddp_find_unused_parameters is None:
+        changes["ddp_find_unused_parameters"] = False
     return dataclasses.replace(trl_config, **changes)
+
+
+def record_effective_batch(out, trainer_args) -> int:
+    """Manifest `effective_batch` = per device x gradient accumulation x processes, printed in one line."""
+    world_size = processes.current().world_size
+    per_device, accumulation = trainer_args.per_device_train_batch_size, trainer_args.gradient_accumulation_steps
+    effective = per_device * accumulation * world_size
+    out.set(world_size=world_size, effective_batch=effective)
+    out.say(f"[{out.stage}] effective batch {effective} = {per_device} per device x {accumulation} accumulation "
+            f"x {world_size} process{'es' * (world_size != 1)}")
+    return effective
 
 
 def lora_config(model_args, top_layers: int | None, base: str):
@@ -77,6 +99,31 @@ def save_outputs(model, tokenizer, out, use_peft: bool) -> None:
     else:
         save_model(model, tokenizer, out.model_dir)
         out.set(outputs={"model": "model"})
+
+
+def refuse_sharded_weights(trainer) -> None:
+    """ConfigError under FSDP or DeepSpeed ZeRO-3, before training starts: `save_trained` merges and
+    saves the model from rank 0, which there holds only its shard of the weights (gathering them
+    for the merge is not written yet, issue 13). DDP and ZeRO-2 keep whole weights on every rank."""
+    deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if trainer.is_fsdp_enabled or (deepspeed is not None and deepspeed.zero_stage == 3):
+        raise ConfigError("FSDP / DeepSpeed ZeRO-3 shard the weights, and this stage saves the merged model "
+                          "from rank 0: not supported yet (issue 13); use configs/accelerate/ddp.yaml or "
+                          "deepspeed_zero2.yaml")
+
+
+def save_trained(trainer, tokenizer, out, use_peft: bool) -> None:
+    """`save_outputs` from the trainer's main process only (the others hold the same weights under
+    DDP), after every rank has finished training; then the trainer scratch goes."""
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        save_outputs(trainer.model, tokenizer, out, use_peft)
+        remove_trainer_scratch(out)
+
+
+def loss_curve(trainer) -> list[list[float]]:
+    """[[step, loss], ...] from the trainer's log history (the loss averaged over every process)."""
+    return [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]
 
 
 def record_model_facts(out, tokenizer, base_model: str, resolved_path: str) -> None:

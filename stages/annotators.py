@@ -37,4 +37,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, uses_torch=False)
+    run_stage(main, uses_torch=False, single_process="it creates Argilla accounts once")

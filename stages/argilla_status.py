@@ -49,4 +49,4 @@ def format_status(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    run_stage(main, uses_torch=False)
+    run_stage(main, uses_torch=False, single_process="it reads Argilla once")

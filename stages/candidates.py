@@ -212,4 +212,4 @@ def push_to_argilla(client, args, dataset_name: str, records: list[dict], checkp
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, single_process="one vLLM engine samples, and it pushes to Argilla once")

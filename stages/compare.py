@@ -283,4 +283,4 @@ def flat_metrics(c: dict) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, single_process="one engine samples both models, one report")

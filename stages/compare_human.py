@@ -145,4 +145,4 @@ def pull(args: CompareHumanArgs, folder, pushed: dict | None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, single_process="it pushes to and pulls from Argilla once")

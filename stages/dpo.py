@@ -260,4 +260,6 @@ def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, t
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run_stage(main)
+    # offline mode too: its rounds and held-out verdict sample in this process (not TRL's trainer alone)
+    run_stage(main, single_process="multi-process online loops (a vLLM engine per rank) are not supported "
+                                   "yet, issue 13")

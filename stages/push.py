@@ -119,4 +119,4 @@ def one_line(error: Exception) -> str:
 
 
 if __name__ == "__main__":
-    run_stage(main, uses_torch=False)
+    run_stage(main, uses_torch=False, single_process="it uploads to the Hub once")

@@ -23,6 +23,9 @@ Features and assumptions
       A failed gate is printed loudly and recorded; the stage still completes,
       and later stages warn or refuse (their `reward_gate_policy`).
 
+Several processes (torchrun / accelerate launch): every rank trains; rank 0 alone saves,
+measures the gate and writes the report (align/runs.py).
+
 Up to date (same config, SFT parent, rankings, code and versions as the finished
 runs/<run>/reward): one line, nothing retrained; `--force` redoes it (align/runs.py).
 With `argilla_dataset` the rankings are pulled first, so new submissions rerun it.
@@ -113,55 +116,65 @@ def main(argv=None):
     with runs.stage_output(args.run, "reward", config, reward_config.seed, parent=parent, fingerprint=fingerprint) as out:
         for path, count in inputs:
             out.add_input(path, "ranked", count)
-        if pulled is not None:
-            files.write_jsonl(out.path / "rankings.jsonl", [_without_source(r) for r in pulled])
-            out.add_input(out.path / "rankings.jsonl", "ranked (argilla)", len(pulled))
-        files.write_jsonl(out.path / "pairs" / "train.jsonl", train_pairs)
-        files.write_jsonl(out.path / "pairs" / "heldout.jsonl", heldout_pairs)
+        if out.is_main:  # the files, and the manifest that hashes them, are rank 0's
+            if pulled is not None:
+                files.write_jsonl(out.path / "rankings.jsonl", [_without_source(r) for r in pulled])
+                out.add_input(out.path / "rankings.jsonl", "ranked (argilla)", len(pulled))
+            files.write_jsonl(out.path / "pairs" / "train.jsonl", train_pairs)
+            files.write_jsonl(out.path / "pairs" / "heldout.jsonl", heldout_pairs)
         out.metrics.update(pair_report.as_metrics(), **split_counts)
 
         training.record_model_facts(out, tokenizer, model_args.model_name_or_path or f"runs/{args.run}/sft", base)
         with trackers.open_trackers(tracker_names, out, config, trainer_writes_tensorboard=True):
+            trainer_args = training.fit_to_hardware(reward_config, args.precision, out.path)
+            training.record_effective_batch(out, trainer_args)
             trainer = RewardTrainer(
                 model=base,  # TRL loads it as AutoModelForSequenceClassification, num_labels=1, new score head
-                args=training.fit_to_hardware(reward_config, args.precision, out.path),
+                args=trainer_args,
                 train_dataset=scoring.reward_dataset(tokenizer, train_pairs, args.use_margin),
                 processing_class=tokenizer,
                 peft_config=training.lora_config(model_args, args.lora_top_layers, base),
             )
+            training.refuse_sharded_weights(trainer)
             total, trainable = models.count_parameters(trainer.model)
-            print(f"[reward] {pair_report.records} rankings -> {len(pairs)} pairs on {pair_report.prompts} prompts; "
-                  f"train {len(train_pairs)} pairs / held-out {len(heldout_pairs)} pairs "
-                  f"({split_counts['heldout_prompts']} prompts); {trainable / 1e6:.2f}M of {total / 1e6:.1f}M "
-                  "parameters trainable", flush=True)
+            out.say(f"[reward] {pair_report.records} rankings -> {len(pairs)} pairs on {pair_report.prompts} prompts; "
+                    f"train {len(train_pairs)} pairs / held-out {len(heldout_pairs)} pairs "
+                    f"({split_counts['heldout_prompts']} prompts); {trainable / 1e6:.2f}M of {total / 1e6:.1f}M "
+                    "parameters trainable")
             result = trainer.train()
 
-        training.save_outputs(trainer.model, tokenizer, out, model_args.use_peft)
-        training.remove_trainer_scratch(out)
-        del trainer
-
-        # The gate is measured on the saved model, the artefact later stages load.
-        metrics, gate = evaluate_heldout(out, args, tokenizer, heldout_pairs)
+        training.save_trained(trainer, tokenizer, out, model_args.use_peft)
         out.metrics.update(
             train_loss=result.training_loss,
             train_steps=result.global_step,
             train_runtime_s=result.metrics.get("train_runtime"),
             trainable_parameters=trainable,
             bf16=hardware.use_bf16(args.precision),
-            **metrics,
+            loss_curve=training.loss_curve(trainer),
         )
-        reports.write_reward_report(out.path, args.run, pair_report, split_counts, metrics, gate, ties=args.ties,
-                                    aggregation=args.aggregation, bad_rankings=args.bad_rankings,
-                                    calibration_bins=args.calibration_bins)
-        if not gate.passed:  # loud, and in logs/stage.log too
-            warn("reward model FAILED its quality gate: " + "; ".join(gate.reasons) + ". See "
-                 f"{runs.stage_dir(args.run, 'reward') / 'report.md'}. Later stages will warn or refuse "
-                 "(their reward_gate_policy).")
-        write_model_card(out.model_dir, out.manifest)  # inside the temporary folder: a crashed stage has no card
+        del trainer
+        if not out.is_main:  # the gate, report and card are rank 0's; the others wait at stage_output's barrier
+            return
+        metrics, gate = finish_output(out, args, tokenizer, heldout_pairs, pair_report, split_counts)
     summary("reward", gate="PASS" if gate.passed else "FAIL",
             heldout_accuracy=_fmt(metrics.get("pairwise_accuracy")), ece=_fmt(metrics.get("ece")),
             length_corr=_fmt(metrics.get("length_correlation")), pairs=f"{len(train_pairs)}+{len(heldout_pairs)}",
             train_loss=result.training_loss, output=str(out.path))
+
+
+def finish_output(out, args, tokenizer, heldout_pairs, pair_report, split_counts):
+    """The gate on the saved model (the artefact later stages load), its report and the model card."""
+    metrics, gate = evaluate_heldout(out, args, tokenizer, heldout_pairs)
+    out.metrics.update(**metrics)
+    reports.write_reward_report(out.path, args.run, pair_report, split_counts, metrics, gate, ties=args.ties,
+                                aggregation=args.aggregation, bad_rankings=args.bad_rankings,
+                                calibration_bins=args.calibration_bins)
+    if not gate.passed:  # loud, and in logs/stage.log too
+        warn("reward model FAILED its quality gate: " + "; ".join(gate.reasons) + ". See "
+             f"{runs.stage_dir(args.run, 'reward') / 'report.md'}. Later stages will warn or refuse "
+             "(their reward_gate_policy).")
+    write_model_card(out.model_dir, out.manifest)  # inside the temporary folder: a crashed stage has no card
+    return metrics, gate
 
 
 def _fmt(value) -> str:

@@ -18,6 +18,9 @@ Features and assumptions
     - CPU-tuned defaults: no gradient checkpointing, no packing, bf16 autocast only
       where the CPU has native bf16 (`precision: auto`).
 
+Several processes: `torchrun --nproc_per_node N -m stages.sft ...` or `accelerate launch`
+(README: Many GPUs, many machines); rank 0 alone writes runs/ (align/runs.py).
+
 Up to date (same config, data, base model files, code and versions as the finished
 runs/<run>/sft): one line, nothing retrained; `--force` redoes it (align/runs.py).
 
@@ -69,24 +72,26 @@ def main(argv=None):
         out.add_input(stage_args.eval_file, "eval", len(eval_prompts))
         training.record_model_facts(out, tokenizer, model_args.model_name_or_path, base)
         with trackers.open_trackers(tracker_names, out, config, trainer_writes_tensorboard=True):
+            trainer_args = training.fit_to_hardware(sft_config, stage_args.precision, out.path)
+            training.record_effective_batch(out, trainer_args)
             trainer = SFTTrainer(
                 model=model,
-                args=training.fit_to_hardware(sft_config, stage_args.precision, out.path),
+                args=trainer_args,
                 train_dataset=train_set,
                 eval_dataset=eval_set,
                 processing_class=tokenizer,
                 peft_config=get_peft_config(model_args),
             )
+            training.refuse_sharded_weights(trainer)
             total, trainable = models.count_parameters(trainer.model)
-            print(f"[sft] {len(train_set)} examples, {len(eval_set)} held-out; "
-                  f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters trainable")
+            out.say(f"[sft] {len(train_set)} examples, {len(eval_set)} held-out; "
+                    f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters trainable")
 
             eval_before = trainer.evaluate()["eval_loss"]
             result = trainer.train()
             eval_after = trainer.evaluate()["eval_loss"]
 
-        training.save_outputs(trainer.model, tokenizer, out, model_args.use_peft)
-        training.remove_trainer_scratch(out)
+        training.save_trained(trainer, tokenizer, out, model_args.use_peft)
         out.metrics.update(
             eval_loss_before=eval_before,
             eval_loss_after=eval_after,
@@ -96,10 +101,13 @@ def main(argv=None):
             train_examples=len(train_set),
             trainable_parameters=trainable,
             bf16=trainer.args.bf16,
+            loss_curve=training.loss_curve(trainer),
         )
-        write_model_card(out.model_dir, out.manifest)  # inside the temporary folder: a crashed stage has no card
-    summary("sft", eval_loss=f"{eval_before:.3f} -> {eval_after:.3f}", train_loss=result.training_loss,
-            steps=result.global_step, output=str(out.path))
+        if out.is_main:  # inside the temporary folder: a crashed stage has no card
+            write_model_card(out.model_dir, out.manifest)
+    if out.is_main:
+        summary("sft", eval_loss=f"{eval_before:.3f} -> {eval_after:.3f}", train_loss=result.training_loss,
+                steps=result.global_step, output=str(out.path))
 
 
 if __name__ == "__main__":

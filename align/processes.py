@@ -1,0 +1,115 @@
+"""Which process of a multi-process launch this is (torchrun, accelerate launch), and the few
+collectives the stage outputs need.
+
+torchrun and accelerate launch set RANK, WORLD_SIZE and LOCAL_RANK in every process they start;
+a plain `python -m stages.<stage>` has none of them and is rank 0 of 1. Once torch.distributed is
+initialised (by `join_process_group` or by the trainer), it is the authority.
+
+Only the main process (rank 0) writes under runs/ (align/runs.py: `stage_output`); the others train
+and wait at `barrier`. The process group is joined before the trainer starts, because the stage
+folder must exist before any rank reaches the trainer, and it is joined with a long timeout
+(`DDP_TIMEOUT_S`): rank 0 alone saves and merges the model and scores held-out data while the
+other ranks wait at the final barrier, and transformers passes `ddp_timeout` to the process
+group only on GPUs (on CPU it keeps torch's 30 minutes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+from datetime import timedelta
+
+TRANSFORMERS_DEFAULT_DDP_TIMEOUT_S = 1800  # TrainingArguments.ddp_timeout's default
+DDP_TIMEOUT_S = 3 * 3600  # rank 0 saving/merging a large model and scoring held-out pairs while others wait
+
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _torch_distributed():
+    """torch.distributed when it is initialised, else None (never imports torch for a plain run)."""
+    if "torch" not in sys.modules:
+        return None
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def current() -> Processes:
+    dist = _torch_distributed()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist is not None:
+        return Processes(dist.get_rank(), dist.get_world_size(), local_rank)
+    return Processes(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local_rank)
+
+
+def ddp_timeout_s(configured: int | None) -> int:
+    """The user's ddp_timeout when they changed it, else DDP_TIMEOUT_S (see the module docstring)."""
+    if configured and configured != TRANSFORMERS_DEFAULT_DDP_TIMEOUT_S:
+        return int(configured)
+    return DDP_TIMEOUT_S
+
+
+def join_process_group(timeout_s: int = DDP_TIMEOUT_S) -> None:
+    """Initialise torch.distributed from the launcher's environment (gloo on CPU, nccl on GPUs) unless
+    it is already up or this is a single process. accelerate and the trainer reuse this group."""
+    if current().world_size <= 1 or _torch_distributed() is not None:
+        return
+    import torch
+    import torch.distributed as dist
+
+    from align import hardware
+
+    if hardware.has_cuda():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # nccl collectives use the current device
+    dist.init_process_group(backend="nccl" if hardware.has_cuda() else "gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def barrier() -> None:
+    dist = _torch_distributed()
+    if dist is not None:
+        dist.barrier()
+
+
+def from_main(value):
+    """Rank 0's `value` on every rank (itself when single-process)."""
+    dist = _torch_distributed()
+    if dist is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def describe_all() -> str:
+    """`rank 0 pid 12 on host, rank 1 pid 13 on host`, gathered from every rank: proof that they all ran."""
+    me = f"rank {current().rank} pid {os.getpid()} on {socket.gethostname()}"
+    dist = _torch_distributed()
+    if dist is None:
+        return me
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, me)
+    return ", ".join(everyone)
+
+
+def single_process_refusal(tool: str, why: str) -> str | None:
+    """The one line a single-process tool prints under a multi-process launch, or None."""
+    world_size = current().world_size
+    if world_size <= 1:
+        return None
+    return (f"error: {tool} runs as a single process ({why}) but was started as {world_size} processes "
+            f"(WORLD_SIZE={world_size}); run it without torchrun / accelerate launch")

@@ -1,0 +1,242 @@
+"""Several processes (issue 13): 2 real ranks on CPU (torchrun, gloo) against 1 on the same global
+batch, for SFT and reward; the single-process tools refusing a multi-process launch; the
+accelerate configs for GPU users, parsed and turned into launch commands by accelerate itself.
+
+Why the 2-rank and 1-rank loss curves must agree: the same seed gives the same LoRA init and
+shuffled order; accelerate hands rank 0 and rank 1 consecutive per-device batches of that order, so
+step k of 2 ranks x 2 sees the same 4 examples as step k of 1 rank x 4, and DDP averages the two
+gradients into the full batch's. Dropout is off (its masks come from each rank's own generator).
+What remains should be float32 summation order. Measured (4 steps, warmup makes step 1's learning
+rate 0, so steps 1-2 score the initial model): steps 1-2 agree to 2e-7 relative; steps 3-4, after
+the first real updates, to 2e-4 (SFT) and 3e-4 (reward). Reward: the gradient norms of steps 1-2 agree
+to the 4 digits logged, so its drift is Adam's first updates (about lr x sign(gradient)) turning
+float noise into whole steps. SFT: the step-1 gradient norm differs by 1.2% (1.920 vs 1.943) on the
+same examples and the same LoRA init (checked: identical adapters after a 0-learning-rate step):
+an SFT-specific difference, not explained yet (issue 13). Narrowed down by hand: 1 rank x 2 with
+2 accumulation steps reproduces 1 rank x 4 exactly (1.920, 1.936), so micro-batch padding and the
+token normalisation inside a process are exact; 2 ranks give 1.943, 1.925 with
+average_tokens_across_devices true and false alike, so that flag changes nothing across ranks
+(transformers does see DDP: parallel_mode DISTRIBUTED, world_size 2). LOSS_TOLERANCE (1e-3 relative) is ~3x the largest difference seen.
+How large a real mistake would be is measured in the same test: a 1-rank run that only shuffles
+differently (`data_seed`), i.e. a rank training on the wrong examples, must differ by over
+ORDER_MARGIN times the 2-rank difference: reward 40x (1.2e-2), SFT only ~4x (8e-4: the tiny SFT
+examples differ by one topic word, so the random model's loss barely depends on which it sees).
+A doubled gradient would not show: Adam's update ignores the gradient's scale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, assert_ok, run_stage
+
+LOSS_TOLERANCE = 1e-3  # relative, per logged step (see the module docstring)
+ORDER_MARGIN = {"sft": 2, "reward": 10}  # another shuffle must move the curve this much more than 2 ranks do
+MAX_STEPS = 4
+GLOBAL_BATCH = 4
+
+
+def run_ranks(stage: str, ranks: int, *args: str, timeout: int = 1200) -> tuple[subprocess.CompletedProcess, float]:
+    """`python -m torch.distributed.run --standalone --nproc_per_node <ranks> -m stages.<stage> ARGS`,
+    one thread per rank; (result, wall seconds). `--` ends torchrun's own options: without it, its
+    parser takes the stage's `--run` for an abbreviation of its `--run-path` and stops (README)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+               "-m", f"stages.{stage}", "--", *args]
+    started = time.time()
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=timeout)
+    return result, time.time() - started
+
+
+def run_single(stage: str, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.time()
+    result = run_stage(stage, *args)
+    return result, time.time() - started
+
+
+def finished_output(runs_root: Path, run: str, stage: str) -> dict:
+    """The one output folder of the run (nothing temporary or failed left), its manifest."""
+    assert sorted(path.name for path in (runs_root / run).iterdir()) == [stage]
+    return json.loads((runs_root / run / stage / "manifest.json").read_text())
+
+
+def largest_difference(curve: list, other: list) -> float:
+    assert [step for step, _ in curve] == [step for step, _ in other] == list(range(1, MAX_STEPS + 1))
+    return max(abs(a - b) / abs(a) for (_, a), (_, b) in zip(curve, other))
+
+
+def assert_same_curve(stage: str, single: list, ranks: list, shuffled: list) -> None:
+    """2 ranks within LOSS_TOLERANCE of 1 rank at every step, and far closer than another data order."""
+    two_ranks = largest_difference(single, ranks)
+    assert two_ranks <= LOSS_TOLERANCE, f"1 rank {single}\n2 ranks {ranks}"
+    assert largest_difference(single, shuffled) > ORDER_MARGIN[stage] * max(two_ranks, 1e-6), (single, shuffled)
+
+
+def assert_two_ranks_ran(manifest: dict, folder: Path, stage: str) -> None:
+    """World size 2 from the manifest, and from the line every rank contributed to stage.log."""
+    assert manifest["world_size"] == 2 and manifest["effective_batch"] == GLOBAL_BATCH
+    log = (folder / "logs" / "stage.log").read_text()
+    (line,) = [line for line in log.splitlines() if line.startswith(f"[{stage}] 2 processes:")]
+    assert "rank 0 pid" in line and "rank 1 pid" in line, line
+    assert f"[{stage}] effective batch 4 = 2 per device x 1 accumulation x 2 processes" in log
+
+
+def report(stage: str, single: tuple, ranks: tuple, shuffled: list) -> None:
+    """The curves and wall times, for `pytest -s` (the numbers the module docstring quotes)."""
+    print(f"\n[{stage}] 1 rank x {GLOBAL_BATCH}: {single[0]} ({single[1]:.0f} s)"
+          f"\n[{stage}] 2 ranks x {GLOBAL_BATCH // 2}: {ranks[0]} ({ranks[1]:.0f} s)"
+          f"\n[{stage}] 1 rank, other data order: {shuffled}")
+
+
+@pytest.mark.slow
+def test_sft_two_ranks_match_one_rank_on_the_same_global_batch(runs_root, tiny_model_dir, tiny_data):
+    common = ["--model_name_or_path", str(tiny_model_dir), "--train_file", str(tiny_data["sft"]),
+              "--eval_file", str(tiny_data["prompts"]), "--max_steps", str(MAX_STEPS), "--logging_steps", "1",
+              "--learning_rate", "0.003", "--lora_dropout", "0", "--seed", "7"]
+    single, single_s = run_single("sft", "--run", "dist-sft-1", "--per_device_train_batch_size", "4", *common)
+    assert_ok(single)
+    shuffled, _ = run_single("sft", "--run", "dist-sft-order", "--per_device_train_batch_size", "4", "--data_seed",
+                             "8", *common)
+    assert_ok(shuffled)
+    ranks, ranks_s = run_ranks("sft", 2, "--per_device_train_batch_size", "2", "--run", "dist-sft-2", *common)
+    assert_ok(ranks)
+
+    one = finished_output(runs_root, "dist-sft-1", "sft")
+    two = finished_output(runs_root, "dist-sft-2", "sft")
+    assert one["world_size"] == 1 and one["effective_batch"] == GLOBAL_BATCH
+    assert_two_ranks_ran(two, runs_root / "dist-sft-2" / "sft", "sft")
+    assert two["status"] == "complete" and two["metrics"]["train_steps"] == MAX_STEPS
+    other_order = finished_output(runs_root, "dist-sft-order", "sft")["metrics"]["loss_curve"]
+    assert_same_curve(two["stage"], one["metrics"]["loss_curve"], two["metrics"]["loss_curve"], other_order)
+    folder = runs_root / "dist-sft-2" / "sft"
+    assert (folder / "model" / "model.safetensors").is_file() and (folder / "adapter").is_dir()
+    assert not (folder / "trainer").exists() and (folder / "model" / "README.md").is_file()
+    assert ranks.stdout.count("[sft] eval loss") == 1, ranks.stdout  # one summary, from rank 0
+    report("sft", (one["metrics"]["loss_curve"], single_s), (two["metrics"]["loss_curve"], ranks_s), other_order)
+
+    # Up to date: both ranks reach the same decision, one line, the folder untouched.
+    again, _ = run_ranks("sft", 2, "--per_device_train_batch_size", "2", "--run", "dist-sft-2", *common)
+    assert_ok(again)
+    assert again.stdout.count("[sft] up to date") == 1, again.stdout
+    assert finished_output(runs_root, "dist-sft-2", "sft")["started_at"] == two["started_at"]
+
+
+@pytest.mark.slow
+def test_reward_two_ranks_match_one_rank_on_the_same_global_batch(runs_root, tiny_model_dir, tiny_data):
+    # lora_top_layers 1: adapters in the top layer only, with ddp_find_unused_parameters false
+    # (align/training.py): DDP would fail at the second step if any trainable parameter went unused.
+    common = ["--model_name_or_path", str(tiny_model_dir), "--ranked_files", str(tiny_data["ranked"]),
+              "--max_steps", str(MAX_STEPS), "--logging_steps", "1", "--learning_rate", "0.003",
+              "--lora_top_layers", "1", "--seed", "7"]
+    single, single_s = run_single("reward", "--run", "dist-reward-1", "--per_device_train_batch_size", "4", *common)
+    assert_ok(single)
+    shuffled, _ = run_single("reward", "--run", "dist-reward-order", "--per_device_train_batch_size", "4",
+                             "--data_seed", "8", *common)
+    assert_ok(shuffled)
+    ranks, ranks_s = run_ranks("reward", 2, "--per_device_train_batch_size", "2", "--run", "dist-reward-2",
+                               *common)
+    assert_ok(ranks)
+
+    one = finished_output(runs_root, "dist-reward-1", "reward")
+    two = finished_output(runs_root, "dist-reward-2", "reward")
+    folder = runs_root / "dist-reward-2" / "reward"
+    assert_two_ranks_ran(two, folder, "reward")
+    other_order = finished_output(runs_root, "dist-reward-order", "reward")["metrics"]["loss_curve"]
+    assert_same_curve(two["stage"], one["metrics"]["loss_curve"], two["metrics"]["loss_curve"], other_order)
+    # rank 0 alone measured the gate and wrote the report; the merged models score alike
+    assert (folder / "report.md").is_file() and (folder / "heldout_scores.jsonl").is_file()
+    assert two["metrics"]["pairwise_accuracy"] == pytest.approx(one["metrics"]["pairwise_accuracy"])
+    assert two["metrics"]["mean_margin"] == pytest.approx(one["metrics"]["mean_margin"], rel=1e-2, abs=1e-3)
+    assert ranks.stdout.count("[reward] gate") == 1, ranks.stdout
+    report("reward", (one["metrics"]["loss_curve"], single_s), (two["metrics"]["loss_curve"], ranks_s),
+           other_order)
+
+
+@pytest.mark.parametrize("stage", ["candidates", "compare", "compare_human", "dpo", "ppo", "annotators"])
+def test_single_process_tools_refuse_a_multi_process_launch(stage):
+    """Started as rank 0 of 2 (what torchrun tells each process), they stop before parsing anything."""
+    result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, timeout=300)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: stages.{stage} runs as a single process (") and "without torchrun" in line
+    if stage in ("dpo", "ppo"):
+        assert "multi-process online loops" in line and "issue 13" in line
+
+
+def test_fit_to_hardware_sets_ddp_defaults_and_keeps_the_users(tmp_path):
+    from trl import SFTConfig
+
+    from align import processes, training
+
+    fitted = training.fit_to_hardware(SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False), "fp32", tmp_path)
+    assert fitted.ddp_find_unused_parameters is False and fitted.ddp_timeout == processes.DDP_TIMEOUT_S
+    mine = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, ddp_find_unused_parameters=True,
+                     ddp_timeout=600)
+    fitted = training.fit_to_hardware(mine, "fp32", tmp_path)
+    assert fitted.ddp_find_unused_parameters is True and fitted.ddp_timeout == 600
+
+
+def test_processes_read_the_launchers_environment(monkeypatch):
+    from align import processes
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert processes.current() == processes.Processes(0, 1, 0) and processes.current().is_main
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert processes.current() == processes.Processes(3, 4, 1) and not processes.current().is_main
+
+
+ACCELERATE_CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
+EXPECTED_TYPES = {"ddp": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED",
+                  "fsdp2": "FSDP"}
+
+
+def test_every_accelerate_config_is_tested():
+    assert sorted(path.stem for path in ACCELERATE_CONFIGS) == sorted(EXPECTED_TYPES)
+
+
+def launch_environment(config: Path, *argv: str) -> dict[str, str]:
+    """The environment `accelerate launch --config_file <config> ARGV` gives its processes, built by
+    accelerate's own parser, validation and env preparation: `launch_command` up to the point where
+    it would start them (the deepspeed branch sets the field list exactly as it does)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), *argv])
+    args, defaults, _ = _validate_launch_command(args)
+    assert args.module and args.training_script == "stages.sft" and args.training_script_args == ["--run", "gpu"]
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        command, environment = prepare_deepspeed_cmd_env(args)
+        assert command is None  # one machine: torch elastic starts the ranks, no pdsh
+        return environment
+    assert args.multi_gpu or args.use_fsdp
+    return prepare_multi_gpu_env(args)
+
+
+@pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda path: path.stem)
+def test_accelerate_config_parses_and_builds_a_launch_environment(config):
+    """accelerate's own loader reads it (bf16), and its launch code builds the processes' environment.
+    No GPU here: nothing is launched (README: what was tested where)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(config))
+    assert str(loaded.distributed_type).split(".")[-1] == EXPECTED_TYPES[config.stem]
+    assert str(loaded.mixed_precision).split(".")[-1].lower() == "bf16" and loaded.num_processes == 8
+    environment = launch_environment(config, "--num_processes", "2", "-m", "stages.sft", "--run", "gpu")
+    assert environment["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    if config.stem.startswith("deepspeed"):
+        assert environment["ACCELERATE_USE_DEEPSPEED"] == "true"
+        assert environment["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == config.stem[-1]
+    if config.stem == "fsdp2":
+        assert environment["ACCELERATE_USE_FSDP"] == "true" and environment["FSDP_VERSION"] == "2"
