@@ -198,8 +198,10 @@ def verdict_line(comparison: dict, stage: str = "compare") -> str:
     length = f"length {fmt(comparison['length_change'], '+.0%')}"
     cut = comparison.get("cut_share")
     if cut:  # older reports (before cut answers were counted) have neither
-        length += (f" (finished answers {fmt(comparison['finished_length_change'], '+.0%')}, "
-                   f"cut {fmt_pct(cut[comparison['baseline']])} -> {fmt_pct(cut[comparison['aligned']])})")
+        # no " -> " inside: that arrow separates the numbers from the verdict
+        length += (f" (finished answers {fmt(comparison['finished_length_change'], '+.0%')}; cut at the cap: "
+                   f"{comparison['baseline']} {fmt_pct(cut[comparison['baseline']])}, "
+                   f"{comparison['aligned']} {fmt_pct(cut[comparison['aligned']])})")
     parts.append(length)
     line = f"[{stage}] {comparison['aligned']} vs {comparison['baseline']}: " + ", ".join(parts)
     line += f" -> {VERDICTS[comparison['verdict']]}"

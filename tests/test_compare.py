@@ -48,7 +48,8 @@ def test_finished_answer_length_is_reported_beside_the_mean():
     result = comparison.compare_pair("dpo", "sft", rows, summaries, None, options)
     assert result["length_change"] == pytest.approx((9 * 76 + 256) / (6 * 80 + 4 * 256) - 1)
     assert result["finished_length_change"] == pytest.approx(-0.05)
-    assert "length -38% (finished answers -5%, cut 40% -> 10%)" in result["verdict_line"]
+    assert "length -38% (finished answers -5%; cut at the cap: sft 40%, dpo 10%) -> " in result["verdict_line"]
+    assert result["verdict_line"].count(" -> ") == 1
     assert any("fewer answers cut at the cap" in note for note in result["notes"])
 
 
