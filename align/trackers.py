@@ -147,6 +147,13 @@ class WandbTracker:
 
         final = stage_dir(self.out.run, self.out.stage) / self.folder  # where it is once the stage is renamed
         self.run.finish(exit_code=1 if failed else 0)
+        # finish() only *tells* wandb-core the run is over (a publish, no reply): the core closes
+        # the run's .wandb log later, and until then the file can hold little more than its header.
+        # teardown waits for the core to exit, so the log is whole before the stage folder is
+        # renamed into place (the next wandb.init in this process starts a new core).
+        import wandb
+
+        wandb.teardown(exit_code=1 if failed else 0)
         if failed:  # the stage's own line names the <stage>.failed-* folder that keeps it
             return
         mode = os.environ["WANDB_MODE"]

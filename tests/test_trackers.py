@@ -116,7 +116,7 @@ def read_wandb_run(stage_folder: Path) -> dict:
     """The one offline wandb run under <stage>/logs/wandb: its name, group, job type, config and history rows."""
     (log,) = (stage_folder / "logs" / "wandb").glob("offline-run-*/run-*.wandb")
     assert log.stat().st_size > 0
-    run, config, history = None, {}, []
+    run, config, history, kind = None, {}, [], None
     for record in wandb_records(log):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -127,6 +127,7 @@ def read_wandb_run(stage_folder: Path) -> dict:
         elif kind == "history":
             history.append({_item_key(item): json.loads(item.value_json) for item in record.history.item})
     assert run is not None, f"{log}: no run record"
+    assert kind == "exit", f"{log}: ends with a {kind} record, not the run's exit: the log is not closed"
     return {"name": run.display_name, "group": run.run_group, "job_type": run.job_type, "project": run.project,
             "config": config, "history": history, "folder": log.parent}
 
