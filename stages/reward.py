@@ -29,6 +29,8 @@ measures the gate and writes the report (align/runs.py).
 Up to date (same config, SFT parent, rankings, code and versions as the finished
 runs/<run>/reward): one line, nothing retrained; `--force` redoes it (align/runs.py).
 With `argilla_dataset` the rankings are pulled first, so new submissions rerun it.
+Interrupted (SIGTERM, kill -9): the same command resumes from the last checkpoint, saved every
+`save_steps` and at SIGTERM in runs/<run>/.reward.resume/ (align/resume.py).
 
 Run: make reward [RUN=name] [ARGS="--num_train_epochs 2 ..."]
 """
@@ -39,7 +41,8 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
-from align import data, evaluation, files, hardware, models, preferences, reports, runs, scoring, trackers, training
+from align import (data, evaluation, files, hardware, models, preferences, reports, resume, runs, scoring, trackers,
+                   training)
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import ConfigError
@@ -125,8 +128,9 @@ def main(argv=None):
         out.metrics.update(pair_report.as_metrics(), **split_counts)
 
         training.record_model_facts(out, tokenizer, model_args.model_name_or_path or f"runs/{args.run}/sft", base)
+        checkpoints = resume.TrainerCheckpoints(out, fingerprint, parsed.force)
         with trackers.open_trackers(tracker_names, out, config, trainer_writes_tensorboard=True):
-            trainer_args = training.fit_to_hardware(reward_config, args.precision, out.path)
+            trainer_args = training.fit_to_hardware(reward_config, args.precision, out.path, checkpoints.folder)
             training.record_effective_batch(out, trainer_args)
             trainer = RewardTrainer(
                 model=base,  # TRL loads it as AutoModelForSequenceClassification, num_labels=1, new score head
@@ -141,7 +145,7 @@ def main(argv=None):
                     f"train {len(train_pairs)} pairs / held-out {len(heldout_pairs)} pairs "
                     f"({split_counts['heldout_prompts']} prompts); {trainable / 1e6:.2f}M of {total / 1e6:.1f}M "
                     "parameters trainable")
-            result = trainer.train()
+            result = checkpoints.train(trainer)  # from the last checkpoint of an interrupted run, if any
 
         training.save_trained(trainer, tokenizer, out, model_args.use_peft)
         out.metrics.update(
@@ -156,6 +160,7 @@ def main(argv=None):
         if not out.is_main:  # the gate, report and card are rank 0's; the others wait at stage_output's barrier
             return
         metrics, gate = finish_output(out, args, tokenizer, heldout_pairs, pair_report, split_counts)
+    checkpoints.finish()
     summary("reward", gate="PASS" if gate.passed else "FAIL",
             heldout_accuracy=_fmt(metrics.get("pairwise_accuracy")), ece=_fmt(metrics.get("ece")),
             length_corr=_fmt(metrics.get("length_correlation")), pairs=f"{len(train_pairs)}+{len(heldout_pairs)}",

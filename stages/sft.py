@@ -23,6 +23,8 @@ Several processes: `torchrun --nproc_per_node N -m stages.sft ...` or `accelerat
 
 Up to date (same config, data, base model files, code and versions as the finished
 runs/<run>/sft): one line, nothing retrained; `--force` redoes it (align/runs.py).
+Interrupted (SIGTERM, kill -9): the same command resumes from the last checkpoint, saved every
+`save_steps` and at SIGTERM in runs/<run>/.sft.resume/ (align/resume.py).
 
 Run: make sft [RUN=name] [ARGS="--num_train_epochs 1 ..."]
 """
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
-from align import data, models, runs, trackers, training
+from align import data, models, resume, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary
 from align.hardware import Precision
@@ -71,8 +73,9 @@ def main(argv=None):
         out.add_input(stage_args.train_file, "train", len(conversations))
         out.add_input(stage_args.eval_file, "eval", len(eval_prompts))
         training.record_model_facts(out, tokenizer, model_args.model_name_or_path, base)
+        checkpoints = resume.TrainerCheckpoints(out, fingerprint, parsed.force)
         with trackers.open_trackers(tracker_names, out, config, trainer_writes_tensorboard=True):
-            trainer_args = training.fit_to_hardware(sft_config, stage_args.precision, out.path)
+            trainer_args = training.fit_to_hardware(sft_config, stage_args.precision, out.path, checkpoints.folder)
             training.record_effective_batch(out, trainer_args)
             trainer = SFTTrainer(
                 model=model,
@@ -87,8 +90,8 @@ def main(argv=None):
             out.say(f"[sft] {len(train_set)} examples, {len(eval_set)} held-out; "
                     f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters trainable")
 
-            eval_before = trainer.evaluate()["eval_loss"]
-            result = trainer.train()
+            eval_before = checkpoints.remember("eval_loss_before", lambda: trainer.evaluate()["eval_loss"])
+            result = checkpoints.train(trainer)  # from the last checkpoint of an interrupted run, if any
             eval_after = trainer.evaluate()["eval_loss"]
 
         training.save_trained(trainer, tokenizer, out, model_args.use_peft)
@@ -105,6 +108,7 @@ def main(argv=None):
         )
         if out.is_main:  # inside the temporary folder: a crashed stage has no card
             write_model_card(out.model_dir, out.manifest)
+    checkpoints.finish()
     if out.is_main:
         summary("sft", eval_loss=f"{eval_before:.3f} -> {eval_after:.3f}", train_loss=result.training_loss,
                 steps=result.global_step, output=str(out.path))

@@ -1,0 +1,173 @@
+"""Resume (align/resume.py): a Trainer stage killed mid-training (kill -9) or stopped (SIGTERM)
+resumes from its last checkpoint when the same command runs again, and ends as an uninterrupted
+run would. Real stage processes on the tiny model, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from align import resume, runs
+from tests.conftest import REPO, assert_ok, run_stage
+
+# ---- the resume folder, without a model -----------------------------------------------------------
+
+
+def make_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "optimizer.pt").write_bytes(b"x")
+    if complete:
+        (path / resume.TRAINER_STATE).write_text(json.dumps({"global_step": step, "max_steps": 30}))
+    return path
+
+
+def test_only_checkpoints_with_their_trainer_state_count(tmp_path):
+    make_checkpoint(tmp_path, 5)
+    make_checkpoint(tmp_path, 10)
+    make_checkpoint(tmp_path, 15, complete=False)  # cut off by a kill while saving
+    (tmp_path / "checkpoint-x").mkdir()
+    assert [step for step, _ in resume.complete_checkpoints(tmp_path)] == [5, 10]
+    assert resume.remove_incomplete_checkpoints(tmp_path) == ["checkpoint-15", "checkpoint-x"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-5"]
+
+
+@pytest.fixture
+def runs_of_my_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_RUNS", str(tmp_path / "runs"))
+    return tmp_path / "runs"
+
+
+def open_checkpoints(fingerprint: dict, force: bool = False, measured: list | None = None):
+    """A TrainerCheckpoints of run `r`, stage `sft`, inside a stage output that then fails
+    (as a killed stage's would: nothing is renamed into place)."""
+    with pytest.raises(RuntimeError, match="killed"):
+        with runs.stage_output("r", "sft", {"lr": 1}, 1, fingerprint=fingerprint) as out:
+            checkpoints = resume.TrainerCheckpoints(out, fingerprint, force)
+            value = checkpoints.remember("eval_loss_before", lambda: (measured.append(1), 2.5)[1])
+            raise RuntimeError("killed")
+    return checkpoints, value
+
+
+def test_same_fingerprint_keeps_checkpoints_and_what_was_measured_before(runs_of_my_own, capsys):
+    measured = []
+    checkpoints, value = open_checkpoints({"config_sha256": "a"}, measured=measured)
+    make_checkpoint(checkpoints.folder, 10)
+    make_checkpoint(checkpoints.folder, 20, complete=False)
+    again, value_again = open_checkpoints({"config_sha256": "a"}, measured=measured)
+    assert again.folder == runs_of_my_own / "r" / ".sft.resume" == checkpoints.folder  # no pid in the name
+    assert again.latest()[0] == 10 and (value, value_again, len(measured)) == (2.5, 2.5, 1)
+    assert "deleted checkpoint-20 in" in capsys.readouterr().out
+
+
+def test_a_changed_fingerprint_or_force_discards_them_with_one_line(runs_of_my_own, capsys):
+    checkpoints, _ = open_checkpoints({"config_sha256": "a"}, measured=[])
+    make_checkpoint(checkpoints.folder, 10)
+    changed, _ = open_checkpoints({"config_sha256": "b"}, measured=[])
+    assert changed.latest() is None
+    assert "discarding the checkpoints in" in capsys.readouterr().out
+    make_checkpoint(changed.folder, 10)
+    forced, _ = open_checkpoints({"config_sha256": "b"}, force=True, measured=[])
+    assert forced.latest() is None and "discarding the checkpoints in" in capsys.readouterr().out
+    assert json.loads((forced.folder / "fingerprint.json").read_text())["sha256"] == forced.sha
+
+
+def test_checkpoint_keys_do_not_change_the_fingerprint():
+    config = {"learning_rate": 1e-4, "save_steps": 20, "save_strategy": "steps", "save_total_limit": 1}
+    other = {**config, "save_steps": 5, "save_total_limit": 3}
+    assert runs.comparable_config(config) == runs.comparable_config(other) == {"learning_rate": 1e-4}
+
+
+# ---- real stage processes --------------------------------------------------------------------------
+
+
+def start_stage(stage: str, args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", f"stages.{stage}", *args], cwd=REPO, env=dict(os.environ),
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for_checkpoint(folder: Path, process: subprocess.Popen, log: Path, at_least: int) -> int:
+    """The step of the first complete checkpoint >= at_least, while `process` is still training."""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        steps = [step for step, _ in resume.complete_checkpoints(folder) if step >= at_least]
+        if steps:
+            return steps[0]
+        assert process.poll() is None, f"the stage ended (exit {process.returncode}) before a checkpoint:\n{log.read_text()[-3000:]}"
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint >= {at_least} in {folder} after 600 s")
+
+
+def sft_args(run: str, tiny_model_dir, tiny_data) -> list[str]:
+    return ["--run", run, "--model_name_or_path", str(tiny_model_dir), "--train_file", str(tiny_data["sft"]),
+            "--eval_file", str(tiny_data["prompts"]), "--max_steps", "60", "--per_device_train_batch_size", "4",
+            "--logging_steps", "1", "--save_steps", "5", "--report_to", "none"]
+
+
+@pytest.mark.slow
+def test_sft_killed_with_sigkill_resumes_and_ends_as_an_uninterrupted_run(runs_root, tiny_model_dir, tiny_data,
+                                                                           tmp_path):
+    args = sft_args("killed", tiny_model_dir, tiny_data)
+    log = tmp_path / "first.log"
+    process = start_stage("sft", args, log)
+    folder = resume.resume_dir(runs_root / "killed", "sft")
+    wait_for_checkpoint(folder, process, log, at_least=10)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (runs_root / "killed" / "sft").exists()  # nothing looks finished
+    killed_at = resume.complete_checkpoints(folder)[-1][0]
+    assert 10 <= killed_at < 60
+
+    result = run_stage("sft", *args)
+    assert_ok(result)
+    assert f"[sft] resumed at step {killed_at} of 60 from {folder / f'checkpoint-{killed_at}'}" in result.stdout
+    resumed = json.loads((runs_root / "killed" / "sft" / "manifest.json").read_text())
+    assert resumed["resumed"] == {"from_step": killed_at, "of_steps": 60, "checkpoint": f"checkpoint-{killed_at}"}
+    assert resumed["metrics"]["train_steps"] == 60 and not folder.exists()  # the finished stage cleans up
+
+    assert_ok(run_stage("sft", *sft_args("whole", tiny_model_dir, tiny_data)))
+    whole = json.loads((runs_root / "whole" / "sft" / "manifest.json").read_text())
+    assert "resumed" not in whole
+    # the same steps, the same losses: data position, optimizer, scheduler and RNG all came back
+    assert [step for step, _ in resumed["metrics"]["loss_curve"]] == list(range(1, 61))
+    for (step, loss), (_, loss_whole) in zip(resumed["metrics"]["loss_curve"], whole["metrics"]["loss_curve"]):
+        assert loss == pytest.approx(loss_whole, rel=1e-3, abs=1e-3), f"step {step}"
+    for key in ("eval_loss_before", "eval_loss_after"):  # before: measured once, by the killed process
+        assert resumed["metrics"][key] == pytest.approx(whole["metrics"][key], rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_reward_stopped_by_sigterm_saves_that_step_and_resumes_there(runs_root, tiny_sft_run, tiny_data, tmp_path):
+    run = "sigterm"
+    args = ["--run", run, "--sft_dir", str(runs_root / tiny_sft_run / "sft"), "--ranked_files", str(tiny_data["ranked"]),
+            "--num_train_epochs", "25", "--save_steps", "3", "--logging_steps", "1", "--report_to", "none"]
+    log = tmp_path / "first.log"
+    process = start_stage("reward", args, log)
+    scratch = resume.resume_dir(runs_root / run, "reward")
+    wait_for_checkpoint(scratch, process, log, at_least=3)  # training is under way
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == resume.INTERRUPTED_EXIT, log.read_text()[-3000:]
+    stopped = re.search(r"\[reward\] stopped by SIGTERM at step (\d+) of (\d+); checkpoint saved in (\S+); "
+                        r"run the same command to resume", log.read_text())
+    assert stopped, log.read_text()[-3000:]
+    step, total = int(stopped.group(1)), int(stopped.group(2))
+    assert stopped.group(3) == str(scratch) and resume.complete_checkpoints(scratch)[-1][0] == step
+    assert 3 <= step < total
+    assert not (runs_root / run / "reward").exists()
+    (failed,) = (runs_root / run).glob("reward.failed-*")
+    assert json.loads((failed / "manifest.json").read_text())["status"] == "failed"
+
+    result = run_stage("reward", *args)
+    assert_ok(result)
+    assert f"[reward] resumed at step {step} of {total} from" in result.stdout
+    manifest = json.loads((runs_root / run / "reward" / "manifest.json").read_text())
+    assert manifest["resumed"]["from_step"] == step and manifest["metrics"]["train_steps"] == total
+    assert not scratch.exists()
