@@ -124,6 +124,15 @@ class RoundTrainer:
         if peft_config is None and reference_model is None:
             raise ValueError("full fine-tuning needs a frozen reference_model")
 
+    def restore_adapter(self, adapter_state: dict, steps: int) -> None:
+        """The policy of a resumed run: the base model with the saved adapter, as a round leaves it
+        (the next `train_round` unloads it again, like any round's)."""
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        self.model = get_peft_model(self.base_model, self.peft_config)
+        set_peft_model_state_dict(self.model, adapter_state)
+        self.adapter_state, self.steps = adapter_state, steps
+
     def train_round(self, pairs: list[dict], round_index: int) -> dict:
         from datasets import Dataset
         from peft import get_peft_model_state_dict, set_peft_model_state_dict

@@ -366,6 +366,12 @@ class StepLogger:
 
         self.callback = _Callback()
 
+    def replay(self, rows: list[dict]) -> None:
+        """Rows an interrupted run logged (align/resume.py): to the trackers again, and into `rows`."""
+        for row in rows:
+            self.trackers.log("train", {k: v for k, v in row.items() if k not in ("round", "step")}, row["step"])
+            self.rows.append(row)
+
     def start_round(self, round_index: int, offset: int) -> None:
         self.round, self.offset = round_index, offset
 

@@ -1,4 +1,5 @@
-"""Resume an interrupted Trainer stage (sft, reward) from its last checkpoint.
+"""Resume an interrupted stage from its last checkpoint: Trainer stages (sft, reward) from the
+last saved step, DPO's on-policy rounds from the last finished round (`RoundCheckpoints`).
 
 Where: runs/<run>/.<stage>.resume/, a folder whose name does not change with the process (the
 stage's output goes to .<stage>.tmp-<pid> and is renamed into place only when whole, so a new
@@ -31,6 +32,7 @@ was made for, and has no stop-at-signal.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -43,6 +45,8 @@ from align import processes
 from align.files import atomic_write_json
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+ROUND = re.compile(r"^round-(\d+)$")
+WEIGHTS = "weights.safetensors"
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint (transformers' _save_checkpoint)
 INTERRUPTED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process that SIGTERM ended
 
@@ -76,10 +80,9 @@ def _fingerprint_sha(fingerprint: dict) -> str:
     return _canonical_sha256(fingerprint)
 
 
-class TrainerCheckpoints:
-    """The resume folder of one stage run. Create it inside `runs.stage_output` (on every rank),
-    pass `folder` to `training.fit_to_hardware`, measure pre-training numbers with `remember`,
-    train with `train`, and call `finish` once the stage's output is in place."""
+class ResumeFolder:
+    """The resume folder of one stage run, tied to the stage's fingerprint. Create it inside
+    `runs.stage_output` (on every rank) and call `finish` once the stage's output is in place."""
 
     def __init__(self, out, fingerprint: dict, force: bool):
         self.out, self.stage = out, out.stage
@@ -93,7 +96,7 @@ class TrainerCheckpoints:
 
     def _prepare(self, force: bool) -> None:
         recorded = self._read("fingerprint.json").get("sha256")
-        has_checkpoints = bool(complete_checkpoints(self.folder))
+        has_checkpoints = any(self.folder.glob("checkpoint-*")) or any(self.folder.glob("round-*"))
         if recorded != self.sha or force:
             if has_checkpoints:
                 why = "--force" if force and recorded == self.sha else "they were made with a different config, " \
@@ -120,6 +123,16 @@ class TrainerCheckpoints:
         if self.out.is_main:
             atomic_write_json(self.folder / "before.json", self.before)
         return value
+
+    def finish(self) -> None:
+        """The stage's output is in place: its checkpoints are not needed any more."""
+        if self.out.is_main:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class TrainerCheckpoints(ResumeFolder):
+    """A Trainer stage's checkpoints: pass `folder` to `training.fit_to_hardware`, measure
+    pre-training numbers with `remember`, train with `train`."""
 
     def latest(self) -> tuple[int, Path] | None:
         found = complete_checkpoints(self.folder)
@@ -151,10 +164,80 @@ class TrainerCheckpoints:
         self.signalled = True
         signal.signal(signal.SIGTERM, _exit_now)  # a second SIGTERM does not wait for the step to end
 
-    def finish(self) -> None:
-        """The stage's output is in place: its checkpoints are not needed any more."""
+
+
+class RoundCheckpoints(ResumeFolder):
+    """An online loop's checkpoint after each finished round (DPO's on-policy rounds): the policy's
+    weights (the LoRA adapter, or the whole model with `use_peft: false`), the round and step rows
+    so far, and that round's samples and pairs files. Only the newest round is kept. A rerun
+    resumes after it; the killed round's work is lost (a DPO round is a few minutes here). The
+    held-out SFT samples are drawn again (seeded: the same samples); the sampling of later rounds
+    is not seeded, so a resumed run ends within noise of an uninterrupted one, not equal to it."""
+
+    def _prepare(self, force: bool) -> None:
+        super()._prepare(force)
+        for cut in self.folder.glob(".round-*.tmp"):  # a save cut off by a kill
+            shutil.rmtree(cut, ignore_errors=True)
+
+    def latest_round(self) -> tuple[int, Path] | None:
+        found = sorted((int(match.group(1)), path) for path in self.folder.glob("round-*")
+                       if (match := ROUND.match(path.name)) and (path / "state.json").is_file())
+        return found[-1] if found else None
+
+    def save_round(self, number: int, trainer, state: dict, files: list[Path]) -> None:
+        """Round `number` is done: its checkpoint, written whole or not at all (a temporary
+        folder renamed into place), then the previous one goes."""
+        if not self.out.is_main:
+            return
+        from safetensors.torch import save_file, save_model
+
+        tmp = self.folder / f".round-{number}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if trainer.adapter_state is not None:
+            weights = "adapter"
+            save_file({key: value.contiguous() for key, value in trainer.adapter_state.items()}, tmp / WEIGHTS)
+        elif trainer.peft_config is None and trainer.steps > 0:
+            weights = "model"
+            save_model(trainer.model, str(tmp / WEIGHTS))  # handles tied embeddings
+        else:
+            weights = None  # nothing trained yet: the policy is still the SFT model
+        for path in files:
+            shutil.copy2(path, tmp / path.name)
+        atomic_write_json(tmp / "state.json", {"round": number, "weights": weights, "steps": trainer.steps,
+                                               "files": [path.name for path in files], **state})
+        os.replace(tmp, self.folder / f"round-{number}")
+        for older, path in [item for item in self._rounds() if item[0] < number]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _rounds(self) -> list[tuple[int, Path]]:
+        return sorted((int(match.group(1)), path) for path in self.folder.glob("round-*")
+                      if (match := ROUND.match(path.name)))
+
+    def restore(self, trainer, rounds_folder: Path, total_rounds: int) -> dict | None:
+        """Put the newest round's policy into `trainer` and its files into `rounds_folder`; its
+        state ({round, steps, ...what save_round was given}), or None when there is none."""
+        latest = self.latest_round()
+        if latest is None:
+            return None
+        number, folder = latest
+        state = json.loads((folder / "state.json").read_text())
+        from safetensors.torch import load_file, load_model
+
+        if state["weights"] == "adapter":
+            trainer.restore_adapter(load_file(folder / WEIGHTS), state["steps"])
+        elif state["weights"] == "model":
+            load_model(trainer.model, str(folder / WEIGHTS))
+            trainer.steps = state["steps"]
         if self.out.is_main:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            rounds_folder.mkdir(parents=True, exist_ok=True)
+            for name in state["files"]:
+                shutil.copy2(folder / name, rounds_folder / name)
+        left = total_rounds - number
+        self.out.say(f"[{self.stage}] resumed after round {number} of {total_rounds} from {folder}"
+                     f"{'; 0 rounds left' if left <= 0 else ''}")
+        self.out.set(resumed={"after_round": number, "of_rounds": total_rounds, "checkpoint": folder.name})
+        return state
 
 
 def _all_agree(flag: bool) -> bool:

@@ -32,6 +32,8 @@ they score `truncation_penalty` below the reward model and never enter a pair.
 
 Up to date (same config, SFT and reward parents, data, code and versions as the finished
 runs/<run>/dpo): one line, nothing retrained; `--force` redoes it (align/runs.py).
+Interrupted on-policy (SIGTERM, kill -9): the same command goes on after the last finished
+round, checkpointed in runs/<run>/.dpo.resume/ (align/resume.py); offline mode starts over.
 
 Run: make dpo [RUN=name] [ARGS="--mode offline --beta 0.2 ..."]
 """
@@ -46,7 +48,7 @@ from typing import Literal
 
 from trl import DPOConfig, ModelConfig
 
-from align import data, dpo_rounds, files, hardware, models, online, preferences, runs, trackers, training
+from align import data, dpo_rounds, files, hardware, models, online, preferences, resume, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary
 from align.errors import ConfigError
@@ -163,6 +165,7 @@ def main(argv=None):
         # at 0 again, so the StepLogger puts their steps on ONE timeline across rounds and sends it,
         # with the round and held-out numbers, to the trackers report_to chose.
         trl_config = training.fit_to_hardware(dataclasses.replace(dpo_config, report_to="none"), args.precision, out.path)
+        checkpoints = resume.RoundCheckpoints(out, fingerprint, parsed.force) if args.mode == "on_policy" else None
         with trackers.open_trackers(tracker_names, out, config) as tracked:
             step_logger = online.StepLogger(tracked)
             trainer = dpo_rounds.RoundTrainer(policy, tokenizer, trl_config, peft_config, step_logger, reference)
@@ -176,7 +179,7 @@ def main(argv=None):
                     sft_eval = heldout.sample(generator, scorer, "SFT")
                 if args.mode == "on_policy":
                     round_rows = run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, tracked, out,
-                                            bf16)
+                                            bf16, checkpoints)
                 else:
                     round_rows = [train_offline(trainer, generator, offline_pairs, timer, out)]
                 with timer.phase("eval"):
@@ -200,6 +203,8 @@ def main(argv=None):
                            rounds=round_rows, train_steps=trainer.steps, bf16=trl_config.bf16,
                            **timer.as_metrics(), total_s=round(time.time() - started, 1))
         write_model_card(out.model_dir, out.manifest)  # inside the temporary folder: a crashed stage has no card
+    if checkpoints is not None:
+        checkpoints.finish()
     m = out.metrics
     summary("dpo", mode=f"{args.mode} ({len(round_rows)} round{'s' * (len(round_rows) != 1)}, {trainer.steps} steps)",
             **online.summary_fields("dpo", m, timer.phases), output=str(out.path))
@@ -216,12 +221,22 @@ def train_offline(trainer, generator, pairs: list[dict], timer, out) -> dict:
     return {"round": 1, **metrics}
 
 
-def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, tracked, out, bf16) -> list[dict]:
-    """On-policy rounds; returns one metrics row per round (also in the trackers under round/)."""
+def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, tracked, out, bf16,
+               checkpoints) -> list[dict]:
+    """On-policy rounds; returns one metrics row per round (also in the trackers under round/).
+    Each finished round is checkpointed; an interrupted run's rerun goes on after its last one."""
     settings = SamplingSettings(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
                                 max_new_tokens=args.max_new_tokens)
-    rows = []
-    for index in range(args.rounds):
+    rows, first = [], 0
+    restored = checkpoints.restore(trainer, out.path / "rounds", args.rounds)
+    if restored is not None:
+        rows, first = restored["rows"], restored["round"]
+        trainer.step_logger.replay(restored["step_rows"])
+        for row in rows:
+            tracked.log("round", row, row["round"], skip=("round",))
+        with timer.phase("sync"):
+            generator.update_weights(trainer.model)  # the next round samples the restored policy
+    for index in range(first, args.rounds):
         number = index + 1
         round_set = online.round_prompts(prompts, index, args.prompts_per_round, trainer.dpo_config.seed)
         fresh = online.sample_and_score(generator, scorer, round_set, settings, timer,
@@ -255,6 +270,8 @@ def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, t
               f"style {row['fresh_style_score']:.2f}, KL {row.get('fresh_kl', 0):.2f}, {counts['pairs']} pairs, "
               f"DPO reward accuracy {row.get('train_rewards_accuracies', float('nan')):.2f}", flush=True)
         tracked.log("round", row, number, skip=("round",))
+        checkpoints.save_round(number, trainer, {"rows": rows, "step_rows": trainer.step_logger.rows},
+                               [out.path / "rounds" / f"round-{number}-{kind}.jsonl" for kind in ("samples", "pairs")])
     return rows
 
 

@@ -171,3 +171,45 @@ def test_reward_stopped_by_sigterm_saves_that_step_and_resumes_there(runs_root, 
     manifest = json.loads((runs_root / run / "reward" / "manifest.json").read_text())
     assert manifest["resumed"]["from_step"] == step and manifest["metrics"]["train_steps"] == total
     assert not scratch.exists()
+
+
+@pytest.mark.slow
+def test_on_policy_dpo_killed_after_a_round_goes_on_after_it(runs_root, cold_dry, tmp_path):
+    from tests.test_dpo import DPO_ARGS
+
+    run, parent = "dpo-killed", runs_root / cold_dry["run"]
+    args = ["--run", run, "--sft_dir", str(parent / "sft"), "--reward_dir", str(parent / "reward"), "--rounds", "3",
+            "--ranked_files", str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]), *DPO_ARGS,
+            "--truncated_answers", "keep", "--prompts_per_round", "8", "--report_to", "tensorboard"]
+    log = tmp_path / "first.log"
+    process = start_stage("dpo", args, log)
+    folder = resume.resume_dir(runs_root / run, "dpo")
+    deadline = time.time() + 600
+    while not (folder / "round-1" / "state.json").is_file():
+        assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (runs_root / run / "dpo").exists()
+    done, checkpoint = max((int(path.name.split("-")[1]), path) for path in folder.glob("round-*")
+                           if (path / "state.json").is_file())
+    saved = json.loads((checkpoint / "state.json").read_text())
+    assert saved["weights"] == "adapter" and [row["round"] for row in saved["rows"]] == list(range(1, done + 1))
+
+    result = run_stage("dpo", *args)
+    assert_ok(result)
+    assert f"[dpo] resumed after round {done} of 3 from {checkpoint}" in result.stdout
+    output = runs_root / run / "dpo"
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["resumed"] == {"after_round": done, "of_rounds": 3, "checkpoint": f"round-{done}"}
+    rounds = manifest["metrics"]["rounds"]
+    assert [row["round"] for row in rounds] == [1, 2, 3]
+    assert rounds[:done] == saved["rows"]  # the finished rounds were kept, not redone
+    if done < 3:  # the next round sampled the restored policy, not the SFT model: it has moved away
+        assert rounds[done]["fresh_kl"] > 0
+    for number in (1, 2, 3):  # every round's samples and pairs are in the output, the restored ones too
+        assert (output / "rounds" / f"round-{number}-samples.jsonl").is_file()
+    steps = [json.loads(line)["step"] for line in (output / "logs" / "steps.jsonl").read_text().splitlines()]
+    # one timeline (a round's trainer logs its closing summary at its last step, so a step can repeat)
+    assert steps == sorted(steps) and set(steps) == set(range(1, manifest["metrics"]["train_steps"] + 1))
+    assert not folder.exists()
