@@ -96,3 +96,20 @@ def argilla_server(tmp_path_factory) -> ArgillaServer:
 def unique_name():
     """A dataset/workspace name no other test uses."""
     return lambda prefix: f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def assert_no_secrets(folder: Path, *secrets: str, texts: tuple[str, ...] = ()) -> None:
+    """No secret (API key, password) in any file under `folder` (logs, manifest, config.yaml,
+    TensorBoard events: read as bytes, binary files too) nor in `texts` (a stage's console)."""
+    assert all(len(secret) >= 8 for secret in secrets), "a secret this short would match by chance"
+    checked = 0
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            content = path.read_bytes()
+            checked += 1
+            for secret in secrets:
+                assert secret.encode() not in content, f"{path} holds a secret"
+    assert checked > 0, f"nothing under {folder}"
+    for text in texts:
+        for secret in secrets:
+            assert secret not in text, "the console output holds a secret"

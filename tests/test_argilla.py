@@ -6,6 +6,7 @@ Annotators answer through the REST API as themselves (token login), as the web U
 from __future__ import annotations
 
 import json
+import uuid
 
 import httpx
 import pytest
@@ -309,6 +310,26 @@ def test_connect_uses_local_credentials_and_never_prints_the_key(argilla_server,
     monkeypatch.setenv("ARGILLA_LOCAL_HOME", str(argilla_server.home / "nowhere"))
     with pytest.raises(aio.ArgillaUnavailable, match="make argilla"):
         aio.connect()
+
+
+def test_a_wrong_key_is_one_line_that_does_not_hold_the_key(argilla_server, tiny_data, monkeypatch, tmp_path):
+    """A stage given a key the server refuses: exit 2, one line naming the server, neither the
+    wrong key nor the real one in it, and nothing under runs/."""
+    wrong = "wrong-" + uuid.uuid4().hex
+    monkeypatch.setenv("ARGILLA_API_URL", argilla_server.url)
+    monkeypatch.setenv("ARGILLA_API_KEY", wrong)
+    monkeypatch.setenv("ALIGN_RUNS", str(tmp_path / "runs"))
+    with pytest.raises(aio.ArgillaUnavailable) as error:
+        aio.connect()
+    assert wrong not in str(error.value) and argilla_server.url in str(error.value)
+    result = run_stage("reward", "--run", "wrong-key", "--model_name_or_path", "default",
+                       "--ranked_files", str(tiny_data["ranked"]), "--argilla_dataset", "anything")
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"cannot reach Argilla at {argilla_server.url}" in line and "Traceback" not in result.stderr
+    for secret in (wrong, argilla_server.api_key):
+        assert secret not in result.stdout + result.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_restart_keeps_data_and_rebuilds_the_index(argilla_server, loop):

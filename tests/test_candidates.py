@@ -8,6 +8,7 @@ import json
 import pytest
 
 from align import files
+from tests.argilla_fixtures import assert_no_secrets
 from tests.conftest import assert_ok, run_stage
 
 pytestmark = pytest.mark.slow
@@ -101,6 +102,8 @@ def test_push_to_argilla(runs_root, tiny_sft_run, tiny_data, argilla_server, uni
     assert f"pushed 5 records to Argilla dataset {workspace}/{dataset}" in result.stdout
     manifest, records = read_output(runs_root, "cand-push")
     assert manifest["argilla"] == {"dataset": dataset, "workspace": workspace, "pushed": True, "records": 5}
+    assert_no_secrets(runs_root / "cand-push", argilla_server.api_key, argilla_server.owner_password,
+                      texts=(result.stdout, result.stderr))
 
     client = argilla_server.client()
     remote = list(client.datasets(name=dataset, workspace=workspace).records)

@@ -10,6 +10,7 @@ import pytest
 
 from align import data, files, preferences
 from align.errors import AlignError, DataError
+from tests.argilla_fixtures import assert_no_secrets
 from tests.conftest import assert_ok, run_stage, write_jsonl
 
 FAST = ("--max_steps", "24", "--per_device_train_batch_size", "4", "--learning_rate", "0.003",
@@ -154,8 +155,11 @@ def test_rankings_pulled_from_argilla(runs_root, tiny_sft_run, tiny_data, argill
     result = run_stage("reward", "--run", run, "--ranked_files", str(tiny_data["ranked"]),
                        "--argilla_dataset", name, "--argilla_workspace", workspace, *FAST)
     assert_ok(result)
-    assert argilla_server.api_key not in result.stdout + result.stderr
     folder = runs_root / run / "reward"
+    # the key, the owner's and the annotator's passwords: in no file of the stage (TensorBoard
+    # events included) and not on the console
+    assert_no_secrets(folder, argilla_server.api_key, argilla_server.owner_password, password,
+                      texts=(result.stdout, result.stderr))
     pulled = files.read_jsonl_records(folder / "rankings.jsonl")
     assert len(pulled) == 16 and {r["annotator"] for r in pulled} == {user}
     assert all(r["provenance"]["dataset"] == name for r in pulled)
