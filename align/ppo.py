@@ -225,6 +225,23 @@ def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """{name: a copy} of the parameters that train (LoRA and the critic's score head; all of a full fine-tune)."""
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Put `trainable_state`'s tensors back; every trainable parameter must be there."""
+    parameters = dict(model.named_parameters())
+    wanted = {name for name, parameter in parameters.items() if parameter.requires_grad}
+    if set(state) != wanted:
+        raise ValueError(f"checkpoint holds {len(state)} trainable tensors, the model has {len(wanted)} "
+                         f"(first differences: {sorted(set(state) ^ wanted)[:3]})")
+    with torch.no_grad():
+        for name, value in state.items():
+            parameters[name].copy_(value)
+
+
 class PPOUpdater:
     """K epochs x M minibatches of clipped policy + value losses on one rollout batch.
 
@@ -241,13 +258,28 @@ class PPOUpdater:
         disable_dropout(critic)
         self.policy_optimizer = policy_optimizer or adamw(policy.parameters(), policy_lr)
         self.critic_optimizer = critic_optimizer or adamw(critic.parameters(), critic_lr)
-        generator = torch.Generator().manual_seed(seed)
-        self.permutation = permutation or (lambda n: torch.randperm(n, generator=generator).tolist())
+        self.generator = torch.Generator().manual_seed(seed)  # its state is checkpointed (align/resume.py)
+        self.permutation = permutation or (lambda n: torch.randperm(n, generator=self.generator).tolist())
         self.autocast_bf16 = autocast_bf16
         self.steps = 0
 
     def autocast(self):
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast_bf16 else contextlib.nullcontext()
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to go on exactly: trainable weights, optimizers, the epoch-order RNG."""
+        return {"policy": trainable_state(self.policy), "critic": trainable_state(self.critic),
+                "policy_optimizer": self.policy_optimizer.state_dict(),
+                "critic_optimizer": self.critic_optimizer.state_dict(),
+                "permutation_rng": self.generator.get_state(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_trainable_state(self.policy, state["policy"])
+        load_trainable_state(self.critic, state["critic"])
+        self.policy_optimizer.load_state_dict(state["policy_optimizer"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.generator.set_state(state["permutation_rng"])
+        self.steps = state["steps"]
 
     def update(self, batch: RolloutBatch, old_logprobs: torch.Tensor, old_values: torch.Tensor,
                advantages: torch.Tensor, returns: torch.Tensor, train_policy: bool = True) -> list[dict]:

@@ -1,5 +1,6 @@
 """Resume an interrupted stage from its last checkpoint: Trainer stages (sft, reward) from the
-last saved step, DPO's on-policy rounds from the last finished round (`RoundCheckpoints`).
+last saved step, DPO's on-policy rounds from the last finished round (`RoundCheckpoints`), PPO
+from the last finished update (`UpdateCheckpoints`).
 
 Where: runs/<run>/.<stage>.resume/, a folder whose name does not change with the process (the
 stage's output goes to .<stage>.tmp-<pid> and is renamed into place only when whole, so a new
@@ -45,8 +46,8 @@ from align import processes
 from align.files import atomic_write_json
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-ROUND = re.compile(r"^round-(\d+)$")
-WEIGHTS = "weights.safetensors"
+WEIGHTS = "weights.safetensors"  # DPO rounds: the adapter or the model
+UPDATER_STATE = "updater.pt"  # PPO updates: PPOUpdater.state_dict()
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint (transformers' _save_checkpoint)
 INTERRUPTED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process that SIGTERM ended
 
@@ -166,62 +167,92 @@ class TrainerCheckpoints(ResumeFolder):
 
 
 
-class RoundCheckpoints(ResumeFolder):
-    """An online loop's checkpoint after each finished round (DPO's on-policy rounds): the policy's
-    weights (the LoRA adapter, or the whole model with `use_peft: false`), the round and step rows
-    so far, and that round's samples and pairs files. Only the newest round is kept. A rerun
-    resumes after it; the killed round's work is lost (a DPO round is a few minutes here). The
-    held-out SFT samples are drawn again (seeded: the same samples); the sampling of later rounds
-    is not seeded, so a resumed run ends within noise of an uninterrupted one, not equal to it."""
+class LoopCheckpoints(ResumeFolder):
+    """An online loop's checkpoint after each finished round or update: `<unit>-<k>/` holding
+    state.json (the rows so far, what the stage adds), the policy's weights (the subclass writes
+    them) and the files the units wrote so far (their samples), each written whole or not at all (a
+    temporary folder renamed into place). Only the newest is kept. A rerun goes on after it; the
+    unit that was killed is lost."""
+
+    unit = "unit"
 
     def _prepare(self, force: bool) -> None:
         super()._prepare(force)
-        for cut in self.folder.glob(".round-*.tmp"):  # a save cut off by a kill
+        for cut in self.folder.glob(f".{self.unit}-*.tmp"):  # a save cut off by a kill
             shutil.rmtree(cut, ignore_errors=True)
 
-    def latest_round(self) -> tuple[int, Path] | None:
-        found = sorted((int(match.group(1)), path) for path in self.folder.glob("round-*")
-                       if (match := ROUND.match(path.name)) and (path / "state.json").is_file())
-        return found[-1] if found else None
+    def _saved(self) -> list[tuple[int, Path]]:
+        pattern = re.compile(rf"^{self.unit}-(\d+)$")
+        return sorted((int(match.group(1)), path) for path in self.folder.glob(f"{self.unit}-*")
+                      if (match := pattern.match(path.name)) and (path / "state.json").is_file())
 
-    def save_round(self, number: int, trainer, state: dict, files: list[Path]) -> None:
-        """Round `number` is done: its checkpoint, written whole or not at all (a temporary
-        folder renamed into place), then the previous one goes."""
+    def latest(self) -> tuple[int, Path] | None:
+        saved = self._saved()
+        return saved[-1] if saved else None
+
+    def _save(self, number: int, state: dict, write_weights, files: list[Path]) -> None:
         if not self.out.is_main:
             return
-        from safetensors.torch import save_file, save_model
-
-        tmp = self.folder / f".round-{number}.tmp"
+        tmp = self.folder / f".{self.unit}-{number}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        if trainer.adapter_state is not None:
-            weights = "adapter"
-            save_file({key: value.contiguous() for key, value in trainer.adapter_state.items()}, tmp / WEIGHTS)
-        elif trainer.peft_config is None and trainer.steps > 0:
-            weights = "model"
-            save_model(trainer.model, str(tmp / WEIGHTS))  # handles tied embeddings
-        else:
-            weights = None  # nothing trained yet: the policy is still the SFT model
+        weights = write_weights(tmp)
         for path in files:
             shutil.copy2(path, tmp / path.name)
-        atomic_write_json(tmp / "state.json", {"round": number, "weights": weights, "steps": trainer.steps,
+        atomic_write_json(tmp / "state.json", {self.unit: number, "weights": weights,
                                                "files": [path.name for path in files], **state})
-        os.replace(tmp, self.folder / f"round-{number}")
-        for older, path in [item for item in self._rounds() if item[0] < number]:
-            shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, self.folder / f"{self.unit}-{number}")
+        for older, path in self._saved():
+            if older < number:
+                shutil.rmtree(path, ignore_errors=True)
 
-    def _rounds(self) -> list[tuple[int, Path]]:
-        return sorted((int(match.group(1)), path) for path in self.folder.glob("round-*")
-                      if (match := ROUND.match(path.name)))
-
-    def restore(self, trainer, rounds_folder: Path, total_rounds: int) -> dict | None:
-        """Put the newest round's policy into `trainer` and its files into `rounds_folder`; its
-        state ({round, steps, ...what save_round was given}), or None when there is none."""
-        latest = self.latest_round()
+    def _restore(self, files_folder: Path, total: int) -> tuple[dict, Path] | None:
+        """(state, checkpoint folder) of the newest checkpoint, its files copied to `files_folder`;
+        None when there is none. Says so in one line and records `resumed` in the manifest."""
+        latest = self.latest()
         if latest is None:
             return None
         number, folder = latest
         state = json.loads((folder / "state.json").read_text())
+        if self.out.is_main:
+            files_folder.mkdir(parents=True, exist_ok=True)
+            for name in state["files"]:
+                shutil.copy2(folder / name, files_folder / name)
+        left = "; 0 left" if number >= total else ""
+        self.out.say(f"[{self.stage}] resumed after {self.unit} {number} of {total} from {folder}{left}")
+        self.out.set(resumed={f"after_{self.unit}": number, f"of_{self.unit}s": total, "checkpoint": folder.name})
+        return state, folder
+
+
+class RoundCheckpoints(LoopCheckpoints):
+    """DPO's on-policy rounds: the LoRA adapter (or the whole model with `use_peft: false`), the
+    round and step rows, every round's samples and pairs files. The held-out SFT samples are drawn
+    again on resume (seeded: the same samples); the sampling of rounds is not seeded, so a resumed
+    run ends within noise of an uninterrupted one, not equal to it."""
+
+    unit = "round"
+
+    def save_round(self, number: int, trainer, state: dict, files: list[Path]) -> None:
+        from safetensors.torch import save_file, save_model
+
+        def write_weights(folder: Path) -> str | None:
+            if trainer.adapter_state is not None:
+                save_file({key: value.contiguous() for key, value in trainer.adapter_state.items()}, folder / WEIGHTS)
+                return "adapter"
+            if trainer.peft_config is None and trainer.steps > 0:
+                save_model(trainer.model, str(folder / WEIGHTS))  # handles tied embeddings
+                return "model"
+            return None  # nothing trained yet: the policy is still the SFT model
+
+        self._save(number, {"steps": trainer.steps, **state}, write_weights, files)
+
+    def restore(self, trainer, rounds_folder: Path, total_rounds: int) -> dict | None:
+        """Put the newest round's policy into `trainer` and its files into `rounds_folder`; its
+        state ({round, steps, ...what save_round was given}), or None when there is none."""
+        restored = self._restore(rounds_folder, total_rounds)
+        if restored is None:
+            return None
+        state, folder = restored
         from safetensors.torch import load_file, load_model
 
         if state["weights"] == "adapter":
@@ -229,14 +260,34 @@ class RoundCheckpoints(ResumeFolder):
         elif state["weights"] == "model":
             load_model(trainer.model, str(folder / WEIGHTS))
             trainer.steps = state["steps"]
-        if self.out.is_main:
-            rounds_folder.mkdir(parents=True, exist_ok=True)
-            for name in state["files"]:
-                shutil.copy2(folder / name, rounds_folder / name)
-        left = total_rounds - number
-        self.out.say(f"[{self.stage}] resumed after round {number} of {total_rounds} from {folder}"
-                     f"{'; 0 rounds left' if left <= 0 else ''}")
-        self.out.set(resumed={"after_round": number, "of_rounds": total_rounds, "checkpoint": folder.name})
+        return state
+
+
+class UpdateCheckpoints(LoopCheckpoints):
+    """PPO's updates: the updater's state (trainable policy and critic weights, both optimizers,
+    the epoch-order RNG: `PPOUpdater.state_dict`) in updater.pt, the update, step and push-check
+    rows and the KL coefficient in state.json, every update's rollout samples. Rollouts are seeded
+    per update, so a resumed run samples what an uninterrupted one would."""
+
+    unit = "update"
+
+    def save_update(self, number: int, updater, state: dict, files: list[Path]) -> None:
+        import torch
+
+        def write_weights(folder: Path) -> str:
+            torch.save(updater.state_dict(), folder / UPDATER_STATE)
+            return "updater"
+
+        self._save(number, state, write_weights, files)
+
+    def restore(self, updater, rollouts_folder: Path, total_updates: int) -> dict | None:
+        restored = self._restore(rollouts_folder, total_updates)
+        if restored is None:
+            return None
+        state, folder = restored
+        import torch
+
+        updater.load_state_dict(torch.load(folder / UPDATER_STATE, weights_only=True))
         return state
 
 

@@ -271,7 +271,7 @@ def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, t
               f"DPO reward accuracy {row.get('train_rewards_accuracies', float('nan')):.2f}", flush=True)
         tracked.log("round", row, number, skip=("round",))
         checkpoints.save_round(number, trainer, {"rows": rows, "step_rows": trainer.step_logger.rows},
-                               [out.path / "rounds" / f"round-{number}-{kind}.jsonl" for kind in ("samples", "pairs")])
+                               sorted((out.path / "rounds").glob("round-*.jsonl")))  # every round's so far
     return rows
 
 

@@ -32,6 +32,8 @@ prompts with the same decoding and seed, and judges them with the statistics of
 
 Up to date (same config, SFT and reward parents, data, code and versions as the finished
 runs/<run>/ppo): one line, nothing retrained; `--force` redoes it (align/runs.py).
+Interrupted (SIGTERM, kill -9): the same command goes on after the last finished update,
+checkpointed in runs/<run>/.ppo.resume/ (align/resume.py).
 
 Run: make ppo [RUN=name] [ARGS="--updates 4 --kl_coef 0.1 ..."]
 """
@@ -46,7 +48,7 @@ from typing import Literal
 
 from trl import ModelConfig
 
-from align import data, files, hardware, models, online, ppo, ppo_math, preferences, runs, trackers, training
+from align import data, files, hardware, models, online, ppo, ppo_math, preferences, resume, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import ConfigError
@@ -205,8 +207,9 @@ def main(argv=None):
                   f"{'the adapter-disabled SFT model' if peft_config else 'a frozen copy of the SFT model'}; "
                   f"critic from {scorer.model_dir}", flush=True)
 
+            checkpoints = resume.UpdateCheckpoints(out, fingerprint, parsed.force)
             loop = UpdateLoop(args, policy, reference, critic, updater, tokenizer, scorer, prompts, heldout, timer,
-                              tracked, out, bf16)
+                              tracked, out, bf16, checkpoints)
             with sampler.generator(sft.model_path, seed=args.seed) as generator:
                 with timer.phase("eval"):
                     sft_eval = heldout.sample(generator, scorer, "SFT")
@@ -230,6 +233,7 @@ def main(argv=None):
                            **run_metrics(update_rows), updates=update_rows, train_steps=updater.steps, bf16=bf16,
                            **timer.as_metrics(), total_s=round(time.time() - started, 1))
         write_model_card(out.model_dir, out.manifest)  # inside the temporary folder: a crashed stage has no card
+    checkpoints.finish()
     m = out.metrics
     summary("ppo", updates=f"{len(update_rows)} ({updater.steps} steps)", clipfrac=f"{m['clipfrac_mean']:.3f}",
             **online.summary_fields("ppo", m, timer.phases), output=str(out.path))
@@ -258,8 +262,9 @@ class UpdateLoop:
     """The updates: rollout -> score -> torch forwards -> rewards, GAE -> PPO epochs -> push."""
 
     def __init__(self, args, policy, reference, critic, updater, tokenizer, scorer, prompts, heldout, timer,
-                 tracked, out, bf16):
+                 tracked, out, bf16, checkpoints):
         self.args, self.policy, self.reference, self.critic = args, policy, reference, critic
+        self.checkpoints = checkpoints
         self.updater, self.tokenizer, self.scorer, self.prompts = updater, tokenizer, scorer, prompts
         self.heldout, self.timer, self.tracked, self.out, self.bf16 = heldout, timer, tracked, out, bf16
         self.kl_controller = (ppo_math.FixedKLController(args.kl_coef) if args.kl_target is None else
@@ -275,8 +280,18 @@ class UpdateLoop:
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def run(self, generator) -> list[dict]:
-        rows = []
-        for index in range(self.args.updates):
+        """Every update, each checkpointed once done; an interrupted run's rerun goes on after its last."""
+        rows, first = [], 0
+        restored = self.checkpoints.restore(self.updater, self.out.path / "rollouts", self.args.updates)
+        if restored is not None:
+            rows, first = restored["rows"], restored["update"]
+            self.step_rows, self.push_checks = restored["step_rows"], restored["push_checks"]
+            self.kl_controller.value = restored["kl_coef"]
+            for row in rows:
+                self.tracked.log("update", row, row["update"], skip=("update",))
+            with self.timer.phase("sync"):
+                generator.update_weights(self.policy)  # the next update samples the restored policy
+        for index in range(first, self.args.updates):
             started = time.perf_counter()
             row = self.one_update(generator, index)
             row["update_s"] = round(time.perf_counter() - started, 2)
@@ -287,6 +302,9 @@ class UpdateLoop:
                   f"value loss {row['loss/value_avg']:.4f}, explained var {row['critic/vf_explained_var']:.2f}, "
                   f"length {row['response/length_mean']:.1f}, {row['update_s']:.1f} s", flush=True)
             self.tracked.log("update", row, index + 1, skip=("update",))
+            self.checkpoints.save_update(index + 1, self.updater, {
+                "rows": rows, "step_rows": self.step_rows, "push_checks": self.push_checks,
+                "kl_coef": self.kl_controller.value}, sorted((self.out.path / "rollouts").glob("*.jsonl")))
         return rows
 
     def one_update(self, generator, index: int) -> dict:

@@ -213,3 +213,49 @@ def test_on_policy_dpo_killed_after_a_round_goes_on_after_it(runs_root, cold_dry
     # one timeline (a round's trainer logs its closing summary at its last step, so a step can repeat)
     assert steps == sorted(steps) and set(steps) == set(range(1, manifest["metrics"]["train_steps"] + 1))
     assert not folder.exists()
+
+
+@pytest.mark.slow
+def test_ppo_killed_after_an_update_goes_on_exactly_as_an_uninterrupted_run(runs_root, cold_dry, tmp_path):
+    from tests.test_ppo_stage import PPO_ARGS
+
+    parent = runs_root / cold_dry["run"]
+
+    def args(run: str) -> list[str]:
+        return ["--run", run, "--sft_dir", str(parent / "sft"), "--reward_dir", str(parent / "reward"),
+                "--ranked_files", str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]), *PPO_ARGS]
+
+    log = tmp_path / "first.log"
+    process = start_stage("ppo", args("ppo-killed"), log)
+    folder = resume.resume_dir(runs_root / "ppo-killed", "ppo")
+    deadline = time.time() + 600
+    while not (folder / "update-1" / "state.json").is_file():
+        assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (runs_root / "ppo-killed" / "ppo").exists()
+    done, checkpoint = max((int(path.name.split("-")[1]), path) for path in folder.glob("update-*")
+                           if (path / "state.json").is_file())
+    assert done < 3, "the run finished before it was killed"
+
+    result = run_stage("ppo", *args("ppo-killed"))
+    assert_ok(result)
+    assert f"[ppo] resumed after update {done} of 3 from {checkpoint}" in result.stdout
+    output = runs_root / "ppo-killed" / "ppo"
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["resumed"] == {"after_update": done, "of_updates": 3, "checkpoint": f"update-{done}"}
+    for number in (1, 2, 3):
+        assert (output / "rollouts" / f"update-{number}-samples.jsonl").is_file()
+    assert not folder.exists()
+
+    assert_ok(run_stage("ppo", *args("ppo-whole")))
+    whole = json.loads((runs_root / "ppo-whole" / "ppo" / "manifest.json").read_text())
+    # Rollouts are seeded per update and the updater's weights, optimizers and RNG came back: the
+    # updates after the kill are the uninterrupted run's, number for number.
+    for resumed_row, whole_row in zip(manifest["metrics"]["updates"], whole["metrics"]["updates"], strict=True):
+        for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg",
+                    "kl_coef"):
+            assert resumed_row[key] == pytest.approx(whole_row[key], rel=1e-4, abs=1e-5), (resumed_row["update"], key)
+    assert manifest["metrics"]["train_steps"] == whole["metrics"]["train_steps"]
+    assert manifest["metrics"]["mean_reward_ppo"] == pytest.approx(whole["metrics"]["mean_reward_ppo"], rel=1e-4)
