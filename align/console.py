@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -80,6 +81,51 @@ def run_stage(main, argv=None, uses_torch: bool = True, single_process: str | No
     except MemoryError:
         print("error: out of memory; try a smaller --per_device_train_batch_size or --max_length", file=sys.stderr)
         sys.exit(3)
+    except Exception as error:
+        problem = out_of_disk(error)
+        if problem is None:
+            raise  # a bug: keep its traceback
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(OUT_OF_DISK_EXIT)
+
+
+OUT_OF_DISK_EXIT = 4
+LOW_DISK_BYTES = 32 * 2**20  # less than this free under runs/ after a failure: the disk is the likely cause
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# how libraries that do not raise OSError say it: safetensors ("No space left on device (os error 28)")
+_DISK_FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded", "File too large", "os error 27")
+
+
+def out_of_disk(error: BaseException) -> str | None:
+    """One line when `error` (or what caused it) is a full disk, a quota or a file-size limit, or
+    when the runs folder's file system has almost no space left (torch.save then fails with an
+    unhelpful "unexpected pos"); None otherwise. The previous finished output is untouched: a
+    stage writes into a temporary folder and renames it only when whole (align/runs.py)."""
+    import shutil
+
+    from align.runs import runs_root
+
+    chain, seen = [], error
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    said = any((isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS)
+               or any(text in str(e) for text in _DISK_FULL_TEXTS) for e in chain)
+    size_limit = any((isinstance(e, OSError) and e.errno == errno.EFBIG)
+                     or "File too large" in str(e) or "os error 27" in str(e) for e in chain)
+    root = runs_root()
+    try:
+        free = shutil.disk_usage(root if root.exists() else root.resolve().parent).free
+    except OSError:
+        free = None
+    if not said and (free is None or free >= LOW_DISK_BYTES):
+        return None
+    room = f" ({free / 2**20:.0f} MiB free there)" if free is not None else ""
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    what = "over this process's file-size limit (ulimit -f)" if size_limit else "out of disk space"
+    return (f"{what} writing under {root.resolve()}{room}: {type(error).__name__}: {first_line[:200]}. "
+            "The previous finished output is untouched; free space (the partial output is in the "
+            "<stage>.failed-* folder named above) or point ALIGN_RUNS elsewhere, then run the same command again")
 
 
 def _tool_name() -> str:

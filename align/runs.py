@@ -329,7 +329,10 @@ def stage_output(run: str, stage: str, config: dict, seed: int | None, parent: C
         log.close()
         manifest.update(status="failed", error=f"{type(error).__name__}: {error}", finished_at=_now())
         manifest["wall_s"] = round(time.time() - started, 1)
-        output.write_manifest()
+        try:
+            output.write_manifest()
+        except OSError:  # the disk that failed the stage may refuse this too; the rename below needs no space
+            pass
         failed = _failed_folder(run_folder, stage)
         os.replace(tmp, failed)
         print(f"[align] {stage} failed; partial output kept in {failed}", file=sys.stderr)

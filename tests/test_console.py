@@ -23,3 +23,23 @@ def test_make_runs_stage_processes_on_tcmalloc():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "tcmalloc"
+
+
+def test_out_of_disk_is_recognised_through_the_cause_chain(tmp_path, monkeypatch):
+    import errno
+
+    from align.console import out_of_disk
+
+    monkeypatch.setenv("ALIGN_RUNS", str(tmp_path))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as low:
+            raise RuntimeError("saving failed") from low
+    except RuntimeError as wrapped:
+        line = out_of_disk(wrapped)
+    assert line.startswith(f"out of disk space writing under {tmp_path.resolve()} (") and "\n" not in line
+    assert "RuntimeError: saving failed" in line and "run the same command again" in line
+    assert out_of_disk(RuntimeError("Error while serializing: I/O error: File too large (os error 27)")).startswith(
+        "over this process's file-size limit (ulimit -f)")
+    assert out_of_disk(ValueError("a bug, with plenty of room left")) is None  # keeps its traceback
