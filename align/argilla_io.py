@@ -66,6 +66,51 @@ class ArgillaUnavailable(AlignError):
     """No Argilla server configured or reachable."""
 
 
+RETRY_WAITS_S = (1.0, 2.0, 4.0)  # bounded: 4 attempts over ~7 s, then one line naming the server
+
+
+def _transient(error: BaseException) -> bool:
+    """A connection that failed or timed out, or a 5xx: worth asking again (a 4xx is not)."""
+    import httpx
+
+    seen = error
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, (httpx.TransportError, ConnectionError, TimeoutError)):
+            return True
+        if getattr(seen, "status_code", None) is not None and int(seen.status_code) >= 500:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def retrying(what: str, url: str, call: Callable[[], Any], waits: Sequence[float] = RETRY_WAITS_S,
+             say: Callable[[str], None] | None = None):
+    """`call()`, asked again after a transient server error, `waits` seconds apart; after the last
+    attempt an ArgillaUnavailable naming the server. Safe around pushes: records are upserted by
+    their id (the prompt or pair id), so a push that is repeated, here or by rerunning the command,
+    adds no duplicates. A pull reads everything before its stage writes anything."""
+    import time
+
+    say = say or (lambda line: print(line, flush=True))
+    for attempt in range(len(waits) + 1):
+        try:
+            return call()
+        except Exception as error:
+            if not _transient(error):
+                raise
+            if attempt == len(waits):
+                raise ArgillaUnavailable(
+                    f"Argilla at {url} did not answer while {what} ({attempt + 1} attempts over "
+                    f"{sum(waits):.0f} s; last: {type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}); "
+                    "is it running (`make argilla-status`, `make argilla`)? Then run the same command again: "
+                    "a push adds no duplicates") from error
+            say(f"[argilla] {what}: {type(error).__name__}; asking {url} again in {waits[attempt]:.0f} s "
+                f"({attempt + 1}/{len(waits)})")
+            time.sleep(waits[attempt])
+
+
 def local_home() -> Path:
     return Path(os.environ.get("ARGILLA_LOCAL_HOME") or REPO / ".argilla")
 

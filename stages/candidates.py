@@ -193,8 +193,6 @@ def push_to_argilla(client, args, dataset_name: str, records: list[dict], checkp
 
     started = time.perf_counter()
     guidelines = Path(args.guidelines_file).read_text() if args.guidelines_file else None
-    dataset = argilla_io.create_ranking_dataset(client, dataset_name, args.argilla_workspace, args.k, guidelines,
-                                                args.min_submitted)
     metadata = {"checkpoint": checkpoint, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens}
     items = [
@@ -207,7 +205,14 @@ def push_to_argilla(client, args, dataset_name: str, records: list[dict], checkp
         }
         for record in records
     ]
-    ids = argilla_io.push_candidates(dataset, items)
+
+    def push() -> list[str]:  # the dataset and its records, asked again if the server drops out
+        dataset = argilla_io.create_ranking_dataset(client, dataset_name, args.argilla_workspace, args.k, guidelines,
+                                                    args.min_submitted)
+        return argilla_io.push_candidates(dataset, items)
+
+    ids = argilla_io.retrying(f"pushing {len(items)} records to {args.argilla_workspace}/{dataset_name}",
+                              client.api_url, push)
     return len(ids), time.perf_counter() - started
 
 

@@ -88,8 +88,13 @@ def push(args: CompareHumanArgs, folder) -> None:
         raise AlignError(f"{folder / comparison.SAMPLES}: every pair of responses is identical; nothing for humans to judge")
     name = args.argilla_dataset or f"compare-{args.run}"
     client = argilla_io.connect()
-    dataset = ab_test.create_ab_dataset(client, name, args.argilla_workspace, min_submitted=args.argilla_min_submitted)
-    pushed = ab_test.push_ab_pairs(dataset, items)
+
+    def push_pairs() -> list:  # the dataset and its records, asked again if the server drops out
+        dataset = ab_test.create_ab_dataset(client, name, args.argilla_workspace, min_submitted=args.argilla_min_submitted)
+        return ab_test.push_ab_pairs(dataset, items)
+
+    pushed = argilla_io.retrying(f"pushing {len(items)} A/B pairs to {args.argilla_workspace}/{name}", client.api_url,
+                                 push_pairs)
     if len(pushed) != len(items):
         raise AlignError(f"Argilla accepted {len(pushed)} of {len(items)} records in dataset {name!r}; push again")
 
@@ -109,7 +114,8 @@ def pull(args: CompareHumanArgs, folder, pushed: dict | None) -> None:
     name, workspace = pushed["dataset"], pushed["workspace"]
 
     client = argilla_io.connect()
-    answers = ab_test.pull_ab_answers(client, name, workspace)
+    answers = argilla_io.retrying(f"pulling answers from {workspace}/{name}", client.api_url,
+                                  lambda: ab_test.pull_ab_answers(client, name, workspace))
     for problem in answers.problems:
         warn(f"Argilla dataset {name}: record {problem['record_id']} by {problem['annotator']}: {problem['problem']} (left out)")
     if not answers:

@@ -215,7 +215,9 @@ def pull_from_argilla(args) -> list[dict]:
     from align import argilla_io  # lazily: the stage needs Argilla only when asked to pull
 
     client = argilla_io.connect()
-    pulled = argilla_io.pull_rankings(client, args.argilla_dataset, args.argilla_workspace)
+    pulled = argilla_io.retrying(f"pulling rankings from {args.argilla_workspace}/{args.argilla_dataset}",
+                                 client.api_url,
+                                 lambda: argilla_io.pull_rankings(client, args.argilla_dataset, args.argilla_workspace))
     for problem in getattr(pulled, "problems", []):
         warn(f"argilla {args.argilla_dataset} record {problem['record_id']} ({problem['annotator']}): "
              f"{problem['problem']}; left out")
