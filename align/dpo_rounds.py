@@ -133,7 +133,9 @@ class RoundTrainer:
         set_peft_model_state_dict(self.model, adapter_state)
         self.adapter_state, self.steps = adapter_state, steps
 
-    def train_round(self, pairs: list[dict], round_index: int) -> dict:
+    def train_round(self, pairs: list[dict], round_index: int, train=None) -> dict:
+        """Train on `pairs`; `train(dpo_trainer)` runs the TRL trainer (default: its .train(); the
+        offline pass gives align.resume's, which resumes from a checkpoint)."""
         from datasets import Dataset
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
         from trl import DPOTrainer
@@ -151,7 +153,7 @@ class RoundTrainer:
         )
         if self.adapter_state is not None:
             set_peft_model_state_dict(trainer.model, self.adapter_state)
-        result = trainer.train()
+        result = train(trainer) if train is not None else trainer.train()
         self.model = trainer.model
         if self.peft_config is not None:
             self.adapter_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}

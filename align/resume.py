@@ -139,12 +139,18 @@ class TrainerCheckpoints(ResumeFolder):
         found = complete_checkpoints(self.folder)
         return found[-1] if found else None
 
-    def train(self, trainer):
-        """trainer.train(), from the newest checkpoint when there is one; stops and saves at SIGTERM."""
+    def train(self, trainer, replay=None):
+        """trainer.train(), from the newest checkpoint when there is one; stops and saves at SIGTERM.
+
+        replay: called with the checkpoint's log history before a resumed run trains, for loggers
+        that see only the steps logged in this process (the DPO stage's one-timeline StepLogger)."""
         latest = self.latest()
         if latest is not None:
             step, path = latest
-            total = json.loads((path / TRAINER_STATE).read_text()).get("max_steps")
+            saved = json.loads((path / TRAINER_STATE).read_text())
+            total = saved.get("max_steps")
+            if replay is not None:
+                replay([row for row in saved.get("log_history", []) if "step" in row])
             left = "; 0 steps left" if total is not None and step >= total else ""
             self.out.say(f"[{self.stage}] resumed at step {step} of {total}{left} from {path}")
             self.out.set(resumed={"from_step": step, "of_steps": total, "checkpoint": path.name})

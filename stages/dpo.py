@@ -32,8 +32,9 @@ they score `truncation_penalty` below the reward model and never enter a pair.
 
 Up to date (same config, SFT and reward parents, data, code and versions as the finished
 runs/<run>/dpo): one line, nothing retrained; `--force` redoes it (align/runs.py).
-Interrupted on-policy (SIGTERM, kill -9): the same command goes on after the last finished
-round, checkpointed in runs/<run>/.dpo.resume/ (align/resume.py); offline mode starts over.
+Interrupted (SIGTERM, kill -9): the same command goes on after the last finished on-policy
+round, or offline from the last checkpoint of its TRL pass (every `save_steps`), kept in
+runs/<run>/.dpo.resume/ (align/resume.py).
 
 Run: make dpo [RUN=name] [ARGS="--mode offline --beta 0.2 ..."]
 """
@@ -164,8 +165,13 @@ def main(argv=None):
         # The inner TRL trainers report to none: each round builds a new one whose step count starts
         # at 0 again, so the StepLogger puts their steps on ONE timeline across rounds and sends it,
         # with the round and held-out numbers, to the trackers report_to chose.
-        trl_config = training.fit_to_hardware(dataclasses.replace(dpo_config, report_to="none"), args.precision, out.path)
-        checkpoints = resume.RoundCheckpoints(out, fingerprint, parsed.force) if args.mode == "on_policy" else None
+        # Resume: on-policy checkpoints after each round; offline, the one TRL pass checkpoints every save_steps.
+        if args.mode == "on_policy":
+            checkpoints = resume.RoundCheckpoints(out, fingerprint, parsed.force)
+        else:
+            checkpoints = resume.TrainerCheckpoints(out, fingerprint, parsed.force)
+        trl_config = training.fit_to_hardware(dataclasses.replace(dpo_config, report_to="none"), args.precision, out.path,
+                                              checkpoints.folder if args.mode == "offline" else None)
         with trackers.open_trackers(tracker_names, out, config) as tracked:
             step_logger = online.StepLogger(tracked)
             trainer = dpo_rounds.RoundTrainer(policy, tokenizer, trl_config, peft_config, step_logger, reference)
@@ -181,7 +187,7 @@ def main(argv=None):
                     round_rows = run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, tracked, out,
                                             bf16, checkpoints)
                 else:
-                    round_rows = [train_offline(trainer, generator, offline_pairs, timer, out)]
+                    round_rows = [train_offline(trainer, generator, offline_pairs, timer, out, checkpoints)]
                 with timer.phase("eval"):
                     dpo_eval, kl = heldout.sample_policy(generator, scorer, "DPO", trainer.model, tokenizer,
                                                        heldout_args.kl_estimator, bf16, reference_model=reference)
@@ -203,19 +209,20 @@ def main(argv=None):
                            rounds=round_rows, train_steps=trainer.steps, bf16=trl_config.bf16,
                            **timer.as_metrics(), total_s=round(time.time() - started, 1))
         write_model_card(out.model_dir, out.manifest)  # inside the temporary folder: a crashed stage has no card
-    if checkpoints is not None:
-        checkpoints.finish()
+    checkpoints.finish()
     m = out.metrics
     summary("dpo", mode=f"{args.mode} ({len(round_rows)} round{'s' * (len(round_rows) != 1)}, {trainer.steps} steps)",
             **online.summary_fields("dpo", m, timer.phases), output=str(out.path))
     print(verdict["verdict_line"], flush=True)
 
 
-def train_offline(trainer, generator, pairs: list[dict], timer, out) -> dict:
-    """One DPO pass over the human pairs; the generator then samples the trained policy."""
+def train_offline(trainer, generator, pairs: list[dict], timer, out, checkpoints) -> dict:
+    """One DPO pass over the human pairs (resumed from its last checkpoint after a kill); the
+    generator then samples the trained policy."""
     files.write_jsonl(out.path / "rounds" / "offline-pairs.jsonl", pairs)
     with timer.phase("train"):
-        metrics = trainer.train_round(pairs, 1)
+        metrics = trainer.train_round(pairs, 1, train=lambda dpo: checkpoints.train(
+            dpo, replay=lambda history: [trainer.step_logger.log(row["step"], row) for row in history]))
     with timer.phase("sync"):
         generator.update_weights(trainer.model)
     return {"round": 1, **metrics}

@@ -113,6 +113,28 @@ def sft_args(run: str, tiny_model_dir, tiny_data) -> list[str]:
 
 
 @pytest.mark.slow
+def test_reward_killed_with_sigkill_resumes(runs_root, tiny_sft_run, tiny_data, tmp_path):
+    run = "reward-killed"
+    args = ["--run", run, "--sft_dir", str(runs_root / tiny_sft_run / "sft"), "--ranked_files", str(tiny_data["ranked"]),
+            "--num_train_epochs", "25", "--save_steps", "4", "--logging_steps", "1", "--report_to", "none"]
+    log = tmp_path / "first.log"
+    process = start_stage("reward", args, log)
+    folder = resume.resume_dir(runs_root / run, "reward")
+    wait_for_checkpoint(folder, process, log, at_least=8)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (runs_root / run / "reward").exists()
+    killed_at = resume.complete_checkpoints(folder)[-1][0]
+    result = run_stage("reward", *args)
+    assert_ok(result)
+    manifest = json.loads((runs_root / run / "reward" / "manifest.json").read_text())
+    assert f"[reward] resumed at step {killed_at} of {manifest['metrics']['train_steps']} from" in result.stdout
+    assert manifest["resumed"]["from_step"] == killed_at and manifest["metrics"]["gate_passed"] is not None
+    assert [step for step, _ in manifest["metrics"]["loss_curve"]] == list(range(1, manifest["metrics"]["train_steps"] + 1))
+    assert not folder.exists()
+
+
+@pytest.mark.slow
 def test_sft_killed_with_sigkill_resumes_and_ends_as_an_uninterrupted_run(runs_root, tiny_model_dir, tiny_data,
                                                                            tmp_path):
     args = sft_args("killed", tiny_model_dir, tiny_data)
@@ -259,3 +281,31 @@ def test_ppo_killed_after_an_update_goes_on_exactly_as_an_uninterrupted_run(runs
             assert resumed_row[key] == pytest.approx(whole_row[key], rel=1e-4, abs=1e-5), (resumed_row["update"], key)
     assert manifest["metrics"]["train_steps"] == whole["metrics"]["train_steps"]
     assert manifest["metrics"]["mean_reward_ppo"] == pytest.approx(whole["metrics"]["mean_reward_ppo"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_offline_dpo_killed_mid_pass_resumes_from_its_checkpoint(runs_root, cold_dry, tmp_path):
+    from tests.test_dpo import DPO_ARGS
+
+    run, parent = "dpo-offline-killed", runs_root / cold_dry["run"]
+    # 16 pairs / batch 2 x 20 epochs = 160 steps, a checkpoint every 5
+    args = ["--run", run, "--sft_dir", str(parent / "sft"), "--reward_dir", str(parent / "reward"), "--mode", "offline",
+            "--ranked_files", str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]), *DPO_ARGS,
+            "--per_device_train_batch_size", "2", "--num_train_epochs", "20", "--save_steps", "5"]
+    log = tmp_path / "first.log"
+    process = start_stage("dpo", args, log)
+    folder = resume.resume_dir(runs_root / run, "dpo")
+    wait_for_checkpoint(folder, process, log, at_least=10)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (runs_root / run / "dpo").exists()
+    killed_at = resume.complete_checkpoints(folder)[-1][0]
+
+    result = run_stage("dpo", *args)
+    assert_ok(result)
+    assert f"[dpo] resumed at step {killed_at} of 160 from {folder / f'checkpoint-{killed_at}'}" in result.stdout
+    manifest = json.loads((runs_root / run / "dpo" / "manifest.json").read_text())
+    assert manifest["resumed"]["from_step"] == killed_at and manifest["metrics"]["train_steps"] == 160
+    steps = [json.loads(line)["step"] for line in (runs_root / run / "dpo" / "logs" / "steps.jsonl").read_text().splitlines()]
+    assert set(steps) == set(range(1, 161)) and steps == sorted(steps)  # the killed process's steps replayed first
+    assert not folder.exists()
