@@ -56,6 +56,7 @@ help:
 	@echo "  compare          aligned vs SFT report            -> runs/$(RUN)/compare"
 	@echo "  compare-to-argilla / compare-pull   blind A/B of the compare run in Argilla -> human win rate in the report"
 	@echo "  argilla, argilla-stop, argilla-status, annotators   the local Argilla server"
+	@echo "  export-rankings  submitted rankings -> runs/<run>/rankings/ (Argilla export, ranked JSONL, TRL pairs)"
 	@echo "  push             a stage's model + card to the hub: make push STAGE=dpo REPO=you/name (HF_HUB_OFFLINE=0, a token)"
 	@echo "  env              versions, CPU flags, allocator, backend choice: paste into bug reports"
 	@echo "  test             the whole test suite (CI); test-fast: no model, server or training (seconds)"
@@ -107,6 +108,11 @@ compare-to-argilla: $(INSTALLED) $(MALLOC_DEBS)
 
 compare-pull: $(INSTALLED) $(MALLOC_DEBS)
 	$(WITH_TCMALLOC) $(PY) -m stages.compare_human --action pull --run $(RUN) $(ARGS)
+
+# submitted rankings out of Argilla: its own export, our ranked JSONL, TRL preference pairs (datasets)
+.PHONY: export-rankings
+export-rankings: $(INSTALLED)
+	$(PY) -m stages.export_rankings --run $(RUN) $(ARGS)
 
 # a finished stage's model/ (model card included) to the Hugging Face Hub; no torch, so no tcmalloc
 push: $(INSTALLED)
