@@ -12,9 +12,11 @@ Backends
     hf      transformers `generate`, batched with left padding; works everywhere.
     openai  HTTP client for a running vLLM OpenAI-compatible server (`server_url` or
             $ALIGN_VLLM_URL), for users whose generation runs on another machine.
-    auto    what bench/bench_generation.py chose for this machine (align.hardware.choose_backend:
-            vllm only where it measured at least 2x transformers; without a measurement,
-            vllm when it is installed and the machine has CUDA or native bf16, else hf).
+    auto    what was measured on this machine (align.hardware.choose_backend: vllm only where
+            it measured at least 2x transformers), by bench/bench_generation.py or, where
+            nothing is on record, by a one-minute probe the first stage runs once
+            (align/backend_probe.py); if the probe fails, vllm when it is installed and the
+            machine has CUDA or native bf16, else hf.
 
 Every backend consumes the same prompt token ids (`render_prompts`: the project
 tokenizer's chat template with the generation prompt) and stops at the tokenizer's
@@ -511,7 +513,7 @@ def create_generator(
         raise ConfigError(f"generation_backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     reason = "asked for"
     if backend == "auto":
-        backend, measured_dtype, reason = hardware.choose_backend()
+        backend, measured_dtype, reason = hardware.choose_backend(probe=True)
         if dtype == "auto":
             dtype = measured_dtype
     if backend == "vllm" and not hardware.vllm_installed():

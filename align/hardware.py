@@ -166,12 +166,13 @@ def pick_backend(tokens_per_s: dict[str, float]) -> tuple[str, str, str]:
     return "hf", hf_dtype, f"vllm only {ratio:.2f}x transformers (< {VLLM_MIN_SPEEDUP:g}x: not worth its start-up and memory)"
 
 
-def record_backend_choice(backend: str, dtype: str, tokens_per_s: dict, model: str) -> Path:
-    """Called by bench/bench_generation.py: remember the fastest backend for this machine."""
+def record_backend_choice(backend: str, dtype: str, tokens_per_s: dict, model: str, source: str = "bench") -> Path:
+    """Remember the fastest backend for this machine: from bench/bench_generation.py (`bench`) or
+    the short probe a stage runs when nothing is on record (`probe`, align/backend_probe.py)."""
     path = choice_path()
     choices = json.loads(path.read_text()) if path.is_file() else {}
     choices[machine_key()] = {
-        "backend": backend, "dtype": dtype, "tokens_per_s": tokens_per_s, "model": model,
+        "backend": backend, "dtype": dtype, "tokens_per_s": tokens_per_s, "model": model, "source": source,
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return atomic_write_json(path, choices)
@@ -188,13 +189,21 @@ def recorded_backend_choice() -> dict | None:
         return None
 
 
-def choose_backend() -> tuple[str, str, str]:
-    """(backend, dtype, reason) for `generation_backend: auto`."""
+def choose_backend(probe: bool = False) -> tuple[str, str, str]:
+    """(backend, dtype, reason) for `generation_backend: auto`: from the measurement on record for
+    this machine; with none and `probe`, measured now (align/backend_probe.py, once per machine);
+    else the guess below. `make env` asks without probing."""
     measured = recorded_backend_choice()
+    if measured is None and probe and vllm_installed():
+        from align.backend_probe import run_probe
+
+        measured = run_probe()
     if measured and (measured["backend"] != "vllm" or vllm_installed()):
         speeds = ", ".join(f"{name} {value:.0f}" for name, value in measured.get("tokens_per_s", {}).items())
+        by = ("a short probe (align/backend_probe.py)" if measured.get("source") == "probe"
+              else "bench/bench_generation.py")
         return measured["backend"], measured.get("dtype", "auto"), (
-            f"chosen by bench/bench_generation.py on {measured.get('measured_at', '?')} (tokens/s: {speeds}; "
+            f"chosen by {by} on {measured.get('measured_at', '?')} (tokens/s: {speeds}; "
             f"vllm needs >= {VLLM_MIN_SPEEDUP:g}x transformers; {choice_path()})")
     if not vllm_installed():
         return "hf", "auto", "no benchmark on record; vllm is not installed"

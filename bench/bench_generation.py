@@ -24,7 +24,6 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,18 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from align import data, models  # noqa: E402
+from align.backend_probe import BUILT_IN_PROMPTS, measure  # noqa: E402
 from align.generation import SamplingSettings, create_generator  # noqa: E402
 from align.hardware import machine_key, native_bf16, pick_backend, record_backend_choice, vllm_installed  # noqa: E402
-
-BUILT_IN_PROMPTS = [
-    "How do I keep basil fresh?", "What can I make with leftover rice?", "How long do hard-boiled eggs keep?",
-    "Give me a quick tomato sauce.", "How do I stop pasta from sticking?", "What goes well with lentils?",
-    "How do I dice an onion?", "Can I freeze bread?", "How do I make a simple vinaigrette?",
-    "What is a good substitute for butter in baking?", "How do I roast carrots?", "How do I cook quinoa?",
-    "How should I store potatoes?", "How do I make scrambled eggs creamy?", "What spices go with chickpeas?",
-    "How do I know when salmon is cooked?", "How do I ripen an avocado quickly?", "What can I cook with tofu?",
-]
-
 
 def load_conversations(count: int) -> tuple[list[list[dict]], str]:
     path = REPO / "data" / "eval_prompts.jsonl"
@@ -57,28 +47,6 @@ def load_conversations(count: int) -> tuple[list[list[dict]], str]:
     while len(prompts) < count:  # repeat when the file is short: the batch size is what we measure
         prompts = prompts + prompts
     return prompts[:count], source
-
-
-def timed_run(generator, conversations, settings) -> tuple[float, int]:
-    started = time.perf_counter()
-    results = generator.generate(conversations, settings)
-    seconds = time.perf_counter() - started
-    return seconds, sum(len(sample.token_ids) for samples in results for sample in samples)
-
-
-def measure(generators: dict, conversations, settings, repeats: int) -> dict[str, float]:
-    """Best-of tokens/s per generator, alternating generators round by round."""
-    warm = SamplingSettings(n=1, temperature=1.0, max_new_tokens=8, seed=0)
-    for generator in generators.values():
-        generator.generate(conversations[:2], warm)
-    best = {name: 0.0 for name in generators}
-    for round_index in range(repeats):
-        for name, generator in generators.items():
-            seconds, tokens = timed_run(generator, conversations, replace(settings, seed=round_index))
-            best[name] = max(best[name], tokens / seconds)
-            print(f"  round {round_index + 1}: {name:12s} {tokens:5d} tokens in {seconds:6.1f} s = "
-                  f"{tokens / seconds:6.0f} tok/s", flush=True)
-    return best
 
 
 def main() -> None:
