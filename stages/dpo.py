@@ -86,7 +86,7 @@ class DPOStageArgs:
     min_reward_margin: float = field(default=0.5, metadata={"help": "keep best vs worst only when r_best - r_worst >= this"})
     truncated_answers: Literal["drop", "keep"] = field(default="drop", metadata={
         "help": "answers cut at max_new_tokens: drop (never paired) | keep (paired as if they had ended)"})
-    pair_selection: dpo_rounds.PairSelection = field(default="best_vs_worst", metadata={
+    pair_selection: dpo_rounds.PairSelection = field(default="length_matched", metadata={
         "help": "best_vs_worst | length_matched (largest gap among pairs of similar length)"})
     pair_length_tolerance: float = field(default=0.25, metadata={
         "help": "length_matched: lengths may differ by this fraction of the longer answer"})
