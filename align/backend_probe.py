@@ -2,15 +2,15 @@
 
 `bench/bench_generation.py` measures at length (16 prompts x 4 samples x 256 tokens, best of 2,
 both precisions) and records the choice. Where nothing is on record, the first stage that samples
-with `auto` runs `run_probe`: the same comparison scaled down (8 prompts x 2 samples x 128 new
+with `auto` runs `run_probe`: the same comparison on fewer prompts (8 prompts x 4 samples x 256 new
 tokens, one warm-up and one timed round each, in the precision the machine would use: bf16 where
 it is native, else fp32), on the default model, in a subprocess (one in-process vLLM engine per
-process; the stage opens its own next). About a minute; recorded in the same cache file as the
+process; the stage opens its own next). About 2.5 minutes on a 2-core CPU; recorded in the same cache file as the
 bench, so it runs once per machine, and `align.hardware.pick_backend` decides from it by the one
 rule (vLLM only at >= VLLM_MIN_SPEEDUP x transformers). A probe that fails leaves nothing on
 record and says why; the stage then uses the old guess (vLLM where bf16 is native or CUDA).
 
-    python -m align.backend_probe [--model default] [--dtype float32] [--prompts 8] [--n 2] [--max-new-tokens 128]
+    python -m align.backend_probe [--model default] [--dtype float32] [--prompts 8] [--n 4] [--max-new-tokens 256]
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ BUILT_IN_PROMPTS = [
     "How should I store potatoes?", "How do I make scrambled eggs creamy?", "What spices go with chickpeas?",
     "How do I know when salmon is cooked?", "How do I ripen an avocado quickly?", "What can I cook with tofu?",
 ]
-PROBE_PROMPTS, PROBE_SAMPLES, PROBE_NEW_TOKENS = 8, 2, 128
+# The stages' own shape (4 samples of up to 256 tokens per prompt), on fewer prompts. Shorter caps
+# flatter transformers (it pays for a batch until its longest sample ends): 8 x 2 x 128 measured
+# vLLM at 1.5x here, 8 x 4 x 256 at 2.1x, the full bench 2.9x, the DPO stage's sampling 5.5x.
+PROBE_PROMPTS, PROBE_SAMPLES, PROBE_NEW_TOKENS = 8, 4, 256
 PROBE_TIMEOUT_S = 600
 PROBE_MODEL = "default"
 
@@ -94,7 +97,7 @@ def run_probe(say=None, model: str = PROBE_MODEL) -> dict | None:
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     dtype = "bfloat16" if hardware.native_bf16() else "float32"
     say(f"[generation] no backend measurement on record for {hardware.machine_key()}: probing vllm vs transformers "
-        f"once ({PROBE_PROMPTS} prompts x {PROBE_SAMPLES} x {PROBE_NEW_TOKENS} tokens, {dtype}, ~1 min; "
+        f"once ({PROBE_PROMPTS} prompts x {PROBE_SAMPLES} x {PROBE_NEW_TOKENS} tokens, {dtype}, ~2-3 min; "
         f"recorded in {hardware.choice_path()}; bench/bench_generation.py measures at length)")
     started = time.perf_counter()
     try:

@@ -87,7 +87,7 @@ def backend_line() -> str:
     resolved = hardware.torch_dtype_name(dtype)
     measured = hardware.recorded_backend_choice()
     model = f"; measured with model {measured.get('model')}" if measured and measured.get("model") else ""
-    later = ("; the first stage that samples with `auto` probes vllm vs transformers once (~1 min) and records it"
+    later = ("; the first stage that samples with `auto` probes vllm vs transformers once (~2-3 min) and records it"
              if measured is None and hardware.vllm_installed() else "")
     return f"{backend} ({resolved}) for model default: {reason}{model}{later}"
 
