@@ -106,6 +106,16 @@ def wait_for_checkpoint(folder: Path, process: subprocess.Popen, log: Path, at_l
     raise AssertionError(f"no checkpoint >= {at_least} in {folder} after 600 s")
 
 
+def kill_when(process: subprocess.Popen, log: Path, ready) -> None:
+    """SIGKILL `process` as soon as `ready()` holds (it must still be running then)."""
+    deadline = time.time() + 600
+    while not ready():
+        assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+
+
 def sft_args(run: str, tiny_model_dir, tiny_data) -> list[str]:
     return ["--run", run, "--model_name_or_path", str(tiny_model_dir), "--train_file", str(tiny_data["sft"]),
             "--eval_file", str(tiny_data["prompts"]), "--max_steps", "60", "--per_device_train_batch_size", "4",
@@ -206,12 +216,7 @@ def test_on_policy_dpo_killed_after_a_round_goes_on_after_it(runs_root, cold_dry
     log = tmp_path / "first.log"
     process = start_stage("dpo", args, log)
     folder = resume.resume_dir(runs_root / run, "dpo")
-    deadline = time.time() + 600
-    while not (folder / "round-1" / "state.json").is_file():
-        assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
+    kill_when(process, log, lambda: (folder / "round-1" / "state.json").is_file())
     assert not (runs_root / run / "dpo").exists()
     done, checkpoint = max((int(path.name.split("-")[1]), path) for path in folder.glob("round-*")
                            if (path / "state.json").is_file())
@@ -250,12 +255,7 @@ def test_ppo_killed_after_an_update_goes_on_exactly_as_an_uninterrupted_run(runs
     log = tmp_path / "first.log"
     process = start_stage("ppo", args("ppo-killed"), log)
     folder = resume.resume_dir(runs_root / "ppo-killed", "ppo")
-    deadline = time.time() + 600
-    while not (folder / "update-1" / "state.json").is_file():
-        assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
+    kill_when(process, log, lambda: (folder / "update-1" / "state.json").is_file())
     assert not (runs_root / "ppo-killed" / "ppo").exists()
     done, checkpoint = max((int(path.name.split("-")[1]), path) for path in folder.glob("update-*")
                            if (path / "state.json").is_file())
