@@ -29,7 +29,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-STAGES := sft candidates reward dpo ppo compare
+STAGES := sft candidates reward dpo ppo rloo compare
 
 # Debian packages go in through apt-get (as root, or with sudo).
 APT = $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
@@ -53,6 +53,7 @@ help:
 	@echo "  reward           reward model from ranked preferences -> runs/$(RUN)/reward"
 	@echo "  dpo              DPO against preferences / reward model -> runs/$(RUN)/dpo"
 	@echo "  ppo              PPO against the reward model (critic from it) -> runs/$(RUN)/ppo"
+	@echo "  rloo             RLOO (TRL), the control for PPO  -> runs/$(RUN)/rloo"
 	@echo "  compare          aligned vs SFT report            -> runs/$(RUN)/compare"
 	@echo "  compare-to-argilla / compare-pull   blind A/B of the compare run in Argilla -> human win rate in the report"
 	@echo "  argilla, argilla-stop, argilla-status, annotators   the local Argilla server"
@@ -116,7 +117,7 @@ export-rankings: $(INSTALLED)
 
 # a finished stage's model/ (model card included) to the Hugging Face Hub; no torch, so no tcmalloc
 push: $(INSTALLED)
-	@test -n "$(STAGE)" -a -n "$(REPO)" || { echo "usage: make push STAGE=sft|reward|dpo|ppo REPO=<owner>/<name> [RUN=$(RUN)] [ARGS='--private true'] HF_HUB_OFFLINE=0"; exit 2; }
+	@test -n "$(STAGE)" -a -n "$(REPO)" || { echo "usage: make push STAGE=sft|reward|dpo|ppo|rloo REPO=<owner>/<name> [RUN=$(RUN)] [ARGS='--private true'] HF_HUB_OFFLINE=0"; exit 2; }
 	$(PY) -m stages.push --run $(RUN) --stage "$(STAGE)" --repo "$(REPO)" $(ARGS)
 
 # ---- tests and benchmarks ---------------------------------------------------

@@ -207,7 +207,14 @@ class Generator:
             raise AlignError(self._broken)
         if not conversations:
             return []
-        prompt_ids = render_prompts(self.tokenizer, conversations)
+        return self.generate_ids(render_prompts(self.tokenizer, conversations), settings, progress)
+
+    def generate_ids(self, prompt_ids: list[list[int]], settings: SamplingSettings, progress: bool = False):
+        """As `generate`, from prompts already rendered to token ids (what TRL's trainers hand over)."""
+        if self._broken:
+            raise AlignError(self._broken)
+        if not prompt_ids:
+            return []
         if settings.greedy and settings.n > 1:  # every engine refuses n > 1 without sampling: copy instead
             once = self._generate_ids(prompt_ids, replace(settings, n=1), progress)
             return [[replace(samples[0]) for _ in range(settings.n)] for samples in once]

@@ -1,4 +1,4 @@
-"""Model cards: the `model/README.md` of every model-producing stage (sft, reward, dpo, ppo).
+"""Model cards: the `model/README.md` of every model-producing stage (sft, reward, dpo, ppo, rloo).
 
 Hugging Face's model-card format: YAML front matter (`base_model`, `library_name`, `tags`,
 `pipeline_tag`, `license` when the base model's card names one), then markdown. Everything a
@@ -55,6 +55,8 @@ CARD_KINDS = {
     # No "trl" tag: align's PPO is hand-written (TRL 1.16 has no PPO trainer).
     "ppo": CardKind("A policy aligned by proximal policy optimisation (PPO, align's own) against the reward model", ("align", "ppo", "rlhf"),
                     "text-generation", "AutoModelForCausalLM"),
+    "rloo": CardKind("A policy aligned by REINFORCE leave-one-out (RLOO, TRL RLOOTrainer) against the reward model",
+                     ("trl", "align", "rloo", "rlhf"), "text-generation", "AutoModelForCausalLM"),
 }
 
 
@@ -210,7 +212,7 @@ def reward_metrics(manifest: dict, lineage: Lineage) -> str:
 
 
 def policy_metrics(manifest: dict, lineage: Lineage) -> str:
-    """DPO and PPO: the held-out verdict against the SFT model (compare's statistics)."""
+    """DPO, PPO and RLOO: the held-out verdict against the SFT model (compare's statistics)."""
     name = manifest["stage"]
     label = name.upper()
     m = manifest.get("metrics", {})
@@ -241,7 +243,8 @@ def policy_metrics(manifest: dict, lineage: Lineage) -> str:
     return "\n".join(lines)
 
 
-METRIC_SECTIONS = {"sft": sft_metrics, "reward": reward_metrics, "dpo": policy_metrics, "ppo": policy_metrics}
+METRIC_SECTIONS = {"sft": sft_metrics, "reward": reward_metrics, "dpo": policy_metrics, "ppo": policy_metrics,
+                   "rloo": policy_metrics}
 
 
 # ---------------------------------------------------------------------------
@@ -301,6 +304,11 @@ def training_section(manifest: dict) -> str:
                   ("mean clip fraction", fmt(m.get("clipfrac_mean"), ".3f")),
                   ("rollout score first -> last update",
                    f"{fmt(m.get('rollout_score_first'), '.3f')} -> {fmt(m.get('rollout_score_last'), '.3f')}")]
+    if manifest["stage"] == "rloo":
+        facts += [("samples per prompt", config.get("num_generations")), ("beta", config.get("beta")),
+                  ("sampled answers", m.get("sampled_responses")),
+                  ("rollout reward first -> last step",
+                   f"{fmt(m.get('rollout_reward_first'), '.3f')} -> {fmt(m.get('rollout_reward_last'), '.3f')}")]
     facts += [("train steps", m.get("train_steps")), ("learning rate", config.get("learning_rate")),
               ("LoRA", config.get("use_peft")), ("trainable parameters", m.get("trainable_parameters")),
               ("bf16 autocast", m.get("bf16")), ("started", manifest.get("started_at"))]

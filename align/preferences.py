@@ -108,6 +108,21 @@ def prompt_key(prompt: list[dict]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def train_prompts(records: list[dict], heldout: list[dict], sources: list[str]) -> list[list[dict]]:
+    """The distinct prompts of ranked `records`, in first-seen order, minus any that are also held
+    out (`heldout`: prompt records): what the on-policy stages sample. `sources` name the files
+    for the error when nothing is left."""
+    excluded = {prompt_key(record["prompt"]) for record in heldout}
+    prompts: dict[str, list[dict]] = {}
+    for record in records:
+        key = prompt_key(record["prompt"])
+        if key not in excluded:
+            prompts.setdefault(key, record["prompt"])
+    if not prompts:
+        raise ConfigError(f"{', '.join(sources)}: no train prompts left after removing held-out ones")
+    return list(prompts.values())
+
+
 def check_ranking(record: dict) -> tuple[list[dict], int, list[BadRanking]]:
     """Semantic checks on one record: (responses with in-record duplicates removed, duplicates dropped, problems)."""
     source, responses = record.get("source", "?"), record["responses"]

@@ -45,7 +45,14 @@ def fit_to_hardware(trl_config, precision: str, output_dir: Path, checkpoints: P
         changes.update(output_dir=str(checkpoints), save_only_model=False)
     if trl_config.ddp_find_unused_parameters is None:
         changes["ddp_find_unused_parameters"] = False
-    return dataclasses.replace(trl_config, **changes)
+    if getattr(trl_config, "generation_batch_size", None) and getattr(trl_config, "steps_per_generation", None):
+        # GRPO/RLOO configs fill in both from either one, then refuse both being set: keep the step
+        # count (which a user's generation_batch_size already set) and let the copy derive the size
+        changes["generation_batch_size"] = None
+    try:
+        return dataclasses.replace(trl_config, **changes)
+    except ValueError as error:  # the config's own validation: a user's combination of keys
+        raise ConfigError(f"{type(trl_config).__name__}: {error}") from None
 
 
 def record_effective_batch(out, trainer_args) -> int:

@@ -119,17 +119,9 @@ def load_train_inputs(args: DPOStageArgs, heldout: list[dict]) -> tuple[list[lis
     pairs, report = preferences.ranked_to_pairs(records, args.ties, args.aggregation, args.bad_rankings)
     if args.offline_pairs == "best_vs_worst":
         pairs = dpo_rounds.best_vs_worst(pairs)
-    excluded = {preferences.prompt_key(record["prompt"]) for record in heldout}
-    prompts = {}
-    for record in records:
-        key = preferences.prompt_key(record["prompt"])
-        if key not in excluded:
-            prompts.setdefault(key, record["prompt"])
     if args.mode == "offline":
         preferences.require_pairs(pairs, report, args.ranked_files)
-    if not prompts:
-        raise ConfigError(f"{', '.join(args.ranked_files)}: no train prompts left after removing held-out ones")
-    return list(prompts.values()), pairs, report
+    return preferences.train_prompts(records, heldout, args.ranked_files), pairs, report
 
 
 def main(argv=None):

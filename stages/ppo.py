@@ -138,15 +138,7 @@ def check_args(args: PPOStageArgs) -> None:
 def load_train_prompts(args: PPOStageArgs, heldout: list[dict]) -> list[list[dict]]:
     """The distinct prompts of the ranked data, minus any that are also held out (validated before models load)."""
     records = [record for path in args.ranked_files for record in data.load_ranked(path)]
-    excluded = {preferences.prompt_key(record["prompt"]) for record in heldout}
-    prompts = {}
-    for record in records:
-        key = preferences.prompt_key(record["prompt"])
-        if key not in excluded:
-            prompts.setdefault(key, record["prompt"])
-    if not prompts:
-        raise ConfigError(f"{', '.join(args.ranked_files)}: no train prompts left after removing held-out ones")
-    return list(prompts.values())
+    return preferences.train_prompts(records, heldout, args.ranked_files)
 
 
 def check_same_tokenizer(sft: runs.Checkpoint, reward: runs.Checkpoint) -> None:

@@ -1,7 +1,7 @@
 """Push a finished stage's model, with its model card, to the Hugging Face Hub.
 
 Consumes
-    - runs/<run>/<stage>/ (or `stage_dir`): a finished sft, reward, dpo or ppo output; its
+    - runs/<run>/<stage>/ (or `stage_dir`): a finished sft, reward, dpo, ppo or rloo output; its
       model/ folder is pushed exactly as the stage wrote it, model card (README.md) included
     - the hub: a token (HF_TOKEN, or `hf auth login`) and HF_HUB_OFFLINE unset or 0
       (the Makefile sets HF_HUB_OFFLINE=1 by default)
@@ -24,13 +24,13 @@ from align.console import run_stage, summary
 from align.errors import ConfigError, LineageError
 from align.model_card import CARD_FILE, CARD_KINDS, write_model_card
 
-USAGE = "make push RUN=<run> STAGE=sft|reward|dpo|ppo REPO=<owner>/<name>"
+USAGE = "make push RUN=<run> STAGE=sft|reward|dpo|ppo|rloo REPO=<owner>/<name>"
 
 
 @dataclass
 class PushArgs:
     run: str = field(default="default", metadata={"help": "run name: pushes runs/<run>/<stage>/model"})
-    stage: str | None = field(default=None, metadata={"help": "sft | reward | dpo | ppo"})
+    stage: str | None = field(default=None, metadata={"help": "sft | reward | dpo | ppo | rloo"})
     repo: str | None = field(default=None, metadata={"help": "hub model repo id, <owner>/<name>"})
     stage_dir: str | None = field(default=None, metadata={"help": "an explicit stage folder instead of runs/<run>/<stage>"})
     private: bool = field(default=False, metadata={"help": "create the repo private (an existing repo keeps its visibility)"})
@@ -54,7 +54,7 @@ def main(argv=None):
 def find_stage(args: PushArgs) -> runs.Checkpoint:
     """The finished stage to push; its model/ must be a Hugging Face model folder."""
     if not args.stage and not args.stage_dir:
-        raise ConfigError(f"stage: which stage's model to push (sft, reward, dpo or ppo); usage: {USAGE}")
+        raise ConfigError(f"stage: which stage's model to push (sft, reward, dpo, ppo or rloo); usage: {USAGE}")
     if args.stage and args.stage not in CARD_KINDS:
         raise ConfigError(f"stage: {args.stage!r} produces no model; expected one of {', '.join(CARD_KINDS)}")
     checkpoint = runs.find_checkpoint(args.run, [args.stage] if args.stage else [], args.stage_dir)

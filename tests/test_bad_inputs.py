@@ -94,6 +94,8 @@ CASES = [
          "{file}:1: annotater: unknown field", "'annotator'"),
     case("ranked-no-user-turn", "ppo", "--run {run} --ranked_files {file}", "ranked_no_user_turn.jsonl",
          "{file}:1: prompt: the last message must be from the user"),
+    case("rloo-ranked-broken-json", "rloo", "--run {run} --ranked_files {file}", "ranked_broken_json.jsonl",
+         "{file}:2: not valid JSON"),
     case("ranked-non-utf8-byte", "ppo", "--run {run} --ranked_files {file}", "non_utf8.jsonl",
          "{file}:2: not valid UTF-8"),
     case("reward-all-ranks-tied", "reward", "--run {run} --ranked_files {file}", "ranked_all_tied.jsonl",

@@ -154,7 +154,7 @@ def test_a_renamed_key_names_its_new_spelling(tmp_path):
         parse_stage_config("x", (Choosy,), ["--engine=hf"])
 
 
-@pytest.mark.parametrize("stage", ["dpo", "ppo"])
+@pytest.mark.parametrize("stage", ["dpo", "ppo", "rloo"])
 def test_policy_stages_judge_held_out_samples_as_compare_does(stage):
     """One held-out evaluation: every policy stage parses align.online.HeldOutArgs, whose decoding
     defaults and statistics are compare's."""

@@ -159,7 +159,7 @@ def test_reward_two_ranks_match_one_rank_on_the_same_global_batch(runs_root, tin
            other_order)
 
 
-@pytest.mark.parametrize("stage", ["candidates", "compare", "compare_human", "dpo", "ppo", "annotators"])
+@pytest.mark.parametrize("stage", ["candidates", "compare", "compare_human", "dpo", "ppo", "rloo", "annotators"])
 def test_single_process_tools_refuse_a_multi_process_launch(stage):
     """Started as rank 0 of 2 (what torchrun tells each process), they stop before parsing anything."""
     result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=REPO, capture_output=True, text=True,
@@ -167,7 +167,7 @@ def test_single_process_tools_refuse_a_multi_process_launch(stage):
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: stages.{stage} runs as a single process (") and "without torchrun" in line
-    if stage in ("dpo", "ppo"):
+    if stage in ("dpo", "ppo", "rloo"):
         assert "multi-process online loops" in line and "issue 13" in line
 
 

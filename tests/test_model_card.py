@@ -142,18 +142,25 @@ def test_a_failed_gate_is_on_the_card_with_its_reason(sft, data_files):
     assert "- failed: pairwise_accuracy 0.400 < min_accuracy 0.6" in text
 
 
-@pytest.mark.parametrize("name", ["dpo", "ppo"])
+POLICY_CARD_FACTS = {  # per stage: (config, extra metrics) its Training section shows
+    "dpo": ({"beta": 0.1, "loss_type": ["sigmoid"]}, {"mode": "on_policy", "rounds": [{"round": 1}]}),
+    "ppo": ({"kl_coef": 0.05}, {"updates": [{"update": 1}], "clipfrac_mean": 0.1, "rollout_score_first": 0.2,
+                                "rollout_score_last": 0.5}),
+    "rloo": ({"beta": 0.05, "num_generations": 4}, {"sampled_responses": 512, "rollout_reward_first": 0.2,
+                                                    "rollout_reward_last": 0.5}),
+}
+
+
+@pytest.mark.parametrize("name", ["dpo", "ppo", "rloo"])
 def test_policy_card_has_the_verdict_reward_difference_win_rate_kl_and_length(name, sft, reward):
     metrics = policy_metrics(name)
-    config = {"beta": 0.1, "loss_type": ["sigmoid"]} if name == "dpo" else {"kl_coef": 0.05}
-    extra = {"mode": "on_policy", "rounds": [{"round": 1}]} if name == "dpo" else {
-        "updates": [{"update": 1}], "clipfrac_mean": 0.1, "rollout_score_first": 0.2, "rollout_score_last": 0.5}
+    config, extra = POLICY_CARD_FACTS[name]
     stage = finish_stage("card", name, {**metrics, **extra, "train_steps": 4}, parent=sft, reward=reward,
                          config=config)
     text = (stage.folder / "model" / CARD_FILE).read_text()
     meta = front_matter(text)
     assert meta["base_model"] == DEFAULT_MODEL_HUB_ID and meta["license"] == "apache-2.0"
-    assert name in meta["tags"] and ("trl" in meta["tags"]) == (name == "dpo")  # align's PPO is not TRL's
+    assert name in meta["tags"] and ("trl" in meta["tags"]) == (name != "ppo")  # align's PPO is not TRL's
     assert metrics["verdict_line"].startswith(f"[{name}] {name} vs sft: reward +") and metrics["verdict_line"] in text
     low, high = metrics["reward_difference_ci95"]
     assert f"{metrics['reward_difference']:+.3f} [{low:.3f}, {high:.3f}]" in text
@@ -163,6 +170,8 @@ def test_policy_card_has_the_verdict_reward_difference_win_rate_kl_and_length(na
     assert f"- reward model: `{reward.folder}` (reward), manifest sha256 `{reward.manifest_sha256}`; " \
            "its quality gate passed" in text
     assert "c" * 64 in text  # the chat template hash, from the SFT parent (DPO/PPO keep its tokenizer)
+    if name == "rloo":
+        assert "| sampled answers | 512 |" in text and "| rollout reward first -> last step | 0.200 -> 0.500 |" in text
 
 
 def test_a_rerun_parent_is_not_taken_for_the_one_consumed(sft):
