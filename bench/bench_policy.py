@@ -13,6 +13,12 @@ hits them alike.
     .venv/bin/python bench/bench_policy.py --parents runs/default --seeds 1 2 3 \\
         --arm defaults="" --arm sft-term="--loss_type sigmoid sft --loss_weights 1.0 0.2"
 
+Arms may run different policy stages from the same parents (`NAME@STAGE=ARGS`), the
+issue-11 question "DPO, PPO or RLOO?" at a printed sample budget (`sampled`):
+
+    .venv/bin/python bench/bench_policy.py --parents runs/default --seeds 1 2 3 --judge stage \\
+        --arm dpo="" --arm ppo@ppo="--updates 16" --arm rloo@rloo=""
+
 Each run lands in runs/bench-<arm>-s<seed>/ (ALIGN_RUNS moves runs/); --keep leaves them.
 """
 
@@ -51,8 +57,10 @@ def one(arm: str, extra: str, stage: str, seed: int, parents: Path, logs: Path, 
     policy_args = [sys.executable, "-m", f"stages.{stage}", "--run", name, "--sft_dir", str(parents / "sft"),
                    "--reward_dir", str(parents / "reward"), "--seed", str(seed), "--force", *shlex.split(extra)]
     stage_s = run(policy_args, logs / f"{name}-{stage}.log")
+    sampled = sampled_answers(runs.stage_dir(name, stage), stage)
     if judge == "stage":  # the stage's own held-out verdict: compare's statistics on its own samples
-        return {"arm": arm, "seed": seed, "stage_s": stage_s, **stage_verdict(runs.stage_dir(name, stage), stage)}
+        return {"arm": arm, "stage": stage, "seed": seed, "stage_s": stage_s, "sampled": sampled,
+                **stage_verdict(runs.stage_dir(name, stage), stage)}
     compare_args = [sys.executable, "-m", "stages.compare", "--run", name, "--checkpoints", str(parents / "sft"),
                     str(runs.stage_dir(name, stage)), "--reward_dir", str(parents / "reward"), "--force"]
     run(compare_args, logs / f"{name}-compare.log")
@@ -61,7 +69,7 @@ def one(arm: str, extra: str, stage: str, seed: int, parents: Path, logs: Path, 
     models = report["models"]
     baseline, aligned = models[comparison["baseline"]], models[comparison["aligned"]]
     return {
-        "arm": arm, "seed": seed, "stage_s": stage_s,
+        "arm": arm, "stage": stage, "seed": seed, "stage_s": stage_s, "sampled": sampled,
         "reward_diff": comparison["reward_difference"]["difference"],
         "reward_low": comparison["reward_difference"]["low"], "reward_high": comparison["reward_difference"]["high"],
         "win_rate": comparison["win_rate"]["rate"], "win_low": comparison["win_rate"]["low"],
@@ -69,6 +77,18 @@ def one(arm: str, extra: str, stage: str, seed: int, parents: Path, logs: Path, 
         "length_change": comparison["length_change"], "cut_sft": baseline["truncated_share"],
         "cut_policy": aligned["truncated_share"], "verdict": comparison["verdict"],
     }
+
+
+def sampled_answers(folder: Path, stage: str) -> int | None:
+    """Training answers the stage sampled (held-out ones apart): the budget arms are compared at."""
+    m = json.loads((folder / runs.MANIFEST).read_text())["metrics"]
+    if stage == "rloo":
+        return m.get("sampled_responses")
+    if stage == "ppo":
+        return (m.get("updates") or [{}])[-1].get("episode")
+    if stage == "dpo" and m.get("mode") == "on_policy":
+        return sum(row.get("fresh_samples", 0) for row in m.get("rounds") or [])
+    return None
 
 
 def stage_verdict(folder: Path, stage: str) -> dict:
@@ -81,15 +101,16 @@ def stage_verdict(folder: Path, stage: str) -> dict:
 
 
 def show(rows: list[dict]) -> None:
-    header = (f"{'arm':<22} {'seed':>4} {'reward diff [95% CI]':>24} {'win rate [95% CI]':>20} {'KL':>6} "
-              f"{'length':>7} {'cut sft/pol':>11} {'verdict':>12} {'stage s':>8}")
+    header = (f"{'arm':<22} {'stage':>5} {'seed':>4} {'reward diff [95% CI]':>24} {'win rate [95% CI]':>20} {'KL':>6} "
+              f"{'length':>7} {'cut sft/pol':>11} {'verdict':>12} {'sampled':>7} {'stage s':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
         kl = "n/a" if r["kl"] is None else f"{r['kl']:.2f}"
-        print(f"{r['arm']:<22} {r['seed']:>4} {r['reward_diff']:+7.3f} [{r['reward_low']:+.2f}, {r['reward_high']:+.2f}] "
+        sampled = "n/a" if r.get("sampled") is None else str(r["sampled"])
+        print(f"{r['arm']:<22} {r.get('stage', ''):>5} {r['seed']:>4} {r['reward_diff']:+7.3f} [{r['reward_low']:+.2f}, {r['reward_high']:+.2f}] "
               f"{r['win_rate']:6.0%} [{r['win_low']:.0%}, {r['win_high']:.0%}] {kl:>6} {r['length_change']:+7.0%} "
-              f"{r['cut_sft']:5.0%}/{r['cut_policy']:<5.0%} {r['verdict']:>12} {r['stage_s']:8.0f}")
+              f"{r['cut_sft']:5.0%}/{r['cut_policy']:<5.0%} {r['verdict']:>12} {sampled:>7} {r['stage_s']:8.0f}")
 
 
 def summarize(rows: list[dict]) -> None:
@@ -103,7 +124,7 @@ def summarize(rows: list[dict]) -> None:
 
         reward, win, kl, length, wall = (stat(k) for k in ("reward_diff", "win_rate", "kl", "length_change", "stage_s"))
         better = sum(r["verdict"] == "better" for r in mine)
-        print(f"  {arm:<22} reward {reward[0]:+.3f} (spread {reward[1]:.3f}) | win {win[0]:.0%} (spread {win[1]:.0%}) "
+        print(f"  {arm:<22} ({mine[0].get('stage', '?')}) reward {reward[0]:+.3f} (spread {reward[1]:.3f}) | win {win[0]:.0%} (spread {win[1]:.0%}) "
               f"| KL {kl[0]:.2f} | length {length[0]:+.0%} | {better}/{len(mine)} better | stage {wall[0]:.0f} s")
 
 
@@ -111,9 +132,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parents", type=Path, default=REPO / "runs" / "default",
                         help="a run folder with finished sft/ and reward/ stages")
-    parser.add_argument("--stage", default="dpo", help="the policy stage every arm runs")
-    parser.add_argument("--arm", action="append", default=[], metavar='NAME="ARGS"',
-                        help='an arm: a name and the stage arguments it adds (repeatable); default: defaults=""')
+    parser.add_argument("--stage", default="dpo", help="the policy stage an arm runs unless it names its own")
+    parser.add_argument("--arm", action="append", default=[], metavar='NAME[@STAGE]="ARGS"',
+                        help='an arm: a name, optionally @ the policy stage it runs (dpo | ppo | rloo), and the stage '
+                             'arguments it adds (repeatable); default: defaults=""')
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--judge", choices=("compare", "stage"), default="compare",
                         help="compare: make compare judges each run; stage: the stage's own held-out verdict (faster)")
@@ -126,15 +148,19 @@ def main() -> None:
         return
     for stage in ("sft", "reward"):
         runs.read_checkpoint(args.parents / stage)  # finished, or a clear error
-    arms = [arm.split("=", 1) if "=" in arm else (arm, "") for arm in (args.arm or ["defaults="])]
+    arms = []
+    for spec in args.arm or ["defaults="]:
+        label, extra = spec.split("=", 1) if "=" in spec else (spec, "")
+        name, _, stage = label.partition("@")
+        arms.append((name, stage or args.stage, extra))
     logs = REPO / "bench" / "results" / "policy"
     logs.mkdir(parents=True, exist_ok=True)
-    print(f"[bench_policy] stage {args.stage}, parents {args.parents}, seeds {args.seeds}, "
+    print(f"[bench_policy] stages {', '.join(dict.fromkeys(stage for _, stage, _ in arms))}, parents {args.parents}, seeds {args.seeds}, "
           f"{len(arms)} arm(s); CPU flags: {hardware.describe_cpu()}; {hardware.machine_key()}", flush=True)
     rows = []
     for seed in args.seeds:
-        for name, extra in arms:
-            rows.append(one(name, extra, args.stage, seed, args.parents, logs, args.judge))
+        for name, stage, extra in arms:
+            rows.append(one(name, extra, stage, seed, args.parents, logs, args.judge))
             print(f"[bench_policy] {name} seed {seed}: {rows[-1]['verdict']}, reward {rows[-1]['reward_diff']:+.3f}",
                   flush=True)
     print()
