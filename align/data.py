@@ -8,21 +8,38 @@ closest known name): a misspelt optional field would otherwise vanish silently.
 - conversations (SFT):  {"id", "messages": [{"role", "content"}, ...]}  last turn: assistant
 - prompts (eval):       {"prompt_id", "prompt": [messages ending with user], "reference"?: str}
 - ranked (preferences): {"prompt_id", "prompt": [...], "responses": [{"text", "rank"}, ...],
-                         "annotator"?: str, "provenance"?: {...}}   rank 1 = best, ties allowed
+                         "annotator"?: str, "margin"?: number, "provenance"?: {...}}   rank 1 = best, ties allowed
+
+Preferences also come in the formats the ecosystem uses (`load_ranked` tells them apart per
+record and turns each into a ranked record of two responses, chosen rank 1):
+- TRL's preference format, explicit prompt: {"prompt", "chosen", "rejected", "margin"?}, each a
+  string (standard) or messages (conversational: the prompt's ending with the user, the answers
+  one assistant message each);
+- TRL's implicit prompt: {"chosen", "rejected"} as two conversations that share every turn but
+  the final assistant answer;
+- HH-RLHF text: "\n\nHuman: ...\n\nAssistant: ..." dialogues, as the implicit prompt or in `prompt`.
+Columns beyond these are ignored (datasets carry many); a near-miss of a known one is refused.
+Files may be JSON Lines, JSON, Parquet or CSV (`align.files.read_records`).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import math
+import re
+from pathlib import Path
 
 from align.errors import DataError
-from align.files import read_jsonl
+from align.files import read_jsonl, read_records
 
 ROLES = ("system", "user", "assistant")
 CONVERSATION_FIELDS = ("id", "messages")
 PROMPT_FIELDS = ("prompt_id", "prompt", "reference")
-RANKED_FIELDS = ("prompt_id", "prompt", "responses", "annotator", "provenance")
+RANKED_FIELDS = ("prompt_id", "prompt", "responses", "annotator", "margin", "provenance")
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "margin", "prompt_id", "id", "annotator")
+HH_TURN = re.compile(r"(?:\A|\n\n)(Human|Assistant):[ ]?")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 RESPONSE_FIELDS = ("text", "rank")
 
 
@@ -38,7 +55,8 @@ def _reject_unknown(path, line, obj: dict, known: tuple[str, ...], prefix: str =
 
 def _require(path, line, obj: dict, field: str, kind, what: str):
     if field not in obj:
-        raise DataError(path, line, field, "missing", f"each record needs {what}")
+        also = " (or chosen and rejected: TRL's preference format)" if field == "responses" else ""
+        raise DataError(path, line, field, "missing", f"each record needs {what}{also}")
     value = obj[field]
     if not isinstance(value, kind) or (isinstance(value, (str, list)) and not value):
         raise DataError(path, line, field, f"must be a non-empty {what}, got {json.dumps(value)[:60]}")
@@ -102,10 +120,133 @@ def load_prompts(path) -> list[dict]:
 
 
 def load_ranked(path) -> list[dict]:
-    """Ranked responses, one record per (prompt, annotator). Structure only:
-    whether a ranking is usable (ranks in range, not all tied) is judged by
+    """Ranked responses, one record per (prompt, annotator), from align's ranked format or TRL's /
+    HH-RLHF's preference pairs (module docstring), in any file `read_records` reads. Structure
+    only: whether a ranking is usable (ranks in range, not all tied) is judged by
     `align.preferences`, which reports and skips or refuses by config."""
-    return [ranked_record(path, line, obj) for line, obj in read_jsonl(path)]
+    records = []
+    for location, obj in read_records(path):
+        if "responses" in obj:
+            records.append(ranked_record(path, location, obj))
+        elif "chosen" in obj or "rejected" in obj:
+            try:
+                records.append(preference_record(path, location, obj))
+            except DataError as error:  # real datasets hold a few: a bad ranking, skipped or refused by config
+                records.append(broken_pair(path, location, error))
+        elif "completion" in obj and "label" in obj:
+            raise DataError(path, location, None, "an unpaired (KTO) record: prompt/completion/label is not read yet",
+                            "pair the answers of each prompt as chosen/rejected, or rank them in align's format")
+        else:  # align's ranked format says what is missing
+            records.append(ranked_record(path, location, obj))
+    return records
+
+
+def preference_record(path, location: int, obj: dict) -> dict:
+    """A TRL / HH-RLHF preference pair as a ranked record: chosen rank 1, rejected rank 2.
+
+    Each pair is its own prompt_id (`<file stem>-<location>`): datasets repeat a prompt across
+    independent pairs, which align's format would read as one annotator ranking it twice. The
+    dataset's own id, if any, is kept in provenance."""
+    _reject_near_misses(path, location, obj, PREFERENCE_FIELDS)
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            raise DataError(path, location, key, "missing", "a preference pair has chosen and rejected")
+    if obj.get("prompt") is None:
+        chosen = _conversation(path, location, "chosen", obj["chosen"])
+        rejected = _conversation(path, location, "rejected", obj["rejected"])
+        if chosen[:-1] != rejected[:-1]:
+            raise DataError(path, location, "rejected", "differs from chosen before the final assistant answer",
+                            "without a prompt field, chosen and rejected share every turn but the last")
+        prompt, chosen_text, rejected_text = chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+    else:
+        prompt = _prompt_messages(obj["prompt"])
+        chosen_text = _answer(path, location, "chosen", obj["chosen"])
+        rejected_text = _answer(path, location, "rejected", obj["rejected"])
+    record = {"prompt_id": f"{Path(path).stem}-{location}", "prompt": check_messages(path, location, "prompt", prompt, "user"),
+              "responses": [{"text": chosen_text, "rank": 1}, {"text": rejected_text, "rank": 2}],
+              "annotator": str(obj.get("annotator", "dataset")), "source": f"{path}:{location}"}
+    if obj.get("margin") is not None:
+        record["margin"] = _margin(path, location, obj["margin"])
+    dataset_id = obj.get("prompt_id", obj.get("id"))
+    record["provenance"] = {"format": "preference pair", **({"id": str(dataset_id)} if dataset_id is not None else {})}
+    return record
+
+
+def broken_pair(path, location: int, error: DataError) -> dict:
+    """A malformed imported pair (HH-RLHF holds dialogues whose final answer is empty) as a record
+    `align.preferences` counts as a bad ranking: skipped and listed (`bad_rankings: skip`) or
+    refused with its file:line (`refuse`), like a ranking that breaks the rules. Its `prompt` is
+    empty: nothing trains on it."""
+    return {"prompt_id": f"{Path(path).stem}-{location}", "prompt": [], "responses": [], "annotator": "dataset",
+            "source": f"{path}:{location}",
+            "problem": {"field": error.field or "record",
+                        "problem": error.problem + (f" ({error.hint})" if error.hint else "")}}
+
+
+def _reject_near_misses(path, line, obj: dict, known: tuple[str, ...]) -> None:
+    """Other columns are ignored, but one spelt almost like a known field (`chosn`) is refused."""
+    for key in obj:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.8)
+            if close:
+                raise DataError(path, line, str(key), "unknown field", f"did you mean {close[0]!r}?")
+
+
+def hh_dialogue(text: str) -> list[dict] | None:
+    """HH-RLHF's `\n\nHuman: ..\n\nAssistant: ..` text as messages; None when it is not that format.
+    Contents are stripped; a trailing empty `Assistant:` (a prompt's cue to answer) is dropped."""
+    if not HH_TURN.match(text.lstrip("\n")) and not HH_TURN.match(text):
+        return None
+    parts = HH_TURN.split(text)
+    if parts[0].strip():
+        return None
+    messages = [{"role": HH_ROLES[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
+
+
+def _conversation(path, location, field: str, value) -> list[dict]:
+    """An implicit-prompt side: messages, or HH-RLHF text, ending with the assistant's answer."""
+    if isinstance(value, str):
+        messages = hh_dialogue(value)
+        if messages is None:
+            raise DataError(path, location, field, "a plain string needs a prompt field beside it",
+                            "without prompt, chosen and rejected are conversations ({role, content} lists) "
+                            "or HH-RLHF 'Human: ... Assistant: ...' text")
+        value = messages
+    return check_messages(path, location, field, value, last_role="assistant")
+
+
+def _prompt_messages(value):
+    """An explicit prompt: messages as given (checked by the caller), HH-RLHF text, or plain text as one user turn."""
+    if isinstance(value, str):
+        return hh_dialogue(value) or [{"role": "user", "content": value.strip()}]
+    return value
+
+
+def _answer(path, location, field: str, value) -> str:
+    """An explicit-prompt answer: a string, or one assistant message (TRL's conversational format)."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        if value[0].get("role") != "assistant":
+            raise DataError(path, location, f"{field}[0].role", f"must be 'assistant', got {value[0].get('role')!r}")
+        value = value[0].get("content")
+    elif isinstance(value, list):
+        raise DataError(path, location, field, f"must be one assistant message, got a list of {len(value)}",
+                        "with a prompt field, each answer is a string or [{role: assistant, content}]")
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(path, location, field, "must be a non-empty string (or one assistant message)")
+    return value.strip()
+
+
+def _margin(path, location, value) -> float:
+    try:
+        margin = float(value)  # CSV cells are strings
+    except (TypeError, ValueError):
+        raise DataError(path, location, "margin", f"must be a number, got {json.dumps(value)[:40]}") from None
+    if isinstance(value, bool) or not math.isfinite(margin):
+        raise DataError(path, location, "margin", f"must be a finite number, got {value!r}")
+    return margin
 
 
 def ranked_record(path, line: int, obj: dict) -> dict:
@@ -134,6 +275,11 @@ def ranked_record(path, line: int, obj: dict) -> dict:
         raise DataError(path, line, "annotator", "must be a string")
     record = {"prompt_id": prompt_id, "prompt": prompt, "responses": checked, "annotator": annotator,
               "source": f"{path}:{line}"}
+    if obj.get("margin") is not None:
+        if len(checked) != 2:
+            raise DataError(path, line, "margin", f"only for a record of two responses, this one has {len(checked)}",
+                            "a margin says how much better rank 1 is than rank 2")
+        record["margin"] = _margin(path, line, obj["margin"])
     if "provenance" in obj:
         if not isinstance(obj["provenance"], dict):
             raise DataError(path, line, "provenance", "must be an object")

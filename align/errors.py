@@ -28,7 +28,7 @@ class DataError(AlignError):
         if hint:
             message += f" ({hint})"
         super().__init__(message)
-        self.path, self.line, self.field, self.problem = str(path), line, field, problem
+        self.path, self.line, self.field, self.problem, self.hint = str(path), line, field, problem, hint
 
 
 class LineageError(AlignError):

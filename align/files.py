@@ -7,7 +7,8 @@ whole. Folders use the same idea at the stage level (`align.runs.stage_output`).
 
 `read_jsonl` refuses bad input (not UTF-8, a line over 1 MiB, not JSON) with
 `DataError` naming file:line, so callers that validate records (`align.data`)
-and callers that read our own outputs share one reader.
+and callers that read our own outputs share one reader. `read_records` reads
+user datasets in JSON, Parquet and CSV too, with the same kind of errors.
 """
 
 from __future__ import annotations
@@ -131,6 +132,94 @@ def _decoded_line(path: Path, number: int, raw: bytes) -> str:
     except UnicodeDecodeError as error:
         raise DataError(path, number, None, f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at byte {error.start + 1} of the line)",
                         "save the file as UTF-8") from None
+
+
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """(location, object) for every record of a JSON Lines, JSON, Parquet or CSV file, chosen by suffix
+    (anything else is read as JSON Lines). The location is what an error names after `file:`: the
+    line for JSON Lines and CSV, the record's position (1-based) for a JSON array and Parquet.
+
+    CSV cells that hold JSON lists or objects (a conversation's messages) are decoded; the others
+    stay strings. Refuses a missing or empty file and a file its format cannot read."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".parquet", ".csv"):
+        return read_jsonl(path)
+    if not path.is_file():
+        raise DataError(path, None, None, "file not found")
+    if suffix == ".json":
+        rows = _json_records(path)
+    elif suffix == ".parquet":
+        rows = _parquet_records(path)
+    else:
+        rows = _csv_records(path)
+    if not rows:
+        raise DataError(path, None, None, "file is empty", "add at least one record")
+    for location, obj in rows:
+        if not isinstance(obj, dict):
+            raise DataError(path, location, None, f"expected an object (one record), got {type(obj).__name__}")
+    return rows
+
+
+def _json_records(path: Path) -> list[tuple[int, dict]]:
+    """A JSON file: a list of records, or an object holding one list of them (`{"data": [...]}`)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise DataError(path, None, None, f"not valid UTF-8 (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise DataError(path, error.lineno, None, f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if isinstance(value, dict):
+        lists = [item for item in value.values() if isinstance(item, list)]
+        if len(lists) != 1:
+            raise DataError(path, None, None, "expected a JSON list of records (or an object holding one list)",
+                            "JSON Lines (.jsonl) holds one record a line")
+        value = lists[0]
+    if not isinstance(value, list):
+        raise DataError(path, None, None, f"expected a JSON list of records, got {type(value).__name__}")
+    return list(enumerate(value, start=1))
+
+
+def _parquet_records(path: Path) -> list[tuple[int, dict]]:
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except Exception as error:  # pyarrow raises several types for a file it cannot read
+        raise DataError(path, None, None, f"not a readable Parquet file ({type(error).__name__}: {error})") from None
+    return list(enumerate(table.to_pylist(), start=1))
+
+
+def _csv_records(path: Path) -> list[tuple[int, dict]]:
+    import csv
+
+    rows = []
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                if None in row:
+                    raise DataError(path, reader.line_num, None, f"{len(row[None])} more cells than the header has columns")
+                rows.append((reader.line_num, {key: _csv_cell(path, reader.line_num, key, value)
+                                               for key, value in row.items() if value not in (None, "")}))
+    except UnicodeDecodeError as error:
+        raise DataError(path, None, None, f"not valid UTF-8 (byte {error.start})") from None
+    except csv.Error as error:
+        raise DataError(path, None, None, f"not valid CSV ({error})") from None
+    return rows
+
+
+def _csv_cell(path: Path, line: int, column: str, value: str):
+    """A CSV cell: JSON when it looks like a list or an object (a conversation), else the string."""
+    if value.lstrip()[:1] not in ("[", "{"):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise DataError(path, line, column, f"starts like JSON but is not valid JSON ({error.msg})") from None
 
 
 def read_jsonl_records(path: str | Path) -> list[dict]:

@@ -115,6 +115,8 @@ def train_prompts(records: list[dict], heldout: list[dict], sources: list[str]) 
     excluded = {prompt_key(record["prompt"]) for record in heldout}
     prompts: dict[str, list[dict]] = {}
     for record in records:
+        if "problem" in record:  # a malformed imported pair (align.data.broken_pair)
+            continue
         key = prompt_key(record["prompt"])
         if key not in excluded:
             prompts.setdefault(key, record["prompt"])
@@ -126,6 +128,8 @@ def train_prompts(records: list[dict], heldout: list[dict], sources: list[str]) 
 def check_ranking(record: dict) -> tuple[list[dict], int, list[BadRanking]]:
     """Semantic checks on one record: (responses with in-record duplicates removed, duplicates dropped, problems)."""
     source, responses = record.get("source", "?"), record["responses"]
+    if "problem" in record:  # a malformed imported pair (align.data.broken_pair)
+        return [], 0, [BadRanking(source, record["problem"]["field"], record["problem"]["problem"])]
     k = len(responses)
     problems: list[BadRanking] = []
     for index, response in enumerate(responses):
@@ -250,7 +254,8 @@ def ranked_to_pairs(records: list[dict], ties: str = "drop", aggregation: str = 
         if problems:
             report.bad.extend(problems)
             continue
-        group["records"][record["annotator"]] = {"ranking": ranking, "source": record.get("source", "?")}
+        group["records"][record["annotator"]] = {"ranking": ranking, "source": record.get("source", "?"),
+                                                 "margin": record.get("margin")}
         for text in ranking:
             if text not in group["order"]:
                 group["order"].append(text)
@@ -294,7 +299,11 @@ def ranked_to_pairs(records: list[dict], ties: str = "drop", aggregation: str = 
             a, c = annotator_agreement(rankings)
             agree, compared = agree + a, compared + c
         key = prompt_key(group["prompt"])
+        # a dataset's own margin (a pair imported with one, align.data) replaces the rank distance
+        (given_margin,) = [entry["margin"] for entry in group["records"].values()] if len(rankings) == 1 else [None]
         for better, worse, margin, is_tie in _aggregate(rankings, group["order"], aggregation):
+            if given_margin is not None and not is_tie:
+                margin = given_margin
             if is_tie and ties == "drop":
                 report.ties_dropped += 1
                 continue

@@ -2,10 +2,10 @@
 
 Reads ../shared/datasets/hh-rlhf-harmless/pairs.jsonl (1,800 crowdworker
 judgments, `{"chosen", "rejected"}` dialogues; outside the repository and never
-copied into it), turns each pair into the project's ranked format (the shared
-dialogue up to the last `Assistant:` becomes the prompt messages, the two final
-assistant answers the ranked responses), and trains a reward model on part of
-it by running the real stage, `python -m stages.reward`, from the default model
+copied into it), hands the file as it is to the reward stage, which reads
+HH-RLHF text itself (align/data.py: the shared dialogue up to the last
+`Assistant:` becomes the prompt messages, the two final assistant answers the
+ranked responses), and trains a reward model on part of it by running the real stage, `python -m stages.reward`, from the default model
 (no SFT parent), in a temporary runs folder. Reported side by side on the same
 held-out prompts: the reward model's pairwise accuracy (with its bootstrap
 interval) and two baselines, "prefer the shorter answer" and "prefer the longer
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -40,44 +39,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "datasets" / "hh-rlhf-harmless" / "pairs.jsonl"
 TARGET = 0.60
-TURN = re.compile(r"\n\n(Human|Assistant): ")
-ROLES = {"Human": "user", "Assistant": "assistant"}
-
 # Stage settings for this bench: one epoch, long dialogues capped (pairs beyond are
 # dropped and counted), bf16 held-out scoring. Anything after `--` overrides them.
 STAGE_ARGS = ["--num_train_epochs", "1", "--score_dtype", "bfloat16"]
-
-
-def parse_dialogue(text: str) -> list[dict] | None:
-    """`\\n\\nHuman: ..\\n\\nAssistant: ..` -> chat messages; None if it is not a clean alternation."""
-    parts = TURN.split(text)
-    if parts[0].strip():
-        return None
-    messages = [{"role": ROLES[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
-    for index, message in enumerate(messages):
-        if message["role"] != ("user" if index % 2 == 0 else "assistant") or not message["content"]:
-            return None
-    return messages
-
-
-def hh_to_ranked(path: Path) -> tuple[list[dict], int]:
-    """One ranked record per HH pair: shared prompt, [chosen rank 1, rejected rank 2]. (records, skipped)."""
-    records, skipped = [], 0
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            pair = json.loads(line)
-            chosen, rejected = parse_dialogue(pair["chosen"]), parse_dialogue(pair["rejected"])
-            if (not chosen or not rejected or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant"
-                    or chosen[:-1] != rejected[:-1] or chosen[-1]["content"] == rejected[-1]["content"]):
-                skipped += 1  # malformed, empty final answer, or no difference to learn from
-                continue
-            records.append({
-                "prompt_id": f"hh-{line_number}", "prompt": chosen[:-1], "annotator": "hh-crowdworker",
-                "responses": [{"text": chosen[-1]["content"], "rank": 1}, {"text": rejected[-1]["content"], "rank": 2}],
-            })
-    return records, skipped
 
 
 def main() -> int:
@@ -93,21 +57,21 @@ def main() -> int:
     if not data_path.is_file():
         print(f"skipped: {data_path} not found (the HH-RLHF sample lives beside the project, not in it)")
         return 0
-    records, skipped = hh_to_ranked(data_path)
-    heldout_fraction = 1 - options.train_pairs / len(records)
+    # the stage reads HH-RLHF's own text (align.data): each pair is ranked chosen 1, rejected 2; the
+    # few malformed ones (an empty final answer, broken turns) are bad rankings, skipped and listed
+    pairs_in_file = sum(1 for line in data_path.read_text(encoding="utf-8").splitlines() if line.strip())
+    heldout_fraction = 1 - options.train_pairs / pairs_in_file
     if not 0 < heldout_fraction < 1:
-        print(f"error: --train_pairs {options.train_pairs} leaves nothing held out of {len(records)} pairs")
+        print(f"error: --train_pairs {options.train_pairs} leaves nothing held out of {pairs_in_file} pairs")
         return 2
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-reward-hh-"))
-    ranked = scratch / "hh_ranked.jsonl"
-    ranked.write_text("".join(json.dumps(record) + "\n" for record in records))
     command = [sys.executable, "-m", "stages.reward", "--run", "hh", "--model_name_or_path", "default",
-               "--ranked_files", str(ranked), "--heldout_fraction", f"{heldout_fraction:.6f}",
+               "--ranked_files", str(data_path), "--heldout_fraction", f"{heldout_fraction:.6f}",
                "--max_length", str(options.max_length), *STAGE_ARGS, *options.stage_args]
     env = {**os.environ, "ALIGN_RUNS": str(scratch / "runs"), "HF_HUB_OFFLINE": "1"}
-    print(f"[bench] {len(records)} HH pairs ({skipped} malformed skipped); training on ~{options.train_pairs}, "
-          f"held-out ~{len(records) - options.train_pairs}; stage: {' '.join(command[2:])}", flush=True)
+    print(f"[bench] {pairs_in_file} HH pairs; training on ~{options.train_pairs}, "
+          f"held-out ~{pairs_in_file - options.train_pairs}; stage: {' '.join(command[2:])}", flush=True)
     started = time.time()
     result = subprocess.run(command, cwd=REPO, env=env)
     wall = time.time() - started
@@ -124,8 +88,9 @@ def main() -> int:
     low, high = metrics["pairwise_accuracy_ci95"]
     print()
     dropped = metrics["dropped_too_long_train"] + metrics["dropped_too_long_heldout"]
+    malformed = metrics["bad_rankings"]
     print(f"HH-RLHF harmless, held-out pairwise accuracy ({metrics['heldout_pairs']} pairs, "
-          f"{metrics['train_pairs']} trained; {dropped} dropped > {options.max_length} tokens)")
+          f"{metrics['train_pairs']} trained; {dropped} dropped > {options.max_length} tokens, {malformed} malformed)")
     print(f"  reward model            {accuracy:.3f}  (95% CI {low:.3f}-{high:.3f})  target >= {TARGET:.2f}: "
           f"{'MET' if accuracy >= TARGET else 'NOT MET'}")
     print(f"  prefer shorter answer   {shorter:.3f}")

@@ -1,0 +1,148 @@
+"""Preference data in the ecosystem's formats (align/data.py's one validation path): TRL's explicit
+and implicit preference records, standard and conversational, HH-RLHF text, with a margin; JSON
+Lines, JSON, Parquet and CSV files. Every bad record is named by file:location: field."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from align import data, preferences
+from align.errors import DataError
+
+USER = {"role": "user", "content": "How long do I boil an egg?"}
+GOOD = {"role": "assistant", "content": "Nine minutes for a firm yolk."}
+BAD = {"role": "assistant", "content": "Eggs are great!"}
+HH_CHOSEN = "\n\nHuman: How long do I boil an egg?\n\nAssistant: Nine minutes for a firm yolk."
+HH_REJECTED = "\n\nHuman: How long do I boil an egg?\n\nAssistant: Eggs are great!"
+
+
+def jsonl(tmp_path, name, rows):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def only(records):
+    (record,) = records
+    return record
+
+
+def assert_the_egg_pair(record, source):
+    assert record["prompt"] == [USER]
+    assert record["responses"] == [{"text": GOOD["content"], "rank": 1}, {"text": BAD["content"], "rank": 2}]
+    assert record["source"] == source
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": USER["content"], "chosen": GOOD["content"], "rejected": BAD["content"]},  # standard, explicit
+    {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]},  # conversational, explicit
+    {"chosen": [USER, GOOD], "rejected": [USER, BAD]},  # conversational, implicit prompt
+    {"chosen": HH_CHOSEN, "rejected": HH_REJECTED},  # HH-RLHF text
+    {"prompt": "\n\nHuman: How long do I boil an egg?\n\nAssistant:", "chosen": " " + GOOD["content"],
+     "rejected": " " + BAD["content"]},  # HH prompt column, TRL's explicit split of it
+], ids=["standard", "conversational", "implicit", "hh-text", "hh-explicit"])
+def test_every_preference_format_becomes_one_ranked_pair(tmp_path, row):
+    path = jsonl(tmp_path, "pairs.jsonl", [{"source_dataset": "ignored column", **row}])
+    record = only(data.load_ranked(path))
+    assert_the_egg_pair(record, f"{path}:1")
+    assert record["prompt_id"] == "pairs-1" and record["provenance"] == {"format": "preference pair"}
+    pairs, report = preferences.ranked_to_pairs([record])
+    assert [(p["chosen"], p["rejected"], p["margin"]) for p in pairs] == [(GOOD["content"], BAD["content"], 1.0)]
+
+
+def test_the_datasets_margin_replaces_the_rank_distance(tmp_path):
+    path = jsonl(tmp_path, "m.jsonl", [
+        {"prompt": "a?", "chosen": "yes", "rejected": "no", "margin": 2.5, "id": "row-7"},
+        {"prompt": "a?", "chosen": "maybe", "rejected": "no"},  # the same prompt in an independent pair
+    ])
+    records = data.load_ranked(path)
+    assert records[0]["margin"] == 2.5 and records[0]["provenance"]["id"] == "row-7"
+    pairs, report = preferences.ranked_to_pairs(records)
+    assert [p["margin"] for p in pairs] == [2.5, 1.0] and not report.bad
+    # both pairs keep one prompt: the DPO/PPO/RLOO train prompts count it once
+    assert preferences.train_prompts(records, [], [str(path)]) == [[{"role": "user", "content": "a?"}]]
+
+
+def test_json_parquet_and_csv_read_the_same_pairs(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    rows = [{"prompt": [USER], "chosen": [GOOD], "rejected": [BAD], "margin": 0.5}] * 2
+    expected = data.load_ranked(jsonl(tmp_path, "p.jsonl", rows))
+    (tmp_path / "p.json").write_text(json.dumps({"train": rows}))
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "p.parquet")
+    with open(tmp_path / "p.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({key: json.dumps(value) if isinstance(value, list) else value for key, value in row.items()}
+                         for row in rows)
+    for suffix, second in (("json", 2), ("parquet", 2), ("csv", 3)):  # CSV: line 3 (the header is line 1)
+        records = data.load_ranked(tmp_path / f"p.{suffix}")
+        assert [(r["prompt"], r["responses"], r["margin"]) for r in records] == \
+               [(r["prompt"], r["responses"], r["margin"]) for r in expected]
+        assert records[1]["source"] == f"{tmp_path / f'p.{suffix}'}:{second}"
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"chosen": "Nine minutes.", "rejected": "Eggs!"}, ":1: chosen: a plain string needs a prompt field beside it"),
+    ({"prompt": "a?", "chosn": "yes", "rejected": "no"}, ":1: chosn: unknown field (did you mean 'chosen'?)"),
+    ({"prompt": "a?", "rejected": "no"}, ":1: chosen: missing"),
+    ({"prompt": "a?", "chosen": "yes", "rejected": "no", "margin": "big"}, ":1: margin: must be a number"),
+    ({"prompt": "a?", "chosen": [GOOD, BAD], "rejected": "no"}, ":1: chosen: must be one assistant message"),
+    ({"prompt": "a?", "chosen": [USER], "rejected": "no"}, ":1: chosen[0].role: must be 'assistant'"),
+    ({"prompt": "a?", "completion": "yes", "label": True}, ":1: an unpaired (KTO) record"),
+    ({"question": "a?"}, ":1: question: unknown field"),
+    ({"prompt_id": "p", "prompt": [USER]}, ":1: responses: missing (each record needs list of {text, rank} "
+                                           "(or chosen and rejected: TRL's preference format))"),
+])
+def test_a_bad_pair_is_named_by_file_line_and_field(tmp_path, row, expected):
+    """Refused on load (not a pair at all), or a bad ranking that bad_rankings: refuse refuses."""
+    path = jsonl(tmp_path, "bad.jsonl", [row])
+    with pytest.raises(DataError) as raised:
+        records = data.load_ranked(path)
+        assert records[0].get("problem"), f"no problem found in {records[0]}"
+        preferences.ranked_to_pairs(records, bad_rankings="refuse")
+    assert str(raised.value).startswith(f"{path}{expected}"), str(raised.value)
+
+
+def test_malformed_hh_dialogues_are_skipped_and_listed_or_refused(tmp_path):
+    """HH-RLHF holds a few dialogues whose final answer is empty or whose turns do not alternate:
+    skipped and listed (bad_rankings: skip), or refused by file:line (refuse)."""
+    empty_answer = {"chosen": "\n\nHuman: Hi\n\nAssistant:", "rejected": "\n\nHuman: Hi\n\nAssistant: Hello."}
+    diverging = {"chosen": HH_CHOSEN, "rejected": "\n\nHuman: Something else\n\nAssistant: Eggs are great!"}
+    path = jsonl(tmp_path, "hh.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}, empty_answer, diverging])
+    records = data.load_ranked(path)
+    pairs, report = preferences.ranked_to_pairs(records, bad_rankings="skip")
+    expected = [f"{path}:2: chosen: the last message must be from the assistant",
+                f"{path}:3: rejected: differs from chosen before the final assistant answer"]
+    assert len(pairs) == 1 and len(report.bad) == 2
+    assert all(str(bad).startswith(line) for bad, line in zip(report.bad, expected)), report.bad
+    assert preferences.train_prompts(records, [], [str(path)]) == [[USER]]  # broken pairs train nothing
+    with pytest.raises(DataError, match=r"hh.jsonl:2: chosen: the last message must be from the assistant"):
+        preferences.ranked_to_pairs(records, bad_rankings="refuse")
+
+
+def test_a_margin_in_the_ranked_format_needs_two_responses(tmp_path):
+    three = {"prompt_id": "p", "prompt": [USER], "margin": 1.5,
+             "responses": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}, {"text": "c", "rank": 3}]}
+    with pytest.raises(DataError, match=r"r.jsonl:1: margin: only for a record of two responses, this one has 3"):
+        data.load_ranked(jsonl(tmp_path, "r.jsonl", [three]))
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("bad.json", '{"a": [1], "b": [2]}', "bad.json: expected a JSON list of records"),
+    ("bad.json", "[1, 2]", "bad.json:1: expected an object"),
+    ("bad.json", '[{"prompt": "a",}]', "bad.json:1: not valid JSON"),
+    ("bad.parquet", "not parquet", "bad.parquet: not a readable Parquet file"),
+    ("bad.csv", "prompt,chosen,rejected\na?,yes,no,extra\n", "bad.csv:2: 1 more cells than the header has columns"),
+    ("bad.csv", 'prompt,chosen,rejected\n"[{""role"": ",yes,no\n', "bad.csv:2: prompt: starts like JSON but is not"),
+    ("empty.csv", "prompt,chosen,rejected\n", "empty.csv: file is empty"),
+])
+def test_unreadable_files_are_named(tmp_path, name, text, expected):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError) as raised:
+        data.load_ranked(tmp_path / name)
+    assert str(raised.value).startswith(str(tmp_path / expected)), str(raised.value)
