@@ -168,3 +168,34 @@ def test_rankings_pulled_from_argilla(runs_root, tiny_sft_run, tiny_data, argill
     metrics = facts["metrics"]
     assert metrics["annotators"] == 2 and metrics["annotators_per_prompt"] == {"2": 16}
     assert metrics["annotator_agreement"] == 1.0 and metrics["pairs"] == 48
+
+
+def test_trl_preference_pairs_in_parquet_train_the_stage(runs_root, tiny_sft_run, tiny_data, tmp_path):
+    """A downloaded dataset as it comes: TRL's conversational preference format in Parquet, plus one
+    malformed row. The stage trains on every good pair and lists the bad row."""
+    import pyarrow
+    import pyarrow.parquet
+
+    rows = []
+    for record in data.load_ranked(tiny_data["ranked"]):
+        ranked = sorted(record["responses"], key=lambda response: response["rank"])
+        if ranked[0]["rank"] < ranked[-1]["rank"]:
+            rows.append({"prompt": record["prompt"], "chosen": [{"role": "assistant", "content": ranked[0]["text"]}],
+                         "rejected": [{"role": "assistant", "content": ranked[-1]["text"]}], "score_chosen": 9.0})
+    rows.append({"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "user", "content": "Hi"}],
+                 "rejected": [{"role": "assistant", "content": "Hello."}], "score_chosen": None})  # a user answer
+    path = tmp_path / "pairs.parquet"
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+
+    run = "parquet-pairs"
+    (runs_root / run).mkdir()
+    (runs_root / run / "sft").symlink_to(runs_root / tiny_sft_run / "sft")
+    result = run_stage("reward", "--run", run, "--ranked_files", str(path), *FAST, "--gate_max_abs_length_corr", "0.95")
+    assert_ok(result)
+    facts = manifest(runs_root, run)
+    metrics = facts["metrics"]
+    assert metrics["pairs"] == len(rows) - 1 and metrics["bad_rankings"] == 1
+    assert metrics["train_pairs"] + metrics["heldout_pairs"] + metrics.get("dropped_too_long_train", 0) \
+        + metrics.get("dropped_too_long_heldout", 0) == len(rows) - 1
+    assert f"{path}:{len(rows)}: chosen[0].role: must be 'assistant'" in result.stderr  # the bad row, named
+    assert [entry["sha256"] for entry in facts["inputs"] if entry["path"] == str(path)] == [files.sha256_file(path)]
