@@ -6,6 +6,7 @@ any training starts. A field a format does not have is refused too (with the
 closest known name): a misspelt optional field would otherwise vanish silently.
 
 - conversations (SFT):  {"id", "messages": [{"role", "content"}, ...]}  last turn: assistant
+                        (or preference pairs, below: the prompt and the chosen answer)
 - prompts (eval):       {"prompt_id", "prompt": [messages ending with user], "reference"?: str}
 - ranked (preferences): {"prompt_id", "prompt": [...], "responses": [{"text", "rank"}, ...],
                          "annotator"?: str, "margin"?: number, "provenance"?: {...}}   rank 1 = best, ties allowed
@@ -89,10 +90,26 @@ def check_messages(path, line, field: str, messages, last_role: str) -> list[dic
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def load_conversations(path) -> list[dict]:
-    """SFT data. Returns [{"id", "messages"}]."""
+def load_conversations(path, skipped: list | None = None) -> list[dict]:
+    """SFT data. Returns [{"id", "messages"}].
+
+    Preference pairs (TRL's or HH-RLHF's formats, any file `read_records` reads) are read too,
+    as the prompt followed by the chosen answer: the usual recipe of SFT on a preference
+    dataset's chosen side. A malformed pair is appended to `skipped` (a DataError) when a list
+    is given, else raised."""
     records, seen = [], {}
-    for line, obj in read_jsonl(path):
+    for line, obj in read_records(path):
+        if "messages" not in obj and ("chosen" in obj or "rejected" in obj):
+            try:
+                pair = preference_record(path, line, obj)
+            except DataError as error:
+                if skipped is None:
+                    raise
+                skipped.append(error)
+                continue
+            answer = {"role": "assistant", "content": pair["responses"][0]["text"]}
+            records.append({"id": pair["prompt_id"], "messages": [*pair["prompt"], answer]})
+            continue
         _reject_unknown(path, line, obj, CONVERSATION_FIELDS)
         record_id = str(obj.get("id", f"line-{line}"))
         if record_id in seen:
@@ -100,6 +117,8 @@ def load_conversations(path) -> list[dict]:
         seen[record_id] = line
         messages = check_messages(path, line, "messages", obj.get("messages"), last_role="assistant")
         records.append({"id": record_id, "messages": messages})
+    if not records and skipped:  # every pair malformed: nothing to train on, name the first
+        raise skipped[0]
     return records
 
 

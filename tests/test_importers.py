@@ -146,3 +146,21 @@ def test_unreadable_files_are_named(tmp_path, name, text, expected):
     with pytest.raises(DataError) as raised:
         data.load_ranked(tmp_path / name)
     assert str(raised.value).startswith(str(tmp_path / expected)), str(raised.value)
+
+
+def test_sft_reads_a_preference_datasets_prompt_and_chosen_answer(tmp_path):
+    """The usual HH recipe: SFT on the chosen side. Malformed pairs are skipped and handed back."""
+    path = jsonl(tmp_path, "hh.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+                                        {"chosen": "\n\nHuman: Hi\n\nAssistant:", "rejected": "\n\nHuman: Hi"},
+                                        {"prompt": "Salt?", "chosen": "A pinch.", "rejected": "A cup."}])
+    skipped = []
+    conversations = data.load_conversations(path, skipped)
+    assert conversations == [{"id": "hh-1", "messages": [USER, GOOD]},
+                             {"id": "hh-3", "messages": [{"role": "user", "content": "Salt?"},
+                                                         {"role": "assistant", "content": "A pinch."}]}]
+    assert [str(error) for error in skipped] == [f"{path}:2: chosen: the last message must be from the assistant"]
+    with pytest.raises(DataError, match=r"hh.jsonl:2: chosen: the last message"):
+        data.load_conversations(path)  # no list to hand them back in: refused
+    only_bad = jsonl(tmp_path, "bad.jsonl", [{"chosen": "\n\nHuman: Hi\n\nAssistant:", "rejected": "x"}])
+    with pytest.raises(DataError, match=r"bad.jsonl:1: chosen"):
+        data.load_conversations(only_bad, [])
