@@ -139,12 +139,14 @@ RECORD_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
     """(location, object) for every record of a JSON Lines, JSON, Parquet or CSV file, chosen by suffix
-    (anything else is read as JSON Lines). The location is what an error names after `file:`: the
+    (anything else is read as JSON Lines), or of a saved `datasets` folder. The location is what an error names after `file:`: the
     line for JSON Lines and CSV, the record's position (1-based) for a JSON array and Parquet.
 
     CSV cells that hold JSON lists or objects (a conversation's messages) are decoded; the others
     stay strings. Refuses a missing or empty file and a file its format cannot read."""
     path = Path(path)
+    if path.is_dir():
+        return _saved_dataset_records(path)
     suffix = path.suffix.lower()
     if suffix not in (".json", ".parquet", ".csv"):
         return read_jsonl(path)
@@ -162,6 +164,35 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
         if not isinstance(obj, dict):
             raise DataError(path, location, None, f"expected an object (one record), got {type(obj).__name__}")
     return rows
+
+
+def _saved_dataset_records(path: Path) -> list[tuple[int, dict]]:
+    """A `datasets` folder (`save_to_disk`, as `make export-rankings` writes): a Dataset, or a
+    DatasetDict's `train` split (its only split, if it has one)."""
+    if not any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        raise DataError(path, None, None, "a folder, but not a saved `datasets` dataset (no dataset_info.json)",
+                        "pass a file (JSON Lines, JSON, Parquet, CSV) or a folder written by save_to_disk")
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded and len(loaded) != 1:
+            raise DataError(path, None, None, f"a DatasetDict with splits {', '.join(loaded)} and no 'train'",
+                            "pass the split's own folder")
+        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    return list(enumerate(loaded.to_list(), start=1))
+
+
+def sha256_path(path: str | Path) -> str:
+    """A data input's identity: a file's sha256, or for a folder the sha256 of its files' relative
+    names and contents in sorted order."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{item.relative_to(path).as_posix()}\0{sha256_file(item)}\n".encode())
+    return digest.hexdigest()
 
 
 def _json_records(path: Path) -> list[tuple[int, dict]]:

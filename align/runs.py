@@ -67,7 +67,7 @@ import yaml
 from align import processes
 from align.console import warn
 from align.errors import AlignError, DataError, LineageError
-from align.files import atomic_write_json, atomic_write_text, json_safe, sha256_file, sha256_text
+from align.files import atomic_write_json, atomic_write_text, json_safe, sha256_file, sha256_path, sha256_text
 
 MANIFEST = "manifest.json"
 TRACKED_PACKAGES = (
@@ -143,7 +143,7 @@ def find_checkpoint(run: str, stages: tuple[str, ...] | list[str], explicit: str
 
 
 def file_input(path: str | Path, role: str, records: int | None = None) -> dict:
-    entry = {"role": role, "path": str(path), "sha256": sha256_file(path)}
+    entry = {"role": role, "path": str(path), "sha256": sha256_path(path)}
     if records is not None:
         entry["records"] = records
     return entry
@@ -419,9 +419,9 @@ def data_inputs(*paths) -> dict[str, str]:
     """{path: sha256} of data files a stage reads."""
     hashes = {}
     for path in paths:
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise DataError(path, None, None, "file not found")
-        hashes[str(path)] = sha256_file(path)
+        hashes[str(path)] = sha256_path(path)  # a saved `datasets` folder: all its files
     return hashes
 
 

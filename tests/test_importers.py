@@ -164,3 +164,27 @@ def test_sft_reads_a_preference_datasets_prompt_and_chosen_answer(tmp_path):
     only_bad = jsonl(tmp_path, "bad.jsonl", [{"chosen": "\n\nHuman: Hi\n\nAssistant:", "rejected": "x"}])
     with pytest.raises(DataError, match=r"bad.jsonl:1: chosen"):
         data.load_conversations(only_bad, [])
+
+
+def test_a_saved_datasets_folder_is_read_like_a_file(tmp_path):
+    """`make export-rankings` writes its pairs with save_to_disk; such a folder trains the next
+    reward model as it is (a DatasetDict gives its train split), and its hash covers every file."""
+    import datasets
+
+    from align import files, runs
+
+    rows = [{"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}] * 3
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "flat"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:2]),
+                          "test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "splits"))
+    assert len(data.load_ranked(tmp_path / "flat")) == 3
+    records = data.load_ranked(tmp_path / "splits")
+    assert len(records) == 2 and records[1]["source"] == f"{tmp_path / 'splits'}:2"
+    assert_the_egg_pair(records[0], f"{tmp_path / 'splits'}:1")
+    before = runs.data_inputs(tmp_path / "flat")[str(tmp_path / "flat")]
+    assert before == files.sha256_path(tmp_path / "flat")
+    (tmp_path / "flat" / "extra.txt").write_text("changed")
+    assert files.sha256_path(tmp_path / "flat") != before
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match=r"plain: a folder, but not a saved `datasets` dataset"):
+        data.load_ranked(tmp_path / "plain")
