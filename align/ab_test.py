@@ -144,7 +144,7 @@ def create_ab_dataset(
     hidden = dict(visible_for_annotators=False, client=client)
     settings = rg.Settings(
         fields=[
-            rg.TextField(name="prompt", title="Conversation", use_markdown=True, client=client),
+            argilla_io.conversation_field(client),
             rg.TextField(name="response_a", title="Response A", use_markdown=True, client=client),
             rg.TextField(name="response_b", title="Response B", use_markdown=True, client=client),
         ],
@@ -179,7 +179,7 @@ def push_ab_pairs(dataset, items: Iterable[dict]) -> list[str]:
         meta = dict(item.get("metadata") or {})
         meta.update(pair_id=pid, model_a=model_a, model_b=model_b, prompt_messages=item["prompt"])
         fields = {
-            "prompt": argilla_io.render_conversation(item["prompt"]),
+            "prompt": argilla_io.conversation_value(dataset, item["prompt"]),
             "response_a": responses[model_a],
             "response_b": responses[model_b],
         }

@@ -202,6 +202,26 @@ def render_conversation(messages: Sequence[dict]) -> str:
     return "\n\n---\n\n".join(parts)
 
 
+def conversation_field(client):
+    """The dataset field that shows a prompt: Argilla's chat field (turns as chat bubbles, roles
+    kept) rather than markdown text."""
+    import argilla as rg
+
+    return rg.ChatField(name="prompt", title="Conversation", use_markdown=True, _client=client)
+
+
+def conversation_value(dataset, messages: Sequence[dict]):
+    """A prompt as its dataset's field wants it: the messages for a chat field; rendered markdown
+    for a text field (datasets created before the chat field keep working)."""
+    import argilla as rg
+
+    text = render_conversation(messages)  # validates the roles and contents either way
+    field = dataset.settings.fields["prompt"]
+    if isinstance(field, rg.ChatField):
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return text
+
+
 def seeded_rng(key: str) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
 
@@ -262,7 +282,7 @@ def create_ranking_dataset(
         return existing
 
     candidates = {f"candidate_{i}": f"Response {i}" for i in range(1, k + 1)}
-    fields = [rg.TextField(name="prompt", title="Conversation", use_markdown=True, client=client)]
+    fields = [conversation_field(client)]
     fields += [rg.TextField(name=n, title=t, use_markdown=True, client=client) for n, t in candidates.items()]
     questions: list = [
         rg.RankingQuestion(
@@ -367,7 +387,7 @@ def push_candidates(dataset, items: Iterable[dict], agent: str = SUGGESTION_AGEN
     for item in items:
         pid, cands = item["prompt_id"], item["candidates"]
         order = shuffle_order(pid, k)
-        fields = {"prompt": render_conversation(item["prompt"])}
+        fields = {"prompt": conversation_value(dataset, item["prompt"])}
         fields.update({names[j]: cands[order[j]] for j in range(k)})
         meta = dict(item.get("metadata") or {})
         for key, cast in _TYPED_METADATA.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 
+import argilla as rg
 import httpx
 import pytest
 
@@ -127,6 +128,7 @@ def loop(argilla_server):
 def test_dataset_layout_and_shuffle(loop):
     ds, raw, items = loop["ds"], loop["raw"], loop["items"]
     assert [f.name for f in ds.settings.fields] == ["prompt", "candidate_1", "candidate_2", "candidate_3"]
+    assert isinstance(ds.settings.fields["prompt"], rg.ChatField)
     assert ds.settings.questions[aio.RANKING].required
     assert not ds.settings.questions[aio.RATING].required
     assert ds.settings.distribution.min_submitted == 1
@@ -140,7 +142,7 @@ def test_dataset_layout_and_shuffle(loop):
         orders.add(tuple(order))
         for j in range(K):  # position j shows original candidate order[j]
             assert rec["fields"][f"candidate_{j + 1}"] == item["candidates"][order[j]]
-        assert "**User:**" in rec["fields"]["prompt"] and "egg number" in rec["fields"]["prompt"]
+        assert rec["fields"]["prompt"] == item["prompt"]  # Argilla's chat field: the messages, roles kept
         meta = rec["metadata"]
         assert meta["prompt_messages"] == item["prompt"]
         assert meta["checkpoint"] == "sft@0123abcd" and meta["temperature"] == 0.8 and meta["max_new_tokens"] == 64

@@ -109,6 +109,9 @@ def test_annotator_ranks_in_the_web_ui(argilla_server, browser, unique_name):
         page.locator("#candidate_1").wait_for()
         for j in range(3):  # the shuffled texts are on screen under "Response j+1"
             page.get_by_text(candidates[order[j]]).wait_for()
+        # the prompt sits in Argilla's chat field: a bubble under its role, not markdown text
+        page.get_by_text("How do I cook a lentil soup?", exact=True).wait_for()
+        assert page.get_by_text("**User:**").count() == 0
 
         for j in range(3):
             _rank_with_keyboard(page, f"candidate_{j + 1}", wanted[order[j]])
