@@ -203,6 +203,9 @@ def compare_plots(folder: Path, results: dict, rows: list[dict]) -> dict[str, st
         human = comparison.get("human")
         if human:
             entries.append((f"{name}\nhumans ({human['answers']} answers)", human, "tab:orange"))
+        judge = comparison.get("judge")
+        if judge:
+            entries.append((f"{name}\nLLM judge ({judge['pairs']} pairs)", judge, "tab:green"))
     fig, ax = plt.subplots(figsize=(8, 1.2 + 1.0 * len(entries)))
     for y, (label, w, color) in enumerate(entries):
         if w["wins"] + w["losses"] == 0:
@@ -220,7 +223,8 @@ def compare_plots(folder: Path, results: dict, rows: list[dict]) -> dict[str, st
     ax.set_xlim(0, 1)
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.set_xlabel("win rate of the aligned model (ties left out), 95% Wilson interval")
-    unit = "per prompt" if len(entries) == len(results["comparisons"]) else "reward model per prompt, humans per A/B pair"
+    unit = ("per prompt" if len(entries) == len(results["comparisons"]) else
+            "reward model per prompt; humans and the judge per answer pair")
     ax.set_title(f"Win rate of aligned over baseline ({unit})\n{subtitle}", fontsize=10)
     save(fig, "win_rate")
 
@@ -436,6 +440,11 @@ def _comparison_section(results: dict, comparison: dict, rows: list[dict]) -> li
                      f"| blind A/B in Argilla: {human['wins']} pairs won, {human['losses']} lost, {human['ties']} tied; "
                      f"{human['answers']} answers by {len(human['annotators'])} annotator(s) on "
                      f"{human['pairs_answered']} of {human['pairs_pushed']} pairs |")
+    judge = comparison.get("judge")
+    if judge:
+        lines.append(f"| **LLM-judge win rate** | {fmt_pct(judge['rate'])} [{fmt_pct(judge['low'])}, "
+                     f"{fmt_pct(judge['high'])}] | {judge['wins']} answer pairs won, {judge['losses']} lost, "
+                     f"{judge['ties']} tied, both orders asked (section below) |")
     lines += ["", f"Verdict: **{VERDICTS[comparison['verdict']]}**."]
     if comparison["notes"]:
         lines += ["", "Warnings: " + "; ".join(comparison["notes"]) + "."]
@@ -455,6 +464,16 @@ def _comparison_section(results: dict, comparison: dict, rows: list[dict]) -> li
     else:
         lines += ["Not collected yet. `make compare-to-argilla RUN=...` pushes blind A/B pairs of exactly these "
                   "responses to Argilla; once annotated, `make compare-pull RUN=...` adds the human win rate here."]
+    if judge:
+        lines += ["", "### LLM judge", "",
+                  f"{results.get('judge', {}).get('model', 'The judge')} judged {judge['pairs']} answer pairs "
+                  f"(sample i of {baseline} against sample i of {aligned}, every prompt), each in both orders; a pair "
+                  f"is won only when both orders pick the same answer, so position bias cancels. {aligned} won "
+                  f"{fmt_pct(judge['rate'])} of the pairs decided [{fmt_pct(judge['low'])}, {fmt_pct(judge['high'])}]; "
+                  f"{judge['ties']} ties, {judge['unreadable']} unreadable answers. Position consistency (both orders "
+                  f"name the same answer or both say tie): {fmt_pct(judge['position_consistency'])}. The judge and the "
+                  f"reward model picked the same answer on {fmt_pct(judge['reward_model_agreement'])} of the "
+                  f"{judge['agreement_pairs']} pairs both decided. Every call: `judge.jsonl`."]
     count = results["options"]["example_rows"]
     lines += [
         "",

@@ -8,7 +8,8 @@ Consumes
     - `prompts_file`: held-out prompts (data/eval_prompts.jsonl)
 
 Produces runs/<run>/compare/: report.md (+ report.html), report.json (every number),
-samples.jsonl (every response with its reward, length, style checks), PNG plots
+samples.jsonl (every response with its reward, length, style checks), judge.jsonl (with
+`judge_url`: every LLM-judge call), PNG plots
 (reward distributions, win rate, length vs reward, style pass rates), config.yaml,
 logs/, manifest.json; and a one-line verdict per aligned model.
 
@@ -20,6 +21,8 @@ How
       `kl_temperature` (1.0: the estimate is unbiased only for the model's own
       distribution), both log-probabilities from a forward pass with the same
       settings (align.logprobs), so a model compared with itself gives exactly 0.
+    - Optionally an LLM judge behind an OpenAI-compatible server (`judge_url`): every answer
+      pair in both orders, ties allowed, its agreement with the reward model (align/judge.py).
     - Numbers: align/comparison.py (definitions in its docstring) and the paired
       statistics of align/evaluation.py; report and plots: align/reports.py.
 
@@ -38,7 +41,7 @@ import gc
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
-from align import comparison, data, files, hardware, logprobs, models, reports, runs
+from align import comparison, data, files, hardware, judge, logprobs, models, reports, runs
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import AlignError, ConfigError, LineageError
@@ -99,8 +102,8 @@ class CompareArgs:
 
 
 def main(argv=None):
-    parsed = parse_stage_config("compare", (CompareArgs,), argv)
-    (args,) = parsed
+    parsed = parse_stage_config("compare", (CompareArgs, judge.JudgeArgs), argv)
+    args, judge_args = parsed
     if not 0 < args.confidence < 1:
         raise ConfigError(f"confidence: must be between 0 and 1, got {args.confidence}")
     settings, kl_settings = sampling_settings(args)
@@ -109,7 +112,7 @@ def main(argv=None):
     prompts = data.load_prompts(args.prompts_file)[: args.max_prompts]
     checkpoints = checkpoints_to_compare(args)
     labels = model_labels(checkpoints)
-    config = resolved_config(args)
+    config = resolved_config(args, judge_args)
     # a pure function of its parents and config: the same ones give the same report
     parents = {**dict(zip(labels, checkpoints)),  # labels have no spaces: "reward model" cannot clash
                "reward model": runs.find_checkpoint(args.run, ["reward"], args.reward_dir)}
@@ -117,6 +120,7 @@ def main(argv=None):
     if runs.skip_if_up_to_date(args.run, "compare", config, fingerprint, parsed.force):
         return
     check_same_prompt_format(checkpoints, labels)
+    llm_judge = judge.Judge(judge_args) if judge_args.judge_url else None  # unreachable: one line, before any work
     scorer = load_reward_checkpoint(args.run, args.reward_gate_policy, args.reward_dir, batch_size=args.score_batch_size)
     conversations = [prompt["prompt"] for prompt in prompts]
     print(f"[compare] {', '.join(labels)} on {len(prompts)} prompts x {settings.n} samples "
@@ -140,12 +144,21 @@ def main(argv=None):
         files.write_jsonl(out.path / comparison.SAMPLES, rows)
         results = compare_results(args, labels, checkpoints, rows, kl, settings, kl_settings,
                                   prompts=len(prompts), backend=backend, reward_model=reward_model)
+        if llm_judge is not None:
+            files.write_jsonl(out.path / JUDGE_FILE, judge_comparisons(llm_judge, results, rows, args))
         reports.write_compare_report(out.path, results, rows)
         comparisons = results["comparisons"]
         out.metrics.update(files.json_safe({"verdicts": {c["aligned"]: c["verdict"] for c in comparisons}, **{
             f"{c['aligned']}_{key}": value for c in comparisons for key, value in flat_metrics(c).items()}}))
     for c in comparisons:
         print(c["verdict_line"], flush=True)
+        if c.get("judge"):
+            j = c["judge"]
+            print(f"[compare] {c['aligned']} vs {c['baseline']}: LLM judge win rate {comparison.fmt_pct(j['rate'])} "
+                  f"[{comparison.fmt_pct(j['low'])}, {comparison.fmt_pct(j['high'])}] ({j['wins']} won, {j['losses']} "
+                  f"lost, {j['ties']} tied, {j['unreadable']} unreadable), position consistency "
+                  f"{comparison.fmt_pct(j['position_consistency'])}, agrees with the reward model on "
+                  f"{comparison.fmt_pct(j['reward_model_agreement'])}", flush=True)
         if c["verdict"] == "worse":
             warn(f"{c['aligned']} scores worse than {c['baseline']}; see {out.path / reports.REPORT_MD}")
     summary("compare", prompts=len(prompts), models=", ".join(labels), report=str(out.path / reports.REPORT_MD))
@@ -272,6 +285,24 @@ def compare_results(args, labels, checkpoints, rows, kl, settings, kl_settings, 
     }
 
 
+JUDGE_FILE = "judge.jsonl"
+
+
+def judge_comparisons(llm_judge, results: dict, rows: list[dict], args: CompareArgs) -> list[dict]:
+    """The LLM judge on every comparison's answer pairs (align/judge.py): its numbers go into
+    each comparison of `results`, every call into the returned rows (judge.jsonl)."""
+    results["judge"] = {"model": llm_judge.model, "url": llm_judge.url, "structured": llm_judge.args.judge_structured,
+                        "template": "built in" if llm_judge.args.judge_prompt_file is None else llm_judge.args.judge_prompt_file}
+    calls = []
+    for c in results["comparisons"]:
+        pairs = judge.pairs_to_judge(rows, c["baseline"], c["aligned"], args.tie_tolerance)
+        judged = llm_judge.judge_pairs(pairs, progress=f"judge: {c['aligned']} vs {c['baseline']}")
+        c["judge"] = judge.judge_summary(judged, args.confidence)
+        calls += [{"baseline": c["baseline"], "aligned": c["aligned"],
+                   **{key: value for key, value in row.items() if key != "prompt"}} for row in judged]
+    return calls
+
+
 def flat_metrics(c: dict) -> dict:
     metrics = {"reward_difference": c["reward_difference"]["difference"], "reward_difference_low": c["reward_difference"]["low"],
                "reward_difference_high": c["reward_difference"]["high"], "win_rate": c["win_rate"]["rate"],
@@ -279,6 +310,9 @@ def flat_metrics(c: dict) -> dict:
                "length_change": c["length_change"]}
     if c["kl"]:
         metrics["kl"] = c["kl"]["mean"]
+    if c.get("judge"):
+        metrics.update({f"judge_{key}": c["judge"][key] for key in ("rate", "low", "high", "wins", "losses", "ties",
+                                                                    "position_consistency", "reward_model_agreement")})
     return metrics
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -160,3 +162,41 @@ def cold_dry(runs_root, tmp_path_factory, default_model_dir) -> dict:
     from tests import fakes
 
     return fakes.make_cold_dry_run(runs_root, tmp_path_factory.mktemp("cold-dry"), default_model_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model_dir, tmp_path_factory):
+    """A real vLLM OpenAI-compatible server on the tiny model (dev mode: accepts weight pushes)."""
+    import requests
+
+    port, log = free_port(), tmp_path_factory.mktemp("vllm-server") / "server.log"
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+               "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 28)]
+    with open(log, "w") as handle:
+        server = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 240
+    try:
+        while True:
+            try:
+                if requests.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert server.poll() is None, f"vLLM server exited:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"vLLM server not ready in 240 s:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()

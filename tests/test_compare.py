@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from align import comparison, reports, runs
+from align import comparison, judge, reports, runs
 from tests.conftest import assert_ok, run_stage
 from tests.fakes import compare_args, make_compare_run, make_policy_stage, make_reward_stage
 
@@ -197,3 +197,53 @@ def test_renamed_and_mistyped_keys_are_refused_with_the_right_name(tmp_path):
     assert result.returncode == 2 and "kl_dtype" in result.stderr and "fp32" in result.stderr
     result = run_stage("compare", "--kl_estimator", "k2")
     assert result.returncode == 2 and "kl_estimator" in result.stderr and "k2" in result.stderr
+
+
+# ----------------------------------------------------------------------------- the LLM judge
+
+
+def test_an_llm_judge_behind_a_real_vllm_server_judges_both_orders(compare_run, runs_root, tiny_data, vllm_server):
+    """The tiny model serves as the judge (vLLM's OpenAI server, answers constrained to A | B | tie):
+    every answer pair is asked in both orders, the report's numbers follow from judge.jsonl, and the
+    agreement is taken against the reward model's picks in samples.jsonl."""
+    run = "cmp-judge"
+    (runs_root / run).mkdir()
+    for stage in ("sft", "dpo", "reward"):
+        (runs_root / run / stage).symlink_to(runs_root / compare_run["run"] / stage)
+    result = run_stage("compare", "--run", run, "--judge_url", vllm_server,
+                       *compare_args(tiny_data["prompts"], "--max_prompts", "4"))
+    assert_ok(result)
+    folder = runs.stage_dir(run, "compare")
+    calls = [json.loads(line) for line in (folder / "judge.jsonl").read_text().splitlines()]
+    assert len(calls) == 4 * 2  # prompts x samples, each pair asked twice
+    assert all(call["first"] in judge.LABELS and call["second"] in judge.LABELS for call in calls)
+    assert all(call["verdict"] == judge.combine(call["first"], call["second"]) for call in calls)
+
+    rows = comparison.read_samples(folder)
+    reward = {(r["model"], r["prompt_id"], r["sample"]): r["reward"] for r in rows}
+    for call in calls:
+        difference = reward[("dpo", call["prompt_id"], call["sample"])] - reward[("sft", call["prompt_id"], call["sample"])]
+        assert call["reward_model"] == ("tie" if difference == 0 else "aligned" if difference > 0 else "baseline")
+    results = json.loads((folder / reports.REPORT_JSON).read_text())
+    (entry,) = results["comparisons"]
+    assert entry["judge"] == pytest.approx(judge.judge_summary(calls))
+    assert results["judge"]["structured"] is True and results["judge"]["model"]
+    report = (folder / reports.REPORT_MD).read_text()
+    assert "### LLM judge" in report and "| **LLM-judge win rate** |" in report
+    assert "[compare] dpo vs sft: LLM judge win rate" in result.stdout
+    metrics = json.loads((folder / "manifest.json").read_text())["metrics"]
+    assert metrics["dpo_judge_wins"] == entry["judge"]["wins"]
+
+
+def test_an_unreachable_judge_is_one_line_before_any_work(compare_run, runs_root, tiny_data):
+    from tests.conftest import free_port
+
+    result = run_stage("compare", "--run", compare_run["run"], "--force", "--judge_url", f"http://127.0.0.1:{free_port()}",
+                       *compare_args(tiny_data["prompts"], "--max_prompts", "2"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1:] == [line for line in result.stderr.splitlines()
+                                                       if line.startswith("error:")], result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: judge_url: http://127.0.0.1:") and "unreachable" in line
+    assert "Traceback" not in result.stderr
+    assert not list((runs_root / compare_run["run"]).glob("compare.failed-*"))

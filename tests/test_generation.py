@@ -4,7 +4,6 @@ OpenAI-compatible server), real transformers, real weight pushes."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import torch
 from align.errors import AlignError
 from align.generation import SamplingSettings, create_generator, merged_weights, render_prompts
 from align.hardware import choose_backend, machine_key, pick_backend, record_backend_choice
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -165,44 +165,6 @@ def test_chunked_prefill_with_seeds_is_the_crash_routed_around(tiny_model_dir):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "CPU Generator does not use offset" in done.stdout and "generation_backend: hf" in done.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def vllm_server(tiny_model_dir, tmp_path_factory):
-    """A real vLLM OpenAI-compatible server on the tiny model (dev mode: accepts weight pushes)."""
-    import requests
-
-    port, log = free_port(), tmp_path_factory.mktemp("vllm-server") / "server.log"
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE="1")
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-               "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 28)]
-    with open(log, "w") as handle:
-        server = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 240
-    try:
-        while True:
-            try:
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert server.poll() is None, f"vLLM server exited:\n{log.read_text()[-3000:]}"
-            assert time.time() < deadline, f"vLLM server not ready in 240 s:\n{log.read_text()[-3000:]}"
-            time.sleep(1)
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def test_openai_backend_matches_the_engine_and_takes_pushes(tiny_model_dir, vllm_server, vllm_generator, tmp_path):
