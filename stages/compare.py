@@ -1,9 +1,9 @@
 """Compare: did alignment make the model better, and at what cost?
 
 Consumes
-    - two or more checkpoints: by default runs/<run>/sft (the baseline) and the newest
-      finished aligned stage among `aligned_stages` (dpo, ...); or `checkpoints:` stage
-      folders, the first being the baseline
+    - two or more checkpoints: by default runs/<run>/sft (the baseline) and every finished
+      aligned stage among `aligned_stages` (dpo, ppo, rloo), all in one report; or
+      `checkpoints:` stage folders, the first being the baseline
     - the reward model runs/<run>/reward (or `reward_dir`), checked against its gate
     - `prompts_file`: held-out prompts (data/eval_prompts.jsonl)
 
@@ -62,10 +62,10 @@ class CompareArgs:
     run: str = field(default="default", metadata={"help": "run name: reads runs/<run>/..., writes runs/<run>/compare"})
     checkpoints: list[str] = field(default_factory=list, metadata={
         "help": "stage folders to compare (runs/<run>/<stage>), the first is the baseline; empty = baseline_stage "
-                "and the newest of aligned_stages of this run"})
+                "and every finished one of aligned_stages of this run"})
     baseline_stage: str = field(default="sft", metadata={"help": "baseline stage when checkpoints is empty"})
-    aligned_stages: list[str] = field(default_factory=lambda: ["dpo"], metadata={
-        "help": "the newest finished stage among these is the aligned model (when checkpoints is empty)"})
+    aligned_stages: list[str] = field(default_factory=lambda: ["dpo", "ppo", "rloo"], metadata={
+        "help": "every finished one of these stages is compared with the baseline (when checkpoints is empty)"})
     prompts_file: str = field(default="data/eval_prompts.jsonl", metadata={"help": "held-out prompts JSONL"})
     max_prompts: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
     reward_dir: str | None = field(default=None, metadata={"help": "reward stage folder (default runs/<run>/reward)"})
@@ -182,7 +182,11 @@ def checkpoints_to_compare(args: CompareArgs) -> list[runs.Checkpoint]:
             raise ConfigError(f"checkpoints: give at least two stage folders (baseline first), got {args.checkpoints}")
         found = [runs.read_checkpoint(folder) for folder in args.checkpoints]
     else:
-        found = [runs.find_checkpoint(args.run, [args.baseline_stage]), runs.find_checkpoint(args.run, args.aligned_stages)]
+        aligned = [runs.read_checkpoint(runs.stage_dir(args.run, stage)) for stage in args.aligned_stages
+                   if (runs.stage_dir(args.run, stage) / runs.MANIFEST).is_file()]
+        if not aligned:
+            runs.find_checkpoint(args.run, args.aligned_stages)  # raises: none finished, with what to run
+        found = [runs.find_checkpoint(args.run, [args.baseline_stage]), *aligned]
     for checkpoint in found:
         if not (checkpoint.folder / "model" / "config.json").is_file():
             raise LineageError(f"{checkpoint.folder}: no model/ folder with config.json; is this a model stage?")

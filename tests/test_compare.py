@@ -247,3 +247,19 @@ def test_an_unreachable_judge_is_one_line_before_any_work(compare_run, runs_root
     assert line.startswith("error: judge_url: http://127.0.0.1:") and "unreachable" in line
     assert "Traceback" not in result.stderr
     assert not list((runs_root / compare_run["run"]).glob("compare.failed-*"))
+
+
+def test_by_default_every_finished_aligned_stage_is_compared_in_one_report(compare_run, runs_root, tiny_model_dir,
+                                                                           tiny_data):
+    """A run with DPO and PPO (no RLOO): one report, sft first, a comparison and a verdict line for each."""
+    run = "cmp-all"
+    (runs_root / run).mkdir()
+    for stage in ("sft", "dpo", "reward"):
+        (runs_root / run / stage).symlink_to(runs_root / compare_run["run"] / stage)
+    make_policy_stage(run, "ppo", tiny_model_dir, noise=0.02, seed=2)
+    result = run_stage("compare", "--run", run, *compare_args(tiny_data["prompts"], "--max_prompts", "2"))
+    assert_ok(result)
+    results = json.loads((runs.stage_dir(run, "compare") / reports.REPORT_JSON).read_text())
+    assert results["model_order"] == ["sft", "dpo", "ppo"]
+    assert [(c["aligned"], c["baseline"]) for c in results["comparisons"]] == [("dpo", "sft"), ("ppo", "sft")]
+    assert sum(line.startswith(("[compare] dpo vs sft:", "[compare] ppo vs sft:")) for line in result.stdout.splitlines()) == 2
