@@ -144,6 +144,8 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
 
     CSV cells that hold JSON lists or objects (a conversation's messages) are decoded; the others
     stay strings. Refuses a missing or empty file and a file its format cannot read."""
+    if is_hub_dataset(path):
+        return _hub_dataset_records(str(path))
     path = Path(path)
     if path.is_dir():
         return _saved_dataset_records(path)
@@ -166,6 +168,52 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     return rows
 
 
+HUB_PREFIX = "hf:"
+
+
+def is_hub_dataset(path) -> bool:
+    """`hf:<owner>/<name>[:<split>]`: a Hugging Face hub dataset instead of a file."""
+    return str(path).startswith(HUB_PREFIX)
+
+
+def hub_dataset_spec(spec: str) -> tuple[str, str]:
+    """(dataset id, split) of `hf:<owner>/<name>[:<split>]` (split: train by default)."""
+    name, _, split = spec.removeprefix(HUB_PREFIX).partition(":")
+    if not name or name.count("/") > 1:
+        raise DataError(spec, None, None, "not a hub dataset id", "write hf:<owner>/<name> or hf:<owner>/<name>:<split>")
+    return name, split or "train"
+
+
+def _hub_dataset_records(spec: str) -> list[tuple[int, dict]]:
+    """A hub dataset's split through `datasets.load_dataset`; offline (HF_HUB_OFFLINE=1, the
+    default here) a clear refusal before anything is asked of the network."""
+    name, split = hub_dataset_spec(spec)
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise DataError(spec, None, None, "a hub dataset, but HF_HUB_OFFLINE=1 (align's offline default)",
+                        "set HF_HUB_OFFLINE=0 where the hub is reachable, or download the data and pass the file")
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, split=split)
+    except Exception as error:  # the hub's errors are many types: name the dataset and the cause
+        raise DataError(spec, None, None, f"could not load {name} split {split} ({type(error).__name__}: "
+                        f"{str(error)[:200]})") from None
+    return list(enumerate(loaded.to_list(), start=1))
+
+
+def hub_dataset_identity(spec: str) -> str:
+    """What a manifest records for a hub dataset: its id, split and, when the hub answers, the
+    commit it resolved to (datasets caches it; nothing is downloaded twice)."""
+    name, split = hub_dataset_spec(spec)
+    try:
+        from huggingface_hub import HfApi
+
+        revision = HfApi().dataset_info(name).sha
+    except Exception:  # offline or unreachable: the id alone
+        revision = None
+    return f"hub:{name}:{split}@{revision or 'unresolved'}"
+
+
 def _saved_dataset_records(path: Path) -> list[tuple[int, dict]]:
     """A `datasets` folder (`save_to_disk`, as `make export-rankings` writes): a Dataset, or a
     DatasetDict's `train` split (its only split, if it has one)."""
@@ -184,8 +232,10 @@ def _saved_dataset_records(path: Path) -> list[tuple[int, dict]]:
 
 
 def sha256_path(path: str | Path) -> str:
-    """A data input's identity: a file's sha256, or for a folder the sha256 of its files' relative
-    names and contents in sorted order."""
+    """A data input's identity: a file's sha256, for a folder the sha256 of its files' relative
+    names and contents in sorted order, for a hub dataset its id, split and resolved commit."""
+    if is_hub_dataset(path):
+        return hub_dataset_identity(str(path))
     path = Path(path)
     if not path.is_dir():
         return sha256_file(path)

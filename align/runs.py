@@ -67,7 +67,7 @@ import yaml
 from align import processes
 from align.console import warn
 from align.errors import AlignError, DataError, LineageError
-from align.files import atomic_write_json, atomic_write_text, json_safe, sha256_file, sha256_path, sha256_text
+from align.files import atomic_write_json, atomic_write_text, is_hub_dataset, json_safe, sha256_file, sha256_path, sha256_text
 
 MANIFEST = "manifest.json"
 TRACKED_PACKAGES = (
@@ -419,7 +419,7 @@ def data_inputs(*paths) -> dict[str, str]:
     """{path: sha256} of data files a stage reads."""
     hashes = {}
     for path in paths:
-        if not Path(path).exists():
+        if not Path(path).exists() and not is_hub_dataset(path):
             raise DataError(path, None, None, "file not found")
         hashes[str(path)] = sha256_path(path)  # a saved `datasets` folder: all its files
     return hashes

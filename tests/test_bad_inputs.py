@@ -131,6 +131,9 @@ CASES = [
          "{file}: config file not found"),
     case("config-cli-wrong-type", "candidates", "--run {run} --max_prompts ten", "none",
          "command line:", "--max_prompts", "ten"),
+    # a hub dataset id while offline (HF_HUB_OFFLINE=1, the default): one line before any network call
+    case("ranked-hub-id-offline", "ppo", "--run {run} --ranked_files hf:Anthropic/hh-rlhf:test", "none",
+         "hf:Anthropic/hh-rlhf:test: a hub dataset, but HF_HUB_OFFLINE=1", "set HF_HUB_OFFLINE=0"),
     # trackers (report_to, align/trackers.py): checked before any model loads
     case("config-unknown-tracker", "ppo", "--run {run} --report_to tensorboard wandbb", "none",
          "report_to: unknown tracker 'wandbb'", "did you mean 'wandb'"),

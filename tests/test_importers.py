@@ -188,3 +188,17 @@ def test_a_saved_datasets_folder_is_read_like_a_file(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(DataError, match=r"plain: a folder, but not a saved `datasets` dataset"):
         data.load_ranked(tmp_path / "plain")
+
+
+def test_a_hub_dataset_id_names_its_split_and_is_refused_offline(monkeypatch):
+    from align import files
+
+    assert files.hub_dataset_spec("hf:Anthropic/hh-rlhf") == ("Anthropic/hh-rlhf", "train")
+    assert files.hub_dataset_spec("hf:trl-lib/ultrafeedback_binarized:test") == ("trl-lib/ultrafeedback_binarized", "test")
+    with pytest.raises(DataError, match=r"hf:a/b/c: not a hub dataset id"):
+        files.hub_dataset_spec("hf:a/b/c")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"^hf:Anthropic/hh-rlhf: a hub dataset, but HF_HUB_OFFLINE=1"):
+        data.load_ranked("hf:Anthropic/hh-rlhf")
+    with pytest.raises(DataError, match=r"^hf:Anthropic/hh-rlhf: a hub dataset, but HF_HUB_OFFLINE=1"):
+        data.load_conversations("hf:Anthropic/hh-rlhf", [])
