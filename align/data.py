@@ -18,7 +18,9 @@ record and turns each into a ranked record of two responses, chosen rank 1):
   one assistant message each);
 - TRL's implicit prompt: {"chosen", "rejected"} as two conversations that share every turn but
   the final assistant answer;
-- HH-RLHF text: "\n\nHuman: ...\n\nAssistant: ..." dialogues, as the implicit prompt or in `prompt`.
+- HH-RLHF text: "\n\nHuman: ...\n\nAssistant: ..." dialogues, as the implicit prompt or in `prompt`;
+- TRL's unpaired (KTO) format: {"prompt", "completion", "label": bool}, grouped per prompt,
+  desirable answers ranked above undesirable ones.
 Columns beyond these are ignored (datasets carry many); a near-miss of a known one is refused.
 Files may be JSON Lines, JSON, Parquet or CSV (`align.files.read_records`).
 """
@@ -143,7 +145,7 @@ def load_ranked(path) -> list[dict]:
     HH-RLHF's preference pairs (module docstring), in any file `read_records` reads. Structure
     only: whether a ranking is usable (ranks in range, not all tied) is judged by
     `align.preferences`, which reports and skips or refuses by config."""
-    records = []
+    records, unpaired = [], []
     for location, obj in read_records(path):
         if "responses" in obj:
             records.append(ranked_record(path, location, obj))
@@ -153,11 +155,44 @@ def load_ranked(path) -> list[dict]:
             except DataError as error:  # real datasets hold a few: a bad ranking, skipped or refused by config
                 records.append(broken_pair(path, location, error))
         elif "completion" in obj and "label" in obj:
-            raise DataError(path, location, None, "an unpaired (KTO) record: prompt/completion/label is not read yet",
-                            "pair the answers of each prompt as chosen/rejected, or rank them in align's format")
+            unpaired.append((location, obj))
         else:  # align's ranked format says what is missing
             records.append(ranked_record(path, location, obj))
-    return records
+    return records + unpaired_to_ranked(path, unpaired)
+
+
+def unpaired_to_ranked(path, rows: list[tuple[int, dict]]) -> list[dict]:
+    """TRL's unpaired (KTO) records, {"prompt", "completion", "label": bool}, as one ranked record per
+    prompt: every desirable answer rank 1, every undesirable one rank 2 (so each desirable answer is
+    preferred to each undesirable one; answers with the same label tie). A prompt with answers of one
+    label only has nothing to compare: a bad ranking, skipped or refused like any other."""
+    groups: dict[str, dict] = {}
+    for location, obj in rows:
+        source = f"{path}:{location}"
+        try:
+            _reject_near_misses(path, location, obj, ("prompt", "completion", "label"))
+            prompt = check_messages(path, location, "prompt", _prompt_messages(obj.get("prompt")), "user")
+            text = _answer(path, location, "completion", obj["completion"])
+            label = obj["label"]
+            if isinstance(label, str) and label.lower() in ("true", "false"):  # CSV cells are strings
+                label = label.lower() == "true"
+            if not isinstance(label, bool):
+                raise DataError(path, location, "label", f"must be true or false, got {json.dumps(label)[:40]}")
+        except DataError as error:
+            groups[source] = broken_pair(path, location, error)
+            continue
+        key = json.dumps(prompt, sort_keys=True)
+        group = groups.setdefault(key, {"prompt_id": f"{Path(path).stem}-{location}", "prompt": prompt, "responses": [],
+                                        "annotator": "dataset", "source": source,
+                                        "provenance": {"format": "unpaired (KTO)"}})
+        group["responses"].append({"text": text, "rank": 1 if label else 2})
+    for record in groups.values():
+        ranks = {response["rank"] for response in record["responses"]}
+        if "problem" not in record and ranks != {1, 2}:
+            which = "desirable" if ranks == {1} else "undesirable"
+            record.update(problem={"field": "label", "problem": f"every answer of this prompt is {which}: nothing to "
+                                                                 "prefer it to"})
+    return list(groups.values())
 
 
 def preference_record(path, location: int, obj: dict) -> dict:

@@ -93,7 +93,8 @@ def test_json_parquet_and_csv_read_the_same_pairs(tmp_path):
     ({"prompt": "a?", "chosen": "yes", "rejected": "no", "margin": "big"}, ":1: margin: must be a number"),
     ({"prompt": "a?", "chosen": [GOOD, BAD], "rejected": "no"}, ":1: chosen: must be one assistant message"),
     ({"prompt": "a?", "chosen": [USER], "rejected": "no"}, ":1: chosen[0].role: must be 'assistant'"),
-    ({"prompt": "a?", "completion": "yes", "label": True}, ":1: an unpaired (KTO) record"),
+    ({"prompt": "a?", "completion": "yes", "label": True}, ":1: label: every answer of this prompt is desirable"),
+    ({"prompt": "a?", "completion": "yes", "label": "maybe"}, ":1: label: must be true or false"),
     ({"question": "a?"}, ":1: question: unknown field"),
     ({"prompt_id": "p", "prompt": [USER]}, ":1: responses: missing (each record needs list of {text, rank} "
                                            "(or chosen and rejected: TRL's preference format))"),
@@ -202,3 +203,22 @@ def test_a_hub_dataset_id_names_its_split_and_is_refused_offline(monkeypatch):
         data.load_ranked("hf:Anthropic/hh-rlhf")
     with pytest.raises(DataError, match=r"^hf:Anthropic/hh-rlhf: a hub dataset, but HF_HUB_OFFLINE=1"):
         data.load_conversations("hf:Anthropic/hh-rlhf", [])
+
+
+def test_unpaired_kto_answers_become_one_ranking_per_prompt(tmp_path):
+    """Desirable answers rank above undesirable ones of the same prompt; same-label answers tie."""
+    path = jsonl(tmp_path, "kto.jsonl", [
+        {"prompt": [USER], "completion": [GOOD], "label": True},
+        {"prompt": "Salt?", "completion": "A pinch.", "label": True},
+        {"prompt": [USER], "completion": [BAD], "label": False},
+        {"prompt": [USER], "completion": "Ten seconds.", "label": False},
+    ])
+    records = data.load_ranked(path)
+    egg = next(r for r in records if r["prompt"] == [USER])
+    assert egg["source"] == f"{path}:1" and egg["responses"] == [
+        {"text": GOOD["content"], "rank": 1}, {"text": BAD["content"], "rank": 2}, {"text": "Ten seconds.", "rank": 2}]
+    pairs, report = preferences.ranked_to_pairs(records)  # ties: drop leaves the two undesirable ones unpaired
+    assert sorted((p["chosen"], p["rejected"]) for p in pairs) == [(GOOD["content"], BAD["content"]),
+                                                                    (GOOD["content"], "Ten seconds.")]
+    assert [str(bad).split(": ", 1)[1] for bad in report.bad] == [
+        "label: every answer of this prompt is desirable: nothing to prefer it to"]
