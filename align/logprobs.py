@@ -34,30 +34,40 @@ KLEstimator = Literal["k1", "k3"]
 KL_ESTIMATORS = get_args(KLEstimator)
 
 
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of similar length (longest first), so a padded batch is mostly real
+    tokens. Sampled answers run from a few tokens to the cap: in the DPO stage's order a scoring
+    batch of 16 held 1.76x its real tokens, sorted 1.05x. Callers put results back by index."""
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
                         batch_size: int = 8, progress: str | None = None) -> list[list[float]]:
     """Per-token log p(completion_t | prompt, completion_<t) under `model`, one list per row.
 
-    Computed in the model's dtype, log-softmax in float32; no gradients."""
+    Computed in the model's dtype, log-softmax in float32; no gradients. Rows are batched by
+    length (`length_sorted_batches`) and returned in their given order."""
     import torch
 
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
     device = next(model.parameters()).device
-    starts = range(0, len(prompt_ids), batch_size)
+    batches = length_sorted_batches([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)], batch_size)
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc=progress, unit="batch")
-    results: list[list[float]] = []
+        batches = tqdm(batches, desc=progress, unit="batch")
+    results: list[list[float] | None] = [None] * len(prompt_ids)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for start in starts:
-                batch_prompts = prompt_ids[start : start + batch_size]
-                batch_completions = completion_ids[start : start + batch_size]
-                results.extend(_batch_logprobs(model, batch_prompts, batch_completions, pad_id, device))
+            for batch in batches:
+                values = _batch_logprobs(model, [prompt_ids[i] for i in batch], [completion_ids[i] for i in batch],
+                                         pad_id, device)
+                for index, value in zip(batch, values):
+                    results[index] = value
     finally:
         model.train(was_training)
     return results

@@ -28,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from align.errors import AlignError
+from align.logprobs import length_sorted_batches
 
 
 def reward_text(tokenizer, prompt_messages: list[dict], response: str) -> str:
@@ -77,21 +78,23 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 8, progres
     if model.config.pad_token_id != tokenizer.pad_token_id:
         model.config.pad_token_id = tokenizer.pad_token_id  # the model locates the last non-pad token with it
     device = next(model.parameters()).device
-    batches = range(0, len(texts), batch_size)
+    all_ids = [reward_ids(tokenizer, text) for text in texts]
+    batches = length_sorted_batches([len(ids) for ids in all_ids], batch_size)  # little padding
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=progress, unit="batch")
-    scores: list[float] = []
+    scores: list[float | None] = [None] * len(texts)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for start in batches:
-                ids = [reward_ids(tokenizer, text) for text in texts[start : start + batch_size]]
-                batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
+            for indices in batches:
+                batch = tokenizer.pad({"input_ids": [all_ids[i] for i in indices]}, padding=True,
+                                      return_tensors="pt").to(device)
                 logits = model(**batch).logits
-                scores.extend(logits[:, 0].float().tolist())
+                for index, score in zip(indices, logits[:, 0].float().tolist()):
+                    scores[index] = score
     finally:
         model.train(was_training)
     return scores

@@ -109,3 +109,12 @@ def test_kl_estimators_are_zero_for_identical_models_and_unbiased():
         logprobs.kl_per_sequence(policy, reference, "k2")
     with pytest.raises(ValueError, match="token counts"):
         logprobs.kl_per_sequence([[-1.0]], [[-1.0, -2.0]])
+
+
+def test_length_sorted_batches_cover_every_row_once_longest_first():
+    from align.logprobs import length_sorted_batches
+
+    lengths = [5, 120, 7, 64, 3, 250, 64]
+    batches = length_sorted_batches(lengths, 3)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert [[lengths[i] for i in batch] for batch in batches] == [[250, 120, 64], [64, 7, 5], [3]]
