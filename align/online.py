@@ -310,6 +310,30 @@ class GenerationArgs:
                                               dtype=hardware.torch_dtype_name(self.score_dtype, native=bf16))
 
 
+def policy_parents(stage: str, args, config: dict, data_paths: list[str]):
+    """(the SFT checkpoint, the stage fingerprint) of a policy stage: its parents are the run's SFT
+    and reward stages (or `args.sft_dir` / `args.reward_dir`), its inputs the data files."""
+    from align import runs
+
+    sft = runs.find_checkpoint(args.run, ["sft"], args.sft_dir)
+    reward = runs.find_checkpoint(args.run, ["reward"], args.reward_dir)
+    fingerprint = runs.stage_fingerprint(stage, config, parents={"sft": sft, "reward": reward},
+                                         inputs=runs.data_inputs(*data_paths))
+    return sft, fingerprint
+
+
+def load_policy(sft, model_args, lora_top_layers: int | None):
+    """(tokenizer, policy, LoRA config or None, reference) from the SFT checkpoint. With LoRA the
+    reference is the adapter-disabled policy (None here); full fine-tuning loads a frozen copy."""
+    from align import models, training
+
+    tokenizer = models.load_tokenizer(sft.model_path)
+    policy = models.load_causal_lm(sft.model_path)
+    peft_config = training.lora_config(model_args, lora_top_layers, sft.model_path)
+    reference = None if peft_config else models.load_causal_lm(sft.model_path).eval()
+    return tokenizer, policy, peft_config, reference
+
+
 def heldout_metrics(name: str, heldout: HeldOut, sft: SampleSet, policy: SampleSet, estimator: str,
                     verdict: dict) -> dict:
     """Manifest metrics of a policy stage named `name` from its two held-out sample sets and their verdict."""

@@ -49,7 +49,7 @@ from typing import Literal
 
 from trl import DPOConfig, ModelConfig
 
-from align import data, dpo_rounds, files, hardware, models, online, preferences, resume, runs, trackers, training
+from align import data, dpo_rounds, files, hardware, online, preferences, resume, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary
 from align.errors import ConfigError
@@ -134,19 +134,13 @@ def main(argv=None):
     # Inputs, parents and the reward model, all checked before the policy loads.
     heldout = heldout_args.heldout()
     prompts, offline_pairs, pair_report = load_train_inputs(args, heldout.records)
-    sft = runs.find_checkpoint(args.run, ["sft"], args.sft_dir)
     config = resolved_config(args, heldout_args, sampler, model_args, dpo_config)
-    fingerprint = runs.stage_fingerprint(
-        "dpo", config, parents={"sft": sft, "reward": runs.find_checkpoint(args.run, ["reward"], args.reward_dir)},
-        inputs=runs.data_inputs(*args.ranked_files, heldout_args.eval_file))
+    sft, fingerprint = online.policy_parents("dpo", args, config, [*args.ranked_files, heldout_args.eval_file])
     if runs.skip_if_up_to_date(args.run, "dpo", config, fingerprint, parsed.force):
         return
     bf16 = hardware.use_bf16(args.precision)
     scorer = sampler.scorer(args.run, args.reward_gate_policy, args.reward_dir, bf16)
-    tokenizer = models.load_tokenizer(sft.model_path)
-    policy = models.load_causal_lm(sft.model_path)
-    peft_config = training.lora_config(model_args, args.lora_top_layers, sft.model_path)
-    reference = None if peft_config else models.load_causal_lm(sft.model_path).eval()
+    tokenizer, policy, peft_config, reference = online.load_policy(sft, model_args, args.lora_top_layers)
 
     with runs.stage_output(args.run, "dpo", config, dpo_config.seed, parent=sft, fingerprint=fingerprint) as out:
         started = time.time()

@@ -160,11 +160,8 @@ def main(argv=None):
     # Inputs, parents and the reward model, all checked before the policy loads.
     heldout = heldout_args.heldout()
     prompts = load_train_prompts(args, heldout.records)
-    sft = runs.find_checkpoint(args.run, ["sft"], args.sft_dir)
     config = resolved_config(args, heldout_args, sampler, model_args)
-    fingerprint = runs.stage_fingerprint(
-        "ppo", config, parents={"sft": sft, "reward": runs.find_checkpoint(args.run, ["reward"], args.reward_dir)},
-        inputs=runs.data_inputs(*args.ranked_files, heldout_args.eval_file))
+    sft, fingerprint = online.policy_parents("ppo", args, config, [*args.ranked_files, heldout_args.eval_file])
     if runs.skip_if_up_to_date(args.run, "ppo", config, fingerprint, parsed.force):
         return
     bf16 = hardware.use_bf16(args.precision)

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from trl import ModelConfig, RLOOConfig
 
-from align import data, files, hardware, models, online, preferences, resume, rloo, runs, trackers, training
+from align import data, files, hardware, online, preferences, resume, rloo, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary
 from align.errors import ConfigError
@@ -103,19 +103,14 @@ def main(argv=None):
     heldout = heldout_args.heldout()
     records = [record for path in args.ranked_files for record in data.load_ranked(path)]
     prompts = preferences.train_prompts(records, heldout.records, args.ranked_files)
-    sft = runs.find_checkpoint(args.run, ["sft"], args.sft_dir)
     config = resolved_config(args, heldout_args, sampler, model_args, rloo_config)
-    fingerprint = runs.stage_fingerprint(
-        "rloo", config, parents={"sft": sft, "reward": runs.find_checkpoint(args.run, ["reward"], args.reward_dir)},
-        inputs=runs.data_inputs(*args.ranked_files, heldout_args.eval_file))
+    sft, fingerprint = online.policy_parents("rloo", args, config, [*args.ranked_files, heldout_args.eval_file])
     if runs.skip_if_up_to_date(args.run, "rloo", config, fingerprint, parsed.force):
         return
     bf16 = hardware.use_bf16(args.precision)
     scorer = sampler.scorer(args.run, args.reward_gate_policy, args.reward_dir, bf16)
-    tokenizer = models.load_tokenizer(sft.model_path)
-    policy = models.load_causal_lm(sft.model_path)
-    peft_config = training.lora_config(model_args, args.lora_top_layers, sft.model_path)
-    reference = None if peft_config else models.load_causal_lm(sft.model_path).eval()  # for the held-out KL
+    # the reference: TRL's own (adapter disabled, or its frozen copy); ours for the held-out KL
+    tokenizer, policy, peft_config, reference = online.load_policy(sft, model_args, args.lora_top_layers)
 
     with runs.stage_output(args.run, "rloo", config, rloo_config.seed, parent=sft, fingerprint=fingerprint) as out:
         started = time.time()
