@@ -182,11 +182,12 @@ def checkpoints_to_compare(args: CompareArgs) -> list[runs.Checkpoint]:
             raise ConfigError(f"checkpoints: give at least two stage folders (baseline first), got {args.checkpoints}")
         found = [runs.read_checkpoint(folder) for folder in args.checkpoints]
     else:
+        baseline = runs.find_checkpoint(args.run, [args.baseline_stage])  # checked first: the lineage's root
         aligned = [runs.read_checkpoint(runs.stage_dir(args.run, stage)) for stage in args.aligned_stages
                    if (runs.stage_dir(args.run, stage) / runs.MANIFEST).is_file()]
         if not aligned:
             runs.find_checkpoint(args.run, args.aligned_stages)  # raises: none finished, with what to run
-        found = [runs.find_checkpoint(args.run, [args.baseline_stage]), *aligned]
+        found = [baseline, *aligned]
     for checkpoint in found:
         if not (checkpoint.folder / "model" / "config.json").is_file():
             raise LineageError(f"{checkpoint.folder}: no model/ folder with config.json; is this a model stage?")
