@@ -249,7 +249,7 @@ def _reject_near_misses(path, line, obj: dict, known: tuple[str, ...]) -> None:
 def hh_dialogue(text: str) -> list[dict] | None:
     """HH-RLHF's `\n\nHuman: ..\n\nAssistant: ..` text as messages; None when it is not that format.
     Contents are stripped; a trailing empty `Assistant:` (a prompt's cue to answer) is dropped."""
-    if not HH_TURN.match(text.lstrip("\n")) and not HH_TURN.match(text):
+    if not HH_TURN.match(text.lstrip("\n")):  # leading newlines aside, it opens with a turn
         return None
     parts = HH_TURN.split(text)
     if parts[0].strip():

@@ -134,9 +134,6 @@ def _decoded_line(path: Path, number: int, raw: bytes) -> str:
                         "save the file as UTF-8") from None
 
 
-RECORD_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
     """(location, object) for every record of a JSON Lines, JSON, Parquet or CSV file, chosen by suffix
     (anything else is read as JSON Lines), or of a saved `datasets` folder. The location is what an error names after `file:`: the
@@ -144,23 +141,18 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
 
     CSV cells that hold JSON lists or objects (a conversation's messages) are decoded; the others
     stay strings. Refuses a missing or empty file and a file its format cannot read."""
+    file, suffix = Path(path), Path(path).suffix.lower()
     if is_hub_dataset(path):
-        return _hub_dataset_records(str(path))
-    path = Path(path)
-    if path.is_dir():
-        return _saved_dataset_records(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".json", ".parquet", ".csv"):
-        return read_jsonl(path)
-    if not path.is_file():
-        raise DataError(path, None, None, "file not found")
-    if suffix == ".json":
-        rows = _json_records(path)
-    elif suffix == ".parquet":
-        rows = _parquet_records(path)
+        rows = _hub_dataset_records(str(path))
+    elif file.is_dir():
+        rows = _saved_dataset_records(file)
+    elif suffix not in (".json", ".parquet", ".csv"):
+        return read_jsonl(file)  # its own checks, with line numbers
+    elif not file.is_file():
+        raise DataError(file, None, None, "file not found")
     else:
-        rows = _csv_records(path)
-    if not rows:
+        rows = {".json": _json_records, ".parquet": _parquet_records, ".csv": _csv_records}[suffix](file)
+    if not rows:  # every reader: an empty dataset and a non-object record are refused alike
         raise DataError(path, None, None, "file is empty", "add at least one record")
     for location, obj in rows:
         if not isinstance(obj, dict):

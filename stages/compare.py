@@ -121,6 +121,8 @@ def main(argv=None):
         return
     check_same_prompt_format(checkpoints, labels)
     llm_judge = judge.Judge(judge_args) if judge_args.judge_url else None  # unreachable: one line, before any work
+    if llm_judge is not None:
+        print(f"[compare] LLM judge: {llm_judge.describe()}, every answer pair in both orders", flush=True)
     scorer = load_reward_checkpoint(args.run, args.reward_gate_policy, args.reward_dir, batch_size=args.score_batch_size)
     conversations = [prompt["prompt"] for prompt in prompts]
     print(f"[compare] {', '.join(labels)} on {len(prompts)} prompts x {settings.n} samples "
