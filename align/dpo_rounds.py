@@ -26,6 +26,8 @@ import json
 import statistics
 from typing import TYPE_CHECKING, Literal
 
+from align import training
+
 if TYPE_CHECKING:
     from align.online import StepLogger
 
@@ -153,7 +155,8 @@ class RoundTrainer:
         )
         if self.adapter_state is not None:
             set_peft_model_state_dict(trainer.model, self.adapter_state)
-        result = train(trainer) if train is not None else trainer.train()
+        with training.counted(trainer, reference_forward=True):
+            result = train(trainer) if train is not None else trainer.train()
         self.model = trainer.model
         if self.peft_config is not None:
             self.adapter_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}

@@ -15,7 +15,7 @@ import platform
 import sys
 from importlib import metadata
 
-from align import hardware, runs
+from align import cost, hardware, runs
 from align.console import fast_allocator_loaded, tcmalloc_library
 from align.files import cache_dir
 from align.models import CONVERSION_STAMP, DEFAULT_MODEL_NAME
@@ -119,6 +119,7 @@ def environment_facts() -> list[tuple[str, str]]:
         ("Memory", memory_line()),
         ("CUDA devices", ", ".join(devices) if devices else "none"),
         ("Native bf16", bf16_line(devices)),
+        ("Matmul peak", cost.peak_line()),
         ("Allocator", allocator_line()),
         ("Generation backend (auto)", backend_line()),
         ("Default model", default_model_line()),

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from align import hardware
+from align import cost, hardware
 from align.errors import AlignError, ConfigError
 from align.models import load_tokenizer
 
@@ -200,6 +200,7 @@ class Generator:
         self.eos_id = self.tokenizer.eos_token_id
         self.weight_push_timeout_s = weight_push_timeout_s
         self._broken: str | None = None
+        self._parameters: int | None = None  # for cost accounting, read from the checkpoint once
 
     def generate(self, conversations: list[list[dict]], settings: SamplingSettings, progress: bool = False):
         """Sample `settings.n` responses per conversation: list (per prompt) of list (per sample) of Sample."""
@@ -217,8 +218,21 @@ class Generator:
             return []
         if settings.greedy and settings.n > 1:  # every engine refuses n > 1 without sampling: copy instead
             once = self._generate_ids(prompt_ids, replace(settings, n=1), progress)
+            self._count(prompt_ids, once)
             return [[replace(samples[0]) for _ in range(settings.n)] for samples in once]
-        return self._generate_ids(prompt_ids, settings, progress)
+        samples = self._generate_ids(prompt_ids, settings, progress)
+        self._count(prompt_ids, samples)
+        return samples
+
+    def _count(self, prompt_ids, samples) -> None:
+        """Model FLOPs of this call into the open cost phase (align/cost.py): each prompt once (one
+        prefill, shared by its samples) and every sampled token; a remote server's work is not ours."""
+        if self.backend == "openai":
+            return
+        if self._parameters is None:
+            self._parameters = cost.checkpoint_parameters(self.model_path) or 0
+        tokens = sum(len(ids) for ids in prompt_ids) + sum(len(s.token_ids) for group in samples for s in group)
+        cost.count_forward(self._parameters, tokens)
 
     def update_weights(self, model, timeout_s: float | None = None) -> float:
         """Push `model`'s weights (merged, for PEFT) into the generator; returns seconds taken."""

@@ -115,6 +115,8 @@ def use_bf16(precision: str, native: bool | None = None) -> bool:
     check_precision(precision)
     if precision == "auto":
         return native_bf16() if native is None else native
+    if precision == "bf16":
+        warn_if_emulated_bf16()
     return precision == "bf16"
 
 
@@ -124,7 +126,22 @@ def torch_dtype_name(choice: str, native: bool | None = None) -> str:
         return "bfloat16" if (native_bf16() if native is None else native) else "float32"
     if choice not in _TORCH_NAMES:
         raise ConfigError(f"dtype: expected one of {', '.join(PRECISIONS)}, got {choice!r}")
+    if _TORCH_NAMES[choice] == "bfloat16":
+        warn_if_emulated_bf16()
     return _TORCH_NAMES[choice]
+
+
+@lru_cache(maxsize=1)
+def warn_if_emulated_bf16() -> bool:
+    """bf16 asked for by name where nothing runs it natively: say once per process what it costs
+    (`auto` never picks it there). Returns whether it warned."""
+    if native_bf16():
+        return False
+    from align.console import warn
+
+    warn(f"bf16 was asked for, but this CPU has no native bf16 ({describe_cpu()}): bf16 matmuls are "
+         "emulated here, ~100x slower than fp32. Use auto or fp32.")
+    return True
 
 
 # ---------------------------------------------------------------------------

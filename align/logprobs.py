@@ -30,6 +30,8 @@ import contextlib
 import math
 from typing import Literal, get_args
 
+from align import cost
+
 KLEstimator = Literal["k1", "k3"]
 KL_ESTIMATORS = get_args(KLEstimator)
 
@@ -59,6 +61,7 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
 
         batches = tqdm(batches, desc=progress, unit="batch")
     results: list[list[float] | None] = [None] * len(prompt_ids)
+    cost.count_forward(cost.model_parameters(model), sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)))
     was_training = model.training
     model.eval()
     try:

@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from align import comparison, data, hardware, logprobs, scoring, style
+from align import comparison, cost, data, hardware, logprobs, scoring, style
 from align.generation import Backend, SamplingSettings, create_generator, render_prompts
 from align.errors import ConfigError
 from align.hardware import Precision
@@ -61,7 +61,8 @@ class PhaseTimer:
     def phase(self, name: str):
         started = time.perf_counter()
         try:
-            yield
+            with cost.phase(name):  # the FLOPs counted inside belong to this phase
+                yield
         finally:
             self.totals[name] += time.perf_counter() - started
 
@@ -357,6 +358,15 @@ def heldout_metrics(name: str, heldout: HeldOut, sft: SampleSet, policy: SampleS
     }
 
 
+def cost_report(timer: PhaseTimer, bf16: bool, generator, scorer) -> dict:
+    """A policy stage's compute per phase (align/cost.py) on its own phase times: generation in the
+    generator's dtype, reward scoring in the reward model's, the rest in the training precision."""
+    phase_dtypes = {"score": str(next(scorer.model.parameters()).dtype).removeprefix("torch.")}
+    if getattr(generator, "dtype", None):
+        phase_dtypes["generate"] = generator.dtype
+    return cost.report("bfloat16" if bf16 else "float32", seconds=dict(timer.totals), phase_dtypes=phase_dtypes)
+
+
 def summary_fields(name: str, metrics: dict, phases: tuple[str, ...]) -> dict:
     """The held-out numbers and phase times of a policy stage's one-line summary (`console.summary`)."""
     m, label = metrics, name.upper()
@@ -366,6 +376,7 @@ def summary_fields(name: str, metrics: dict, phases: tuple[str, ...]) -> dict:
         "style": f"{m['style_score_sft']:.2f} -> {m[f'style_score_{name}']:.2f}",
         "tokens": f"{m['response_tokens_sft']:.0f} -> {m[f'response_tokens_{name}']:.0f}",
         "time_s": " / ".join(f"{phase} {m[f'time_{phase}_s']:.{1 if phase == 'sync' else 0}f}" for phase in phases),
+        **({"compute": cost.summary_text(m["cost"])} if m.get("cost") else {}),
     }
 
 

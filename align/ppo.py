@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from align import ppo_math
+from align import cost, ppo_math
 from align.generation import render_prompts
 
 
@@ -130,6 +130,8 @@ def token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, batch_s
         for rows in _chunks(len(batch), batch_size or len(batch)):
             sub = batch.rows(rows)
             parts.append(logprobs_from_logits(response_logits(model, sub), sub, temperature))
+            if not grad:  # a training step counts its forward with its backward (PPOUpdater)
+                cost.count_forward(cost.model_parameters(model), int(sub.attention_mask.sum()))
     return torch.cat(parts)
 
 
@@ -154,6 +156,8 @@ def critic_values(critic, batch: RolloutBatch, batch_size: int | None = None, gr
             start = sub.prompt_width - 1
             values = head(hidden[:, start : start + sub.response_width]).squeeze(-1).float()
             parts.append(values * sub.mask)
+            if not grad:
+                cost.count_forward(cost.model_parameters(critic), int(sub.attention_mask.sum()))
     return torch.cat(parts)
 
 
@@ -262,6 +266,9 @@ class PPOUpdater:
         self.permutation = permutation or (lambda n: torch.randperm(n, generator=self.generator).tolist())
         self.autocast_bf16 = autocast_bf16
         self.steps = 0
+        # (all, trainable) parameters of each model, for cost accounting (align/cost.py)
+        self.sizes = [(cost.model_parameters(model), sum(p.numel() for p in trainable(model)))
+                      for model in (policy, critic)]
 
     def autocast(self):
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast_bf16 else contextlib.nullcontext()
@@ -323,6 +330,8 @@ class PPOUpdater:
                                              settings.cliprange_value)
             loss = pg_loss * float(train_policy) + settings.vf_coef * vf_loss
             (loss * weight).backward()
+            for parameters, trained in self.sizes:  # policy and critic: forward and backward on these tokens
+                cost.count_training(parameters, trained, int(micro.attention_mask.sum()))
             new_logp.append(logp.detach())
             new_values.append(values.detach())
         grad_policy = self._clip_and_step(self.policy, self.policy_optimizer, train_policy)

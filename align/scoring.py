@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from align import cost
 from align.errors import AlignError
 from align.logprobs import length_sorted_batches
 
@@ -80,6 +81,7 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 8, progres
     device = next(model.parameters()).device
     all_ids = [reward_ids(tokenizer, text) for text in texts]
     batches = length_sorted_batches([len(ids) for ids in all_ids], batch_size)  # little padding
+    cost.count_forward(cost.model_parameters(model), sum(len(ids) for ids in all_ids))
     if progress:
         from tqdm.auto import tqdm
 

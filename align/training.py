@@ -6,6 +6,7 @@ TRL configs default to bf16 on an accelerator and fail on a CPU-only machine;
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -45,6 +46,10 @@ def fit_to_hardware(trl_config, precision: str, output_dir: Path, checkpoints: P
         changes.update(output_dir=str(checkpoints), save_only_model=False)
     if trl_config.ddp_find_unused_parameters is None:
         changes["ddp_find_unused_parameters"] = False
+    if trl_config.include_num_input_tokens_seen in ("no", False) and not hasattr(trl_config, "num_generations"):
+        # real tokens trained, for the stage's cost accounting (align/cost.py); GRPO/RLOO batches
+        # carry no input_ids, where the Trainer would warn at every step
+        changes["include_num_input_tokens_seen"] = "non_padding"
     if getattr(trl_config, "generation_batch_size", None) and getattr(trl_config, "steps_per_generation", None):
         # GRPO/RLOO configs fill in both from either one, then refuse both being set: keep the step
         # count (which a user's generation_batch_size already set) and let the copy derive the size
@@ -53,6 +58,35 @@ def fit_to_hardware(trl_config, precision: str, output_dir: Path, checkpoints: P
         return dataclasses.replace(trl_config, **changes)
     except ValueError as error:  # the config's own validation: a user's combination of keys
         raise ConfigError(f"{type(trl_config).__name__}: {error}") from None
+
+
+@contextlib.contextmanager
+def counted(trainer, reference_forward: bool = False):
+    """Count the training run inside into the open cost phase (align/cost.py): forward and backward
+    over the real tokens the Trainer saw (its `num_input_tokens_seen`, set by `fit_to_hardware`),
+    plus one reference forward per token (DPO: a separate or adapter-disabled reference). The count
+    starts where the Trainer's state starts training: a resumed run's state carries the killed
+    run's tokens, which were not this process's work."""
+    from transformers import TrainerCallback
+
+    from align import cost
+
+    class TokensAtStart(TrainerCallback):
+        tokens = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.tokens = int(state.num_input_tokens_seen or 0)
+
+    start = TokensAtStart()
+    trainer.add_callback(start)
+    yield
+    trainer.remove_callback(start)
+    tokens = int(trainer.state.num_input_tokens_seen or 0) - start.tokens
+    total = sum(p.numel() for p in trainer.model.parameters())
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    cost.count_training(total, trainable, tokens)
+    if reference_forward:
+        cost.count_forward(total, tokens)
 
 
 def record_effective_batch(out, trainer_args) -> int:

@@ -193,7 +193,8 @@ def main(argv=None):
         out.metrics.update(mode=args.mode,
                            **online.heldout_metrics("dpo", heldout, sft_eval, dpo_eval, heldout_args.kl_estimator, verdict),
                            rounds=round_rows, train_steps=trainer.steps, bf16=trl_config.bf16,
-                           **timer.as_metrics(), total_s=round(time.time() - started, 1))
+                           **timer.as_metrics(), total_s=round(time.time() - started, 1),
+                           cost=online.cost_report(timer, bf16, generator, scorer))
         write_model_card(out.model_dir, out.manifest)  # inside the temporary folder: a crashed stage has no card
     checkpoints.finish()
     m = out.metrics

@@ -220,7 +220,8 @@ def main(argv=None):
         out.set(generation_backend=backend)
         out.metrics.update(**online.heldout_metrics("ppo", heldout, sft_eval, ppo_eval, heldout_args.kl_estimator, verdict),
                            **run_metrics(update_rows), updates=update_rows, train_steps=updater.steps, bf16=bf16,
-                           **timer.as_metrics(), total_s=round(time.time() - started, 1))
+                           **timer.as_metrics(), total_s=round(time.time() - started, 1),
+                           cost=online.cost_report(timer, bf16, generator, scorer))
         write_model_card(out.model_dir, out.manifest)  # inside the temporary folder: a crashed stage has no card
     checkpoints.finish()
     m = out.metrics

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
-from align import (data, evaluation, files, hardware, models, preferences, reports, resume, runs, scoring, trackers,
+from align import (cost, data, evaluation, files, hardware, models, preferences, reports, resume, runs, scoring, trackers,
                    training)
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
@@ -145,7 +145,8 @@ def main(argv=None):
                     f"train {len(train_pairs)} pairs / held-out {len(heldout_pairs)} pairs "
                     f"({split_counts['heldout_prompts']} prompts); {trainable / 1e6:.2f}M of {total / 1e6:.1f}M "
                     "parameters trainable")
-            result = checkpoints.train(trainer)  # from the last checkpoint of an interrupted run, if any
+            with cost.phase("train"), training.counted(trainer):
+                result = checkpoints.train(trainer)  # from the last checkpoint of an interrupted run, if any
 
         training.save_trained(trainer, tokenizer, out, model_args.use_peft)
         out.metrics.update(
@@ -159,12 +160,15 @@ def main(argv=None):
         del trainer
         if not out.is_main:  # the gate, report and card are rank 0's; the others wait at stage_output's barrier
             return
-        metrics, gate = finish_output(out, args, tokenizer, heldout_pairs, pair_report, split_counts)
+        with cost.phase("eval"):
+            metrics, gate = finish_output(out, args, tokenizer, heldout_pairs, pair_report, split_counts)
+        out.metrics["cost"] = cost.report("bfloat16" if hardware.use_bf16(args.precision) else "float32",
+                                          phase_dtypes={"eval": hardware.torch_dtype_name(args.score_dtype)})
     checkpoints.finish()
     summary("reward", gate="PASS" if gate.passed else "FAIL",
             heldout_accuracy=_fmt(metrics.get("pairwise_accuracy")), ece=_fmt(metrics.get("ece")),
             length_corr=_fmt(metrics.get("length_correlation")), pairs=f"{len(train_pairs)}+{len(heldout_pairs)}",
-            train_loss=result.training_loss, output=str(out.path))
+            train_loss=result.training_loss, compute=cost.summary_text(out.metrics["cost"]), output=str(out.path))
 
 
 def finish_output(out, args, tokenizer, heldout_pairs, pair_report, split_counts):

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
-from align import data, models, resume, runs, trackers, training
+from align import cost, data, models, resume, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.hardware import Precision
@@ -98,7 +98,8 @@ def main(argv=None):
                     f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters trainable")
 
             eval_before = checkpoints.remember("eval_loss_before", lambda: trainer.evaluate()["eval_loss"])
-            result = checkpoints.train(trainer)  # from the last checkpoint of an interrupted run, if any
+            with cost.phase("train"), training.counted(trainer):
+                result = checkpoints.train(trainer)  # from the last checkpoint of an interrupted run, if any
             eval_after = trainer.evaluate()["eval_loss"]
 
         training.save_trained(trainer, tokenizer, out, model_args.use_peft)
@@ -110,15 +111,17 @@ def main(argv=None):
             train_runtime_s=result.metrics.get("train_runtime"),
             train_examples=len(train_set),
             trainable_parameters=trainable,
+            parameters=total,
             bf16=trainer.args.bf16,
             loss_curve=training.loss_curve(trainer),
+            cost=cost.report("bfloat16" if trainer.args.bf16 else "float32"),
         )
         if out.is_main:  # inside the temporary folder: a crashed stage has no card
             write_model_card(out.model_dir, out.manifest)
     checkpoints.finish()
     if out.is_main:
         summary("sft", eval_loss=f"{eval_before:.3f} -> {eval_after:.3f}", train_loss=result.training_loss,
-                steps=result.global_step, output=str(out.path))
+                steps=result.global_step, compute=cost.summary_text(out.metrics["cost"]), output=str(out.path))
 
 
 if __name__ == "__main__":

@@ -150,6 +150,14 @@ def test_on_policy_round_raises_the_reward_of_fresh_samples(runs_root, cold_dry)
     assert any("rewards/margins" in row and "logps/chosen" in row for row in steps)
     for phase in ("generate", "score", "train", "sync", "eval"):
         assert metrics[f"time_{phase}_s"] > 0, phase
+    # Cost accounting (align/cost.py): model FLOPs of every computing phase, below this machine's peak.
+    phases = metrics["cost"]["phases"]
+    assert set(phases) == {"generate", "score", "train", "eval", "total"}  # sync pushes weights: no model FLOPs
+    for name, row in phases.items():
+        assert row["tokens"] > 0 and 0 < row["peak_fraction"] < 1, (name, row)
+        if name != "total":  # the stage's own phase times
+            assert row["seconds"] == pytest.approx(metrics[f"time_{name}_s"], abs=0.02), name
+    assert "compute generate" in result.stdout and " of peak (" in result.stdout
     assert list((folder / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert (folder / "model" / "config.json").is_file() and not (folder / "model" / "adapter_config.json").exists()
     assert (folder / "adapter" / "adapter_config.json").is_file()

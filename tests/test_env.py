@@ -11,7 +11,7 @@ from tests.conftest import assert_ok, run_stage
 
 FIELDS = ("Platform", "Python", "torch version", "transformers version", "trl version", "peft version",
           "datasets version", "accelerate version", "vllm version", "argilla version", "align version",
-          "align git commit", "CPU", "CPU flags", "CPU cores", "Memory", "CUDA devices", "Native bf16", "Allocator",
+          "align git commit", "CPU", "CPU flags", "CPU cores", "Memory", "CUDA devices", "Native bf16", "Matmul peak", "Allocator",
           "Generation backend (auto)")
 
 

@@ -3,6 +3,8 @@ manifest, and clean failures on bad input."""
 
 import json
 
+import pytest
+
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align.files import sha256_file
@@ -21,6 +23,10 @@ def test_sft_run_produces_loadable_checkpoint_and_manifest(runs_root, tiny_sft_r
     assert manifest["versions"]["trl"] and manifest["pad_token"] != manifest["eos_token"]
     metrics = manifest["metrics"]
     assert metrics["train_steps"] == 2 and metrics["eval_loss_before"] > 0 and metrics["eval_loss_after"] > 0
+    # Cost accounting: the real tokens of 2 steps x 4 examples, at (4N + 2T) FLOPs each, below the peak
+    (train,) = metrics["cost"]["phases"].values()
+    assert 8 * 10 < train["tokens"] < 8 * 512 and 0 < train["peak_fraction"] < 1
+    assert train["flops"] == pytest.approx(train["tokens"] * (4 * metrics["parameters"] + 2 * metrics["trainable_parameters"]))
     assert (folder / "config.yaml").is_file() and list((folder / "logs" / "tensorboard").iterdir())
     # The adapter is kept apart; the merged model loads on its own and generates.
     assert (folder / "adapter" / "adapter_config.json").is_file()

@@ -1,0 +1,117 @@
+"""align.cost: model FLOPs per phase, this machine's matmul peak, and the counts the shared layers
+(generation, reward scoring, log-prob passes, Trainers) put into the open phase."""
+
+from __future__ import annotations
+
+import pytest
+
+from align import cost
+
+
+@pytest.fixture
+def ledger(monkeypatch):
+    """A fresh process ledger: the counting functions write to cost.LEDGER."""
+    fresh = cost.Ledger()
+    monkeypatch.setattr(cost, "LEDGER", fresh)
+    return fresh
+
+
+def test_flops_per_token_formulas():
+    assert cost.forward_flops(100, 3) == 600  # 2N per token
+    assert cost.training_flops(100, 100, 1) == 600  # full fine-tuning: 6N
+    assert cost.training_flops(100, 5, 2) == 2 * (400 + 10)  # LoRA: 4N + 2T
+
+
+def test_counts_go_to_the_innermost_open_phase_else_other(ledger):
+    cost.count_forward(10, 1)  # nothing open
+    with cost.phase("eval"):
+        cost.count_forward(10, 2)
+        with cost.phase("score"):
+            cost.count_forward(10, 3)
+        cost.count_training(10, 1, 1)
+    assert dict(ledger.tokens) == {"other": 1, "eval": 3, "score": 3}
+    assert ledger.flops["eval"] == 2 * 10 * 2 + (40 + 2) and ledger.flops["score"] == 60 and ledger.flops["other"] == 20
+    assert ledger.seconds["eval"] >= ledger.seconds["score"] > 0
+
+
+def test_report_divides_by_the_phase_time_and_the_peak_of_its_dtype(ledger):
+    with cost.phase("train"):
+        cost.count_training(1000, 0, 50)  # 200,000 FLOPs
+    with cost.phase("score"):
+        cost.count_forward(1000, 25)  # 50,000 FLOPs
+    peaks = {"bfloat16": 1e6, "float32": 2.5e5}
+    report = cost.report("bfloat16", seconds={"train": 0.5, "score": 1.0, "sync": 3.0},
+                         phase_dtypes={"score": "float32"}, peaks=peaks)
+    train, score, total = (report["phases"][name] for name in ("train", "score", "total"))
+    assert train["flops_per_s"] == pytest.approx(4e5) and train["peak_fraction"] == pytest.approx(0.4)
+    assert score["dtype"] == "float32" and score["peak_fraction"] == pytest.approx(5e4 / 2.5e5)
+    # the total: every counted FLOP over the counted phases' time (sync counted nothing), against the stage's dtype
+    assert total["flops"] == 250_000 and total["seconds"] == 1.5 and total["tokens"] == 75
+    assert total["peak_fraction"] == pytest.approx(250_000 / 1.5 / 1e6)
+    assert "sync" not in report["phases"]
+    text = cost.summary_text(report)
+    assert text == "train 0.00 TFLOP at 40% | score 0.00 TFLOP at 20% (fp32) | total 0.00 TFLOP at 17% of peak (bf16 0, fp32 0 GFLOP/s)"
+
+
+def test_one_phase_has_no_separate_total(ledger):
+    with cost.phase("train"):
+        cost.count_forward(1, 1)
+    assert list(cost.report("float32", peaks={"float32": 1.0})["phases"]) == ["train"]
+
+
+def test_matmul_peak_is_measured_once_per_machine_and_dtype(monkeypatch, tmp_path):
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(cost, "measure_matmul_peak", lambda dtype: calls.append(dtype) or 123e9)
+    assert cost.matmul_peak("float32") == 123e9 and cost.matmul_peak("float32") == 123e9
+    assert calls == ["float32"] and "fp32 123 GFLOP/s" in cost.peak_line()
+
+
+def test_a_measured_matmul_peak_is_a_plausible_rate():
+    flops_per_s = cost.measure_matmul_peak("float32", size=256, seconds=0.2)
+    assert 1e8 < flops_per_s < 1e14  # a CPU core does 0.1 GFLOP/s to 100 TFLOP/s
+
+
+def test_checkpoint_parameters_reads_the_safetensors_headers(tiny_model_dir):
+    from align.models import load_causal_lm
+
+    assert cost.checkpoint_parameters(tiny_model_dir) == cost.model_parameters(load_causal_lm(str(tiny_model_dir)))
+    assert cost.checkpoint_parameters("HuggingFaceTB/not-a-folder") is None
+
+
+def test_generation_counts_each_prompt_once_and_every_sampled_token(ledger, tiny_model_dir):
+    from align.generation import SamplingSettings, create_generator, render_prompts
+
+    prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "How long do I boil an egg?"}]]
+    with create_generator(str(tiny_model_dir), "hf", "fp32") as generator, cost.phase("generate"):
+        samples = generator.generate(prompts, SamplingSettings(n=3, temperature=1.0, max_new_tokens=7, seed=1))
+        prompt_tokens = sum(len(ids) for ids in render_prompts(generator.tokenizer, prompts))
+    sampled = sum(len(s.token_ids) for group in samples for s in group)
+    assert ledger.tokens["generate"] == prompt_tokens + sampled
+    assert ledger.flops["generate"] == 2 * cost.checkpoint_parameters(tiny_model_dir) * (prompt_tokens + sampled)
+
+
+def test_a_trainer_counts_real_tokens_not_padding(ledger, tiny_model_dir, tmp_path):
+    """A real transformers Trainer, set up by fit_to_hardware, on rows of known lengths padded in
+    batches of 2: the ledger gets (4N + 2T) FLOPs per real token, padding left out."""
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from align import training
+    from align.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir))
+    for name, parameter in model.named_parameters():  # train the last norm alone: T << N
+        parameter.requires_grad = name == "model.norm.weight"
+    lengths = [5, 9, 3, 7]
+    rows = Dataset.from_list([{"input_ids": list(range(1000, 1000 + n))} for n in lengths])
+    args = training.fit_to_hardware(TrainingArguments(per_device_train_batch_size=2, num_train_epochs=1,
+                                                      report_to="none"), "fp32", tmp_path)
+    trainer = Trainer(model=model, args=args, train_dataset=rows,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    with cost.phase("train"), training.counted(trainer, reference_forward=True):
+        trainer.train()
+    total = cost.model_parameters(model)
+    assert ledger.tokens["train"] == 2 * sum(lengths)  # the training pass, then the reference forward
+    assert ledger.flops["train"] == (4 * total + 2 * model.config.hidden_size) * 24 + 2 * total * 24
