@@ -40,6 +40,10 @@ def test_reward_run_outputs_and_gate(runs_root, good_run):
     assert metrics["pairwise_accuracy"] >= 0.9
     assert metrics["pairs"] == 16 * 3 and metrics["bad_rankings"] == 0
     assert metrics["train_pairs"] + metrics["heldout_pairs"] == 48
+    # Cost accounting: training in the stage's precision, the held-out gate scored in score_dtype (fp32)
+    phases = metrics["cost"]["phases"]
+    assert set(phases) == {"train", "eval", "total"} and phases["eval"]["dtype"] == "float32"
+    assert all(row["tokens"] > 0 and 0 < row["peak_fraction"] < 1 for row in phases.values()), phases
     assert (folder / "model" / "config.json").is_file() and not (folder / "model" / "adapter_config.json").exists()
     assert (folder / "adapter" / "adapter_config.json").is_file()
     adapter = json.loads((folder / "adapter" / "adapter_config.json").read_text())
