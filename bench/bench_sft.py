@@ -3,9 +3,10 @@
 Both train the same model (default: SmolLM2-135M-Instruct) on the same
 examples (data/sft.jsonl) for the same number of steps, each arm in its own
 process, alternating A/B/A/B so a noisy shared machine hurts both alike. Reported:
-tokens/s (non-pad tokens seen by the trainer), achieved model FLOP/s (6 x
-parameters x tokens/s, the usual MFU convention) and MFU against fp32 and bf16
-matmul peaks measured in the same run, and the ratio ours / TRL defaults.
+tokens/s (non-pad tokens seen by the trainer), achieved model FLOP/s ((4N + 2T) x
+tokens/s for N parameters of which T train: align/cost.py, the stages' own accounting)
+and its fraction of the matmul peak in the arm's dtype, measured in the same run
+(align.cost.measure_matmul_peak), and the ratio ours / TRL defaults.
 
     python bench/bench_sft.py [--steps 8] [--repeats 2] [--model default]
 """
@@ -31,20 +32,7 @@ import yaml  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config  # noqa: E402
 
-from align import data, models, training  # noqa: E402
-
-
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """Best-of FLOP/s of a square matmul: the roof we measure MFU against."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+from align import cost, data, hardware, models, training  # noqa: E402
 
 
 def our_config(steps: int, output: str, precision: str | None = None) -> tuple[SFTConfig, object]:
@@ -75,7 +63,8 @@ def run_once(name: str, model_path: str, train_set, config: SFTConfig, peft_conf
     tokens = training.last_logged(trainer, "num_tokens")
     return {"name": name, "seconds": elapsed, "tokens": float(tokens), "tokens_per_s": float(tokens) / elapsed,
             "train_loss": training.last_logged(trainer, "train_loss"),
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "parameters": sum(p.numel() for p in trainer.model.parameters()),
+            "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad), "bf16": config.bf16}
 
 
 ARMS = ("align defaults", "align, fp32", "TRL defaults (CPU)")
@@ -119,8 +108,9 @@ def main() -> None:
 
     examples = data.completion_examples(data.load_conversations(args.train_file))
     print(f"[bench-sft] {args.model}: {len(examples)} examples, {args.steps} steps x {args.repeats} repeats, "
-          f"{torch.get_num_threads()} threads; each arm in its own process, arms alternate")
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+          f"{torch.get_num_threads()} threads; each arm in its own process, arms alternate; CPU flags "
+          f"{hardware.describe_cpu()}")
+    peaks = {"fp32": cost.measure_matmul_peak("float32"), "bf16": cost.measure_matmul_peak("bfloat16")}
     print(f"[bench-sft] matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     best: dict[str, dict] = {}
     for repeat in range(args.repeats):
@@ -131,12 +121,13 @@ def main() -> None:
             if arm not in best or result["tokens_per_s"] > best[arm]["tokens_per_s"]:
                 best[arm] = result
 
-    print("\n| settings | tokens/s | model TFLOP/s | MFU vs fp32 peak | MFU vs bf16 peak | train loss |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| settings | dtype | tokens/s | model GFLOP/s | of its dtype's peak | train loss |")
+    print("|---|---|---:|---:|---:|---:|")
     for name, result in best.items():
-        flops = 6 * result["parameters"] * result["tokens_per_s"]
-        print(f"| {name} | {result['tokens_per_s']:.0f} | {flops / 1e12:.3f} | "
-              f"{flops / peaks['fp32']:.1%} | {flops / peaks['bf16']:.1%} | {result['train_loss']:.3f} |")
+        flops = cost.training_flops(result["parameters"], result["trainable"], result["tokens_per_s"])
+        dtype = "bf16" if result["bf16"] else "fp32"
+        print(f"| {name} | {dtype} | {result['tokens_per_s']:.0f} | {flops / 1e9:.1f} | "
+              f"{flops / peaks[dtype]:.1%} | {result['train_loss']:.3f} |")
     ratio = best["align defaults"]["tokens_per_s"] / best["TRL defaults (CPU)"]["tokens_per_s"]
     print(f"\n[bench-sft] ratio align / TRL defaults: {ratio:.2f}x tokens/s (target >= 1.5x)")
     bf16_gain = best["align defaults"]["tokens_per_s"] / best["align, fp32"]["tokens_per_s"]

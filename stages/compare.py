@@ -41,7 +41,7 @@ import gc
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
-from align import comparison, data, files, hardware, judge, logprobs, models, reports, runs
+from align import comparison, cost, data, files, hardware, judge, logprobs, models, reports, runs
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import AlignError, ConfigError, LineageError
@@ -134,15 +134,21 @@ def main(argv=None):
         out.set(checkpoints={label: c.as_parent() for label, c in zip(labels, checkpoints)},
                 reward_model=scorer.checkpoint.as_parent())
         # 1. generate, 2. score, 3. KL, 4. numbers, 5. report
-        outputs, kl_outputs, backend = generate_all(args, checkpoints, labels, conversations, settings, kl_settings)
+        with cost.phase("generate"):  # engine start-up included: it is part of the stage's time
+            outputs, kl_outputs, backend = generate_all(args, checkpoints, labels, conversations, settings, kl_settings)
         rows = [row for label, checkpoint in zip(labels, checkpoints)
                 for row in comparison.response_rows(prompts, label, outputs[label], str(checkpoint.folder))]
-        comparison.score_rows(scorer, rows, args.truncation_penalty)
+        with cost.phase("score"):
+            comparison.score_rows(scorer, rows, args.truncation_penalty)
+        score_dtype = str(next(scorer.model.parameters()).dtype).removeprefix("torch.")
         reward_model = {**scorer.checkpoint.as_parent(),
                         "gate_passed": scorer.checkpoint.manifest.get("metrics", {}).get("gate_passed")}
         del scorer
         gc.collect()
-        kl = kl_estimates(args, checkpoints, labels, conversations, [p["prompt_id"] for p in prompts], kl_outputs)
+        with cost.phase("kl"):
+            kl = kl_estimates(args, checkpoints, labels, conversations, [p["prompt_id"] for p in prompts], kl_outputs)
+        out.metrics["cost"] = cost.report(hardware.torch_dtype_name(args.generation_dtype), phase_dtypes={
+            "score": score_dtype, "kl": hardware.torch_dtype_name(args.kl_dtype)})
         files.write_jsonl(out.path / comparison.SAMPLES, rows)
         results = compare_results(args, labels, checkpoints, rows, kl, settings, kl_settings,
                                   prompts=len(prompts), backend=backend, reward_model=reward_model)
@@ -163,7 +169,8 @@ def main(argv=None):
                   f"{comparison.fmt_pct(j['reward_model_agreement'])}", flush=True)
         if c["verdict"] == "worse":
             warn(f"{c['aligned']} scores worse than {c['baseline']}; see {out.path / reports.REPORT_MD}")
-    summary("compare", prompts=len(prompts), models=", ".join(labels), report=str(out.path / reports.REPORT_MD))
+    summary("compare", prompts=len(prompts), models=", ".join(labels), compute=cost.summary_text(out.metrics["cost"]),
+            report=str(out.path / reports.REPORT_MD))
 
 
 def sampling_settings(args: CompareArgs) -> tuple[SamplingSettings, SamplingSettings | None]:

@@ -107,6 +107,11 @@ def test_compare_writes_report_plots_json_and_verdict(compare_run):
     assert manifest["status"] == "complete"
     assert set(manifest["checkpoints"]) == {"sft", "dpo"} and manifest["reward_model"]["stage"] == "reward"
     assert manifest["metrics"]["verdicts"]["dpo"] in comparison.VERDICTS
+    # Cost accounting: sampling both models, scoring, the KL passes (fp32 by default)
+    phases = manifest["metrics"]["cost"]["phases"]
+    assert set(phases) == {"generate", "score", "kl", "total"} and phases["kl"]["dtype"] == "float32"
+    assert all(row["tokens"] > 0 and 0 < row["peak_fraction"] < 1 for row in phases.values()), phases
+    assert "compute generate" in result.stdout
 
 
 def test_report_numbers_agree_with_the_samples(compare_run, tiny_data):
