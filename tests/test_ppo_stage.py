@@ -126,6 +126,12 @@ def test_outputs_lineage_logs_and_tensorboard(ppo_run, runs_root, cold_dry):
     for phase in ("generate", "score", "forward", "train", "sync", "eval"):
         assert metrics[f"time_{phase}_s"] > 0, phase
     assert metrics["train_steps"] == 12 and len(metrics["updates"]) == 3 and metrics["verdict"]
+    # Cost accounting: every computing phase counted; training runs policy and critic forward + backward
+    phases = metrics["cost"]["phases"]
+    # (sync: the greedy agreement check after each push samples the engine)
+    assert set(phases) == {"generate", "score", "forward", "train", "sync", "eval", "total"}
+    assert all(row["tokens"] > 0 and 0 < row["peak_fraction"] < 1 for row in phases.values()), phases
+    assert phases["train"]["flops"] > phases["forward"]["flops"] / 3  # 3 forwards (old, ref, value) vs 2 fwd+bwd
     for key in ("objective/scores", "objective/rlhf_reward", "objective/non_score_reward", "objective/entropy",
                 "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "critic/vf_explained_var",
                 "response/finished_fraction", "grad_norm/policy", "grad_norm/critic", "kl_coef"):
