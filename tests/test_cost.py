@@ -59,12 +59,13 @@ def test_one_phase_has_no_separate_total(ledger):
     assert list(cost.report("float32", peaks={"float32": 1.0})["phases"]) == ["train"]
 
 
-def test_matmul_peak_is_measured_once_per_machine_and_dtype(monkeypatch, tmp_path):
+def test_matmul_peak_keeps_the_best_measurement_on_record(monkeypatch, tmp_path):
+    """A peak measured while other work shared the cores is low: later measurements replace it."""
     monkeypatch.setenv("ALIGN_CACHE", str(tmp_path))
-    calls = []
-    monkeypatch.setattr(cost, "measure_matmul_peak", lambda dtype: calls.append(dtype) or 123e9)
-    assert cost.matmul_peak("float32") == 123e9 and cost.matmul_peak("float32") == 123e9
-    assert calls == ["float32"] and "fp32 123 GFLOP/s" in cost.peak_line()
+    measured = iter([100e9, 123e9, 90e9])
+    monkeypatch.setattr(cost, "measure_matmul_peak", lambda dtype, seconds: next(measured))
+    assert [cost.matmul_peak("float32") for _ in range(3)] == [100e9, 123e9, 123e9]
+    assert "fp32 123 GFLOP/s" in cost.peak_line()
 
 
 def test_a_measured_matmul_peak_is_a_plausible_rate():
