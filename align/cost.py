@@ -1,11 +1,12 @@
 """What a stage computed, and how much of this machine's peak it used.
 
 Model FLOPs, the usual estimate (Kaplan et al. 2020; PaLM's model FLOPs utilisation):
-    forward         2 N           per token, N = the model's parameters
+    forward         2 N           per token, N = the parameters the forward multiplies with
     training        4 N + 2 T     per token: forward 2N, backward 2N for the activation
                                   gradients and 2T for the weight gradients of the T
                                   trainable parameters (6N for full fine-tuning, ~4N under LoRA)
-The tied embedding counts once (its lookup is free, its output projection a matmul).
+An input embedding is only looked up: it counts where it is also the output projection
+(a tied causal LM), not in a reward model or critic (`matmul_parameters`).
 Attention's own term (2 x layers x context x width per token) is left out: at these
 lengths (< 512 tokens) it is under 5% of 2N for SmolLM2-135M. Only real tokens count,
 never padding: padding is waste, not work, so the fraction of peak says how much of the
@@ -91,28 +92,32 @@ def count_training(parameters: int, trainable: int, tokens: int) -> None:
     LEDGER.add(training_flops(parameters, trainable, tokens), tokens)
 
 
-def model_parameters(model) -> int:
-    """All parameters of a torch model, each tensor once (tied weights are one tensor)."""
-    return sum(p.numel() for p in model.parameters())
+def matmul_parameters(model) -> int:
+    """The parameters a forward pass multiplies with (2 FLOPs each per token): all of them, less an
+    input embedding that is only looked up - kept where the same tensor is also the output
+    projection (a tied causal LM's lm_head). A reward model or critic (sequence classifier) has no
+    vocabulary projection: its 28M-parameter embedding (SmolLM2) costs nothing per token."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is None:
+        return total
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None and output.weight is embedding.weight:
+        return total
+    return total - embedding.weight.numel()
 
 
 def checkpoint_parameters(model_path: str | Path) -> int | None:
-    """Parameters stored in a Hugging Face folder's safetensors files (headers only, no load);
-    None where there are none (a hub id, a GGUF file)."""
-    from safetensors import safe_open
+    """`matmul_parameters` of the causal LM in a Hugging Face folder, from its config alone (built on
+    the meta device: no weights read); None where there is no such folder (a hub id offline)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    files = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
-    if not files:
+    if not (Path(model_path) / "config.json").is_file():
         return None
-    total = 0
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                count = 1
-                for size in handle.get_slice(key).get_shape():
-                    count *= size
-                total += count
-    return total
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_path)))
+    return matmul_parameters(model)
 
 
 # ---------------------------------------------------------------------------

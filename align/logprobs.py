@@ -61,7 +61,7 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
 
         batches = tqdm(batches, desc=progress, unit="batch")
     results: list[list[float] | None] = [None] * len(prompt_ids)
-    cost.count_forward(cost.model_parameters(model), sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)))
+    cost.count_forward(cost.matmul_parameters(model), sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)))
     was_training = model.training
     model.eval()
     try:

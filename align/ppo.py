@@ -131,7 +131,7 @@ def token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, batch_s
             sub = batch.rows(rows)
             parts.append(logprobs_from_logits(response_logits(model, sub), sub, temperature))
             if not grad:  # a training step counts its forward with its backward (PPOUpdater)
-                cost.count_forward(cost.model_parameters(model), int(sub.attention_mask.sum()))
+                cost.count_forward(cost.matmul_parameters(model), int(sub.attention_mask.sum()))
     return torch.cat(parts)
 
 
@@ -157,7 +157,7 @@ def critic_values(critic, batch: RolloutBatch, batch_size: int | None = None, gr
             values = head(hidden[:, start : start + sub.response_width]).squeeze(-1).float()
             parts.append(values * sub.mask)
             if not grad:
-                cost.count_forward(cost.model_parameters(critic), int(sub.attention_mask.sum()))
+                cost.count_forward(cost.matmul_parameters(critic), int(sub.attention_mask.sum()))
     return torch.cat(parts)
 
 
@@ -267,7 +267,7 @@ class PPOUpdater:
         self.autocast_bf16 = autocast_bf16
         self.steps = 0
         # (all, trainable) parameters of each model, for cost accounting (align/cost.py)
-        self.sizes = [(cost.model_parameters(model), sum(p.numel() for p in trainable(model)))
+        self.sizes = [(cost.matmul_parameters(model), sum(p.numel() for p in trainable(model)))
                       for model in (policy, critic)]
 
     def autocast(self):

@@ -82,7 +82,7 @@ def counted(trainer, reference_forward: bool = False):
     yield
     trainer.remove_callback(start)
     tokens = int(trainer.state.num_input_tokens_seen or 0) - start.tokens
-    total = sum(p.numel() for p in trainer.model.parameters())
+    total = cost.matmul_parameters(trainer.model)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     cost.count_training(total, trainable, tokens)
     if reference_forward:

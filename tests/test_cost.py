@@ -73,10 +73,21 @@ def test_a_measured_matmul_peak_is_a_plausible_rate():
     assert 1e8 < flops_per_s < 1e14  # a CPU core does 0.1 GFLOP/s to 100 TFLOP/s
 
 
-def test_checkpoint_parameters_reads_the_safetensors_headers(tiny_model_dir):
+def test_matmul_parameters_leave_out_an_embedding_that_is_only_looked_up(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
     from align.models import load_causal_lm
 
-    assert cost.checkpoint_parameters(tiny_model_dir) == cost.model_parameters(load_causal_lm(str(tiny_model_dir)))
+    causal = load_causal_lm(str(tiny_model_dir))
+    every = sum(p.numel() for p in causal.parameters())
+    assert causal.config.tie_word_embeddings  # the embedding is the lm_head: a real matmul per token
+    assert cost.matmul_parameters(causal) == every == cost.checkpoint_parameters(tiny_model_dir)
+    config = causal.config.__class__.from_dict({**causal.config.to_dict(), "num_labels": 1})
+    with torch.device("meta"):
+        classifier = AutoModelForSequenceClassification.from_config(config)
+    embedding = classifier.get_input_embeddings().weight.numel()
+    assert cost.matmul_parameters(classifier) == sum(p.numel() for p in classifier.parameters()) - embedding
     assert cost.checkpoint_parameters("HuggingFaceTB/not-a-folder") is None
 
 
@@ -113,6 +124,6 @@ def test_a_trainer_counts_real_tokens_not_padding(ledger, tiny_model_dir, tmp_pa
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     with cost.phase("train"), training.counted(trainer, reference_forward=True):
         trainer.train()
-    total = cost.model_parameters(model)
+    total = cost.matmul_parameters(model)
     assert ledger.tokens["train"] == 2 * sum(lengths)  # the training pass, then the reference forward
     assert ledger.flops["train"] == (4 * total + 2 * model.config.hidden_size) * 24 + 2 * total * 24
