@@ -1,16 +1,21 @@
 """What a stage computed, and how much of this machine's peak it used.
 
-Model FLOPs, the usual estimate (Kaplan et al. 2020; PaLM's model FLOPs utilisation):
-    forward         2 N           per token, N = the parameters the forward multiplies with
-    training        4 N + 2 T     per token: forward 2N, backward 2N for the activation
-                                  gradients and 2T for the weight gradients of the T
-                                  trainable parameters (6N for full fine-tuning, ~4N under LoRA)
-An input embedding is only looked up: it counts where it is also the output projection
-(a tied causal LM), not in a reward model or critic (`matmul_parameters`).
+Model FLOPs, the usual estimate (Kaplan et al. 2020; PaLM's model FLOPs utilisation), per
+real token, from the sizes of the model (`Sizes`):
+    forward         2 F           F = the parameters a forward multiplies with; at a position
+                                  whose logits nobody needs (a prompt token in generation or in
+                                  a log-prob pass: `logits_to_keep`) less 2 H, the output head
+    training        2 F + 2 B + 2 T
+                                  forward; backward 2B for the activation gradients through the
+                                  B parameters from the lowest trainable layer up (LoRA in the
+                                  top 8 layers stops there); 2T for the weight gradients of the
+                                  T trainable parameters (6F for full fine-tuning)
+An input embedding is only looked up (and its gradient is a scatter): it counts where it is
+also the output projection (a tied causal LM), not in a reward model or critic.
 Attention's own term (2 x layers x context x width per token) is left out: at these
-lengths (< 512 tokens) it is under 5% of 2N for SmolLM2-135M. Only real tokens count,
+lengths (< 512 tokens) it is under 5% of 2F for SmolLM2-135M. Only real tokens count,
 never padding: padding is waste, not work, so the fraction of peak says how much of the
-machine the useful work used.
+machine the useful work used. Several processes: each counts its own share.
 
 Peak: a 2048 x 2048 matmul in the dtype the phase ran in, per machine, thread count and
 dtype: the best timing on record in $ALIGN_CACHE/matmul-peak.json, to which every report
@@ -32,6 +37,7 @@ import json
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,14 +47,25 @@ PEAK_FILE = "matmul-peak.json"
 PEAK_SIZE = 2048
 
 
-def forward_flops(parameters: int, tokens: int) -> float:
-    """2N FLOPs per token for one forward pass."""
-    return 2.0 * parameters * tokens
+@dataclass(frozen=True)
+class Sizes:
+    """What one token costs a model (see the module docstring)."""
+
+    forward: int  # F: parameters multiplied with at a position whose logits are computed
+    head: int  # H: of which the output projection
+    backward: int  # B: parameters the activation gradients pass through
+    trainable: int  # T: parameters with a weight gradient made by a matmul
 
 
-def training_flops(parameters: int, trainable: int, tokens: int) -> float:
-    """(4N + 2T) FLOPs per token for forward + backward with T trainable parameters."""
-    return (4.0 * parameters + 2.0 * trainable) * tokens
+def forward_flops(sizes: Sizes, tokens: int, headless_tokens: int = 0) -> float:
+    """2F per token, less 2H for each of `headless_tokens` (positions whose logits are not computed)."""
+    return 2.0 * sizes.forward * tokens - 2.0 * sizes.head * headless_tokens
+
+
+def training_flops(sizes: Sizes, tokens: int, headless_tokens: int = 0) -> float:
+    """(2F + 2B + 2T) per token; the head left out of forward and backward where no logits are kept."""
+    return (2.0 * (sizes.forward + sizes.backward + sizes.trainable) * tokens
+            - 4.0 * sizes.head * headless_tokens)
 
 
 class Ledger:
@@ -84,32 +101,38 @@ def phase(name: str):
     return LEDGER.phase(name)
 
 
-def count_forward(parameters: int, tokens: int) -> None:
-    LEDGER.add(forward_flops(parameters, tokens), tokens)
+def count_forward(sizes: Sizes, tokens: int, headless_tokens: int = 0) -> None:
+    LEDGER.add(forward_flops(sizes, tokens, headless_tokens), tokens)
 
 
-def count_training(parameters: int, trainable: int, tokens: int) -> None:
-    LEDGER.add(training_flops(parameters, trainable, tokens), tokens)
+def count_training(sizes: Sizes, tokens: int, headless_tokens: int = 0) -> None:
+    LEDGER.add(training_flops(sizes, tokens, headless_tokens), tokens)
 
 
-def matmul_parameters(model) -> int:
-    """The parameters a forward pass multiplies with (2 FLOPs each per token): all of them, less an
-    input embedding that is only looked up - kept where the same tensor is also the output
-    projection (a tied causal LM's lm_head). A reward model or critic (sequence classifier) has no
-    vocabulary projection: its 28M-parameter embedding (SmolLM2) costs nothing per token."""
-    total = sum(p.numel() for p in model.parameters())
+def sizes(model) -> Sizes:
+    """A torch model's `Sizes` (PEFT-wrapped or not), from its parameters in registration order
+    (embedding, layers bottom to top, norm, head): the backward runs from the first trainable one up."""
+    parameters = list(model.parameters())
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embedding is None:
-        return total
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if output is not None and output.weight is embedding.weight:
-        return total
-    return total - embedding.weight.numel()
+    looked_up = getattr(embedding, "weight", None)
+    head = getattr(output, "weight", None)
+    tied = looked_up is not None and head is looked_up
+    if tied:
+        looked_up = None  # the tied tensor is the output projection: a matmul per token
+
+    def matmul(chosen) -> int:
+        return sum(p.numel() for p in chosen if p is not looked_up)
+
+    first = next((index for index, p in enumerate(parameters) if p.requires_grad), None)
+    backward = 0 if first is None else matmul(parameters[first:]) + (head.numel() if tied and first > 0 else 0)
+    return Sizes(forward=matmul(parameters), head=0 if head is None else head.numel(), backward=backward,
+                 trainable=matmul(p for p in parameters if p.requires_grad))
 
 
-def checkpoint_parameters(model_path: str | Path) -> int | None:
-    """`matmul_parameters` of the causal LM in a Hugging Face folder, from its config alone (built on
-    the meta device: no weights read); None where there is no such folder (a hub id offline)."""
+def checkpoint_sizes(model_path: str | Path) -> Sizes | None:
+    """`sizes` of the causal LM in a Hugging Face folder, from its config alone (built on the meta
+    device: no weights read); None where there is no such folder (a hub id offline)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -117,7 +140,8 @@ def checkpoint_parameters(model_path: str | Path) -> int | None:
         return None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_path)))
-    return matmul_parameters(model)
+    model.requires_grad_(False)
+    return sizes(model)
 
 
 # ---------------------------------------------------------------------------

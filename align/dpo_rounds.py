@@ -155,7 +155,10 @@ class RoundTrainer:
         )
         if self.adapter_state is not None:
             set_peft_model_state_dict(trainer.model, self.adapter_state)
-        with training.counted(trainer, reference_forward=True):
+        precomputed = self.dpo_config.precompute_ref_log_probs
+        if precomputed:  # the reference's one forward over the pairs ran inside DPOTrainer(...)
+            training.count_reference_pass(trainer)
+        with training.counted(trainer, reference_forward=not precomputed):
             result = train(trainer) if train is not None else trainer.train()
         self.model = trainer.model
         if self.peft_config is not None:

@@ -200,7 +200,7 @@ class Generator:
         self.eos_id = self.tokenizer.eos_token_id
         self.weight_push_timeout_s = weight_push_timeout_s
         self._broken: str | None = None
-        self._parameters: int | None = None  # for cost accounting, read from the checkpoint once
+        self._sizes = None  # align.cost.Sizes of the model, read from its config once
 
     def generate(self, conversations: list[list[dict]], settings: SamplingSettings, progress: bool = False):
         """Sample `settings.n` responses per conversation: list (per prompt) of list (per sample) of Sample."""
@@ -225,14 +225,17 @@ class Generator:
         return samples
 
     def _count(self, prompt_ids, samples) -> None:
-        """Model FLOPs of this call into the open cost phase (align/cost.py): each prompt once (one
-        prefill, shared by its samples) and every sampled token; a remote server's work is not ours."""
+        """Model FLOPs of this call into the open cost phase (align/cost.py): each prompt's prefill
+        (once, shared by its samples in vLLM; once per sample in transformers; logits only at its
+        last position) and every sampled token; a remote server's work is not ours."""
         if self.backend == "openai":
             return
-        if self._parameters is None:
-            self._parameters = cost.checkpoint_parameters(self.model_path) or 0
-        tokens = sum(len(ids) for ids in prompt_ids) + sum(len(s.token_ids) for group in samples for s in group)
-        cost.count_forward(self._parameters, tokens)
+        if self._sizes is None:
+            self._sizes = cost.checkpoint_sizes(self.model_path) or cost.Sizes(0, 0, 0, 0)
+        copies = max(len(group) for group in samples) if self.backend == "hf" and samples else 1  # hf: n prefills
+        prompt_tokens = copies * sum(len(ids) for ids in prompt_ids)
+        tokens = prompt_tokens + sum(len(s.token_ids) for group in samples for s in group)
+        cost.count_forward(self._sizes, tokens, headless_tokens=prompt_tokens - copies * len(prompt_ids))
 
     def update_weights(self, model, timeout_s: float | None = None) -> float:
         """Push `model`'s weights (merged, for PEFT) into the generator; returns seconds taken."""

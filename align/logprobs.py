@@ -61,7 +61,8 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
 
         batches = tqdm(batches, desc=progress, unit="batch")
     results: list[list[float] | None] = [None] * len(prompt_ids)
-    cost.count_forward(cost.matmul_parameters(model), sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)))
+    cost.count_forward(cost.sizes(model), sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)),
+                       headless_tokens=sum(len(p) - 1 for p in prompt_ids))  # logits_to_keep: completions only
     was_training = model.training
     model.eval()
     try:

@@ -51,17 +51,20 @@ def round_prompts(prompts: list, round_index: int, per_round: int, seed: int) ->
 
 
 class PhaseTimer:
-    """Seconds spent per phase, summed over rounds."""
+    """Seconds spent per phase, summed over rounds. A stage's timer also opens the cost phase of
+    the same name (align/cost.py: the FLOPs counted inside go with these seconds); a timer inside
+    another phase (`cost_phases=False`) leaves the FLOPs with the enclosing one."""
 
-    def __init__(self, phases: tuple[str, ...] = PHASES):
+    def __init__(self, phases: tuple[str, ...] = PHASES, cost_phases: bool = True):
         self.phases = phases
         self.totals: dict[str, float] = defaultdict(float)
+        self.cost_phases = cost_phases
 
     @contextlib.contextmanager
     def phase(self, name: str):
         started = time.perf_counter()
         try:
-            with cost.phase(name):  # the FLOPs counted inside belong to this phase
+            with cost.phase(name) if self.cost_phases else contextlib.nullcontext():
                 yield
         finally:
             self.totals[name] += time.perf_counter() - started
@@ -210,6 +213,7 @@ class HeldOut:
     records: list[dict]
     settings: SamplingSettings
     truncation_penalty: float = 0.0
+    kl_bf16: bool = False  # the KL's forward passes under bf16 autocast (kl_dtype); compare's default is fp32
     statistics: dict = field(default_factory=lambda: dict(comparison.STATISTICS))
 
     @property
@@ -222,15 +226,16 @@ class HeldOut:
 
     def sample(self, generator, scorer, label: str) -> SampleSet:
         """The generator's current model on every held-out prompt (its own timer: the caller times "eval")."""
-        return sample_and_score(generator, scorer, self.prompts, self.settings, PhaseTimer(),
+        return sample_and_score(generator, scorer, self.prompts, self.settings, PhaseTimer(cost_phases=False),
                                 progress=f"held-out: {label}", truncation_penalty=self.truncation_penalty)
 
-    def sample_policy(self, generator, scorer, label: str, model, tokenizer, estimator: str, autocast_bf16: bool,
+    def sample_policy(self, generator, scorer, label: str, model, tokenizer, estimator: str,
                       reference_model=None) -> tuple[SampleSet, dict]:
         """The trained policy on every held-out prompt, with the per-sample KL to the reference on all
-        of its samples (what `verdict` takes); the set's `kl` holds the means."""
+        of its samples (what `verdict` takes), in compare's dtype (fp32 by default, whatever the
+        training precision); the set's `kl` holds the means."""
         policy = self.sample(generator, scorer, label)
-        kl = kl_samples(model, tokenizer, policy, len(self.records) * self.settings.n, estimator, autocast_bf16,
+        kl = kl_samples(model, tokenizer, policy, len(self.records) * self.settings.n, estimator, self.kl_bf16,
                         reference_model=reference_model, prompt_ids=self.prompt_ids)
         policy.kl = kl_means(kl)
         return policy, kl
@@ -268,6 +273,8 @@ class HeldOutArgs:
     truncation_penalty: float = field(default=1.0, metadata={
         "help": "an answer cut at the cap scores this much below the reward model (align.scoring.effective_reward)"})
     kl_estimator: KLEstimator = field(default="k3", metadata={"help": "k1 | k3 (align.logprobs)"})
+    kl_dtype: Precision = field(default="fp32", metadata={
+        "help": "held-out KL forward passes: fp32 (as compare) | bf16 | auto; bf16 autocast put k3 ~20% low"})
 
     def __post_init__(self):
         for key in ("eval_samples_per_prompt", "eval_max_new_tokens"):
@@ -280,7 +287,8 @@ class HeldOutArgs:
         """The held-out prompts (validated) with this decoding and cut-answer rule."""
         settings = SamplingSettings(n=self.eval_samples_per_prompt, temperature=self.eval_temperature,
                                     max_new_tokens=self.eval_max_new_tokens, seed=self.eval_seed)
-        return HeldOut(data.load_prompts(self.eval_file)[: self.eval_limit], settings, self.truncation_penalty)
+        return HeldOut(data.load_prompts(self.eval_file)[: self.eval_limit], settings, self.truncation_penalty,
+                       kl_bf16=hardware.torch_dtype_name(self.kl_dtype) == "bfloat16")
 
 
 @dataclass

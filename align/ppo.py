@@ -103,6 +103,12 @@ def _chunks(count: int, size: int):
         yield torch.arange(start, min(start + size, count))
 
 
+def real_tokens(batch: RolloutBatch) -> tuple[int, int]:
+    """(real tokens, of which prompt positions with no logits kept) for cost accounting."""
+    prompt = int(batch.attention_mask[:, : batch.prompt_width].sum())
+    return int(batch.attention_mask.sum()), prompt - len(batch)
+
+
 def response_logits(model, batch: RolloutBatch) -> torch.Tensor:
     """(B, R, vocab) logits at the positions that predict each response token (with grad)."""
     width = batch.response_width
@@ -131,7 +137,7 @@ def token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, batch_s
             sub = batch.rows(rows)
             parts.append(logprobs_from_logits(response_logits(model, sub), sub, temperature))
             if not grad:  # a training step counts its forward with its backward (PPOUpdater)
-                cost.count_forward(cost.matmul_parameters(model), int(sub.attention_mask.sum()))
+                cost.count_forward(cost.sizes(model), *real_tokens(sub))
     return torch.cat(parts)
 
 
@@ -157,7 +163,7 @@ def critic_values(critic, batch: RolloutBatch, batch_size: int | None = None, gr
             values = head(hidden[:, start : start + sub.response_width]).squeeze(-1).float()
             parts.append(values * sub.mask)
             if not grad:
-                cost.count_forward(cost.matmul_parameters(critic), int(sub.attention_mask.sum()))
+                cost.count_forward(cost.sizes(critic), *real_tokens(sub))
     return torch.cat(parts)
 
 
@@ -267,8 +273,7 @@ class PPOUpdater:
         self.autocast_bf16 = autocast_bf16
         self.steps = 0
         # (all, trainable) parameters of each model, for cost accounting (align/cost.py)
-        self.sizes = [(cost.matmul_parameters(model), sum(p.numel() for p in trainable(model)))
-                      for model in (policy, critic)]
+        self.sizes = [cost.sizes(policy), cost.sizes(critic)]
 
     def autocast(self):
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast_bf16 else contextlib.nullcontext()
@@ -330,8 +335,8 @@ class PPOUpdater:
                                              settings.cliprange_value)
             loss = pg_loss * float(train_policy) + settings.vf_coef * vf_loss
             (loss * weight).backward()
-            for parameters, trained in self.sizes:  # policy and critic: forward and backward on these tokens
-                cost.count_training(parameters, trained, int(micro.attention_mask.sum()))
+            for sizes in self.sizes:  # policy and critic: forward and backward on these tokens
+                cost.count_training(sizes, *real_tokens(micro))
             new_logp.append(logp.detach())
             new_values.append(values.detach())
         grad_policy = self._clip_and_step(self.policy, self.policy_optimizer, train_policy)

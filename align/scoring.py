@@ -81,7 +81,7 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 8, progres
     device = next(model.parameters()).device
     all_ids = [reward_ids(tokenizer, text) for text in texts]
     batches = length_sorted_batches([len(ids) for ids in all_ids], batch_size)  # little padding
-    cost.count_forward(cost.matmul_parameters(model), sum(len(ids) for ids in all_ids))
+    cost.count_forward(cost.sizes(model), sum(len(ids) for ids in all_ids))
     if progress:
         from tqdm.auto import tqdm
 

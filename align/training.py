@@ -63,10 +63,10 @@ def fit_to_hardware(trl_config, precision: str, output_dir: Path, checkpoints: P
 @contextlib.contextmanager
 def counted(trainer, reference_forward: bool = False):
     """Count the training run inside into the open cost phase (align/cost.py): forward and backward
-    over the real tokens the Trainer saw (its `num_input_tokens_seen`, set by `fit_to_hardware`),
-    plus one reference forward per token (DPO: a separate or adapter-disabled reference). The count
-    starts where the Trainer's state starts training: a resumed run's state carries the killed
-    run's tokens, which were not this process's work."""
+    over the real tokens the Trainer saw (its `num_input_tokens_seen`, set by `fit_to_hardware`;
+    summed over processes, so each counts its share), plus one reference forward per token when
+    `reference_forward` (DPO without precomputed reference log-probs). The count starts where the
+    Trainer's state starts training: a resumed run's state carries the killed run's tokens."""
     from transformers import TrainerCallback
 
     from align import cost
@@ -79,14 +79,27 @@ def counted(trainer, reference_forward: bool = False):
 
     start = TokensAtStart()
     trainer.add_callback(start)
-    yield
-    trainer.remove_callback(start)
-    tokens = int(trainer.state.num_input_tokens_seen or 0) - start.tokens
-    total = cost.matmul_parameters(trainer.model)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    cost.count_training(total, trainable, tokens)
+    try:
+        yield
+    finally:
+        trainer.remove_callback(start)
+    tokens = (int(trainer.state.num_input_tokens_seen or 0) - start.tokens) // processes.current().world_size
+    sizes = cost.sizes(trainer.model)
+    cost.count_training(sizes, tokens)
     if reference_forward:
-        cost.count_forward(total, tokens)
+        cost.count_forward(sizes, tokens)
+
+
+def count_reference_pass(dpo_trainer) -> None:
+    """Count TRL's precomputed reference log-probs (`precompute_ref_log_probs`: one forward over
+    every prompt + chosen and prompt + rejected sequence, run when the DPOTrainer is built), this
+    process's share, into the open cost phase."""
+    from align import cost
+
+    rows = dpo_trainer.train_dataset
+    tokens = sum(2 * len(prompt) + len(chosen) + len(rejected) for prompt, chosen, rejected
+                 in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]))
+    cost.count_forward(cost.sizes(dpo_trainer.model), tokens // processes.current().world_size)
 
 
 def record_effective_batch(out, trainer_args) -> int:

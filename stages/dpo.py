@@ -176,7 +176,7 @@ def main(argv=None):
                     round_rows = [train_offline(trainer, generator, offline_pairs, timer, out, checkpoints)]
                 with timer.phase("eval"):
                     dpo_eval, kl = heldout.sample_policy(generator, scorer, "DPO", trainer.model, tokenizer,
-                                                       heldout_args.kl_estimator, bf16, reference_model=reference)
+                                                       heldout_args.kl_estimator, reference_model=reference)
                 backend = generator.describe()
             verdict = heldout.verdict("dpo", sft_eval, dpo_eval, kl)
             tracked.log("heldout_sft", sft_eval.summary(), 0)

@@ -205,7 +205,7 @@ def main(argv=None):
                 update_rows = loop.run(generator)
                 with timer.phase("eval"):
                     ppo_eval, kl = heldout.sample_policy(generator, scorer, "PPO", policy, tokenizer,
-                                                       heldout_args.kl_estimator, bf16, reference_model=reference)
+                                                       heldout_args.kl_estimator, reference_model=reference)
                 backend = generator.describe()
             verdict = heldout.verdict("ppo", sft_eval, ppo_eval, kl)
             tracked.log("heldout_sft", sft_eval.summary(), 0)

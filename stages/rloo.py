@@ -142,7 +142,7 @@ def main(argv=None):
                     generator.update_weights(trainer.model)
                 with timer.phase("eval"):
                     rloo_eval, kl = heldout.sample_policy(generator, scorer, "RLOO", trainer.model, tokenizer,
-                                                        heldout_args.kl_estimator, bf16, reference_model=reference)
+                                                        heldout_args.kl_estimator, reference_model=reference)
                 backend = generator.describe()
             verdict = heldout.verdict("rloo", sft_eval, rloo_eval, kl)
             tracked.log("heldout_sft", sft_eval.summary(), 0)

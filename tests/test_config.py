@@ -166,6 +166,6 @@ def test_policy_stages_judge_held_out_samples_as_compare_does(stage):
     policy, compare = vars(HeldOutArgs()), stage_defaults(REPO / "stages" / "compare.py")
     pairs = {"eval_samples_per_prompt": "samples_per_prompt", "eval_temperature": "temperature",
              "eval_max_new_tokens": "max_new_tokens", "eval_seed": "seed", "truncation_penalty": "truncation_penalty",
-             "kl_estimator": "kl_estimator", "eval_file": "prompts_file"}
+             "kl_estimator": "kl_estimator", "kl_dtype": "kl_dtype", "eval_file": "prompts_file"}
     assert {key: policy[key] for key in pairs} == {key: compare[other] for key, other in pairs.items()}
     assert {key: compare[key] for key in STATISTICS} == STATISTICS

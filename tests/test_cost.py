@@ -17,28 +17,32 @@ def ledger(monkeypatch):
 
 
 def test_flops_per_token_formulas():
-    assert cost.forward_flops(100, 3) == 600  # 2N per token
-    assert cost.training_flops(100, 100, 1) == 600  # full fine-tuning: 6N
-    assert cost.training_flops(100, 5, 2) == 2 * (400 + 10)  # LoRA: 4N + 2T
+    lora = cost.Sizes(forward=100, head=20, backward=60, trainable=5)
+    assert cost.forward_flops(lora, 3) == 600  # 2F per token
+    assert cost.forward_flops(lora, 3, headless_tokens=2) == 600 - 2 * 20 * 2  # no logits at 2 positions
+    assert cost.training_flops(lora, 2) == 2 * (200 + 120 + 10)  # 2F + 2B + 2T
+    full = cost.Sizes(forward=100, head=20, backward=100, trainable=100)
+    assert cost.training_flops(full, 1) == 600  # full fine-tuning: 6F
 
 
 def test_counts_go_to_the_innermost_open_phase_else_other(ledger):
-    cost.count_forward(10, 1)  # nothing open
+    one = cost.Sizes(forward=10, head=0, backward=10, trainable=1)
+    cost.count_forward(one, 1)  # nothing open
     with cost.phase("eval"):
-        cost.count_forward(10, 2)
+        cost.count_forward(one, 2)
         with cost.phase("score"):
-            cost.count_forward(10, 3)
-        cost.count_training(10, 1, 1)
+            cost.count_forward(one, 3)
+        cost.count_training(one, 1)
     assert dict(ledger.tokens) == {"other": 1, "eval": 3, "score": 3}
-    assert ledger.flops["eval"] == 2 * 10 * 2 + (40 + 2) and ledger.flops["score"] == 60 and ledger.flops["other"] == 20
+    assert ledger.flops["eval"] == 2 * 10 * 2 + (20 + 20 + 2) and ledger.flops["score"] == 60 and ledger.flops["other"] == 20
     assert ledger.seconds["eval"] >= ledger.seconds["score"] > 0
 
 
 def test_report_divides_by_the_phase_time_and_the_peak_of_its_dtype(ledger):
     with cost.phase("train"):
-        cost.count_training(1000, 0, 50)  # 200,000 FLOPs
+        cost.count_training(cost.Sizes(forward=1000, head=0, backward=1000, trainable=0), 50)  # 200,000 FLOPs
     with cost.phase("score"):
-        cost.count_forward(1000, 25)  # 50,000 FLOPs
+        cost.count_forward(cost.Sizes(forward=1000, head=0, backward=0, trainable=0), 25)  # 50,000 FLOPs
     peaks = {"bfloat16": 1e6, "float32": 2.5e5}
     report = cost.report("bfloat16", seconds={"train": 0.5, "score": 1.0, "sync": 3.0},
                          phase_dtypes={"score": "float32"}, peaks=peaks)
@@ -55,7 +59,7 @@ def test_report_divides_by_the_phase_time_and_the_peak_of_its_dtype(ledger):
 
 def test_one_phase_has_no_separate_total(ledger):
     with cost.phase("train"):
-        cost.count_forward(1, 1)
+        cost.count_forward(cost.Sizes(1, 0, 0, 0), 1)
     assert list(cost.report("float32", peaks={"float32": 1.0})["phases"]) == ["train"]
 
 
@@ -73,39 +77,62 @@ def test_a_measured_matmul_peak_is_a_plausible_rate():
     assert 1e8 < flops_per_s < 1e14  # a CPU core does 0.1 GFLOP/s to 100 TFLOP/s
 
 
-def test_matmul_parameters_leave_out_an_embedding_that_is_only_looked_up(tiny_model_dir):
+def test_sizes_of_a_causal_lm_a_classifier_and_top_layer_lora(tiny_model_dir):
     import torch
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
     from align.models import load_causal_lm
 
     causal = load_causal_lm(str(tiny_model_dir))
     every = sum(p.numel() for p in causal.parameters())
-    assert causal.config.tie_word_embeddings  # the embedding is the lm_head: a real matmul per token
-    assert cost.matmul_parameters(causal) == every == cost.checkpoint_parameters(tiny_model_dir)
+    vocabulary = causal.get_input_embeddings().weight.numel()
+    assert causal.config.tie_word_embeddings  # the embedding is the lm_head: a matmul per token
+    assert cost.sizes(causal) == cost.Sizes(forward=every, head=vocabulary, backward=every, trainable=every)
+    frozen = cost.checkpoint_sizes(tiny_model_dir)
+    assert (frozen.forward, frozen.head, frozen.backward, frozen.trainable) == (every, vocabulary, 0, 0)
+    assert cost.checkpoint_sizes("HuggingFaceTB/not-a-folder") is None
+
     config = causal.config.__class__.from_dict({**causal.config.to_dict(), "num_labels": 1})
     with torch.device("meta"):
         classifier = AutoModelForSequenceClassification.from_config(config)
-    embedding = classifier.get_input_embeddings().weight.numel()
-    assert cost.matmul_parameters(classifier) == sum(p.numel() for p in classifier.parameters()) - embedding
-    assert cost.checkpoint_parameters("HuggingFaceTB/not-a-folder") is None
+    body = sum(p.numel() for p in classifier.parameters()) - vocabulary  # the embedding is only looked up
+    assert cost.sizes(classifier) == cost.Sizes(forward=body, head=0, backward=body, trainable=body)
+
+    # LoRA in the top layer only: the backward runs from there up; the weight gradients are the adapter's
+    top = get_peft_model(causal, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]))
+    sizes = cost.sizes(top)
+    adapter = sum(p.numel() for p in top.parameters() if p.requires_grad)
+    layer_one = sum(p.numel() for name, p in top.named_parameters() if ".layers.1." in name)
+    norm = top.get_base_model().model.norm.weight.numel()
+    assert sizes.trainable == adapter and sizes.forward == every + adapter and sizes.head == vocabulary
+    # from the lowest adapter (layer 1's q_proj lora_A) up, in registration order: all of layer 1
+    # but the q_proj base weight registered before it (its norms register after its attention: a
+    # 128-parameter overcount), the final norm, and the tied head
+    below_in_layer = sum(p.numel() for name, p in top.named_parameters()
+                         if name.endswith("layers.1.self_attn.q_proj.base_layer.weight"))
+    assert sizes.backward == layer_one - below_in_layer + norm + vocabulary
 
 
-def test_generation_counts_each_prompt_once_and_every_sampled_token(ledger, tiny_model_dir):
+def test_generation_counts_every_prefill_and_every_sampled_token(ledger, tiny_model_dir):
+    """transformers prefills each prompt once per sample (num_return_sequences), logits only at
+    the last prompt position; each sampled token is one more forward."""
     from align.generation import SamplingSettings, create_generator, render_prompts
 
     prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "How long do I boil an egg?"}]]
     with create_generator(str(tiny_model_dir), "hf", "fp32") as generator, cost.phase("generate"):
         samples = generator.generate(prompts, SamplingSettings(n=3, temperature=1.0, max_new_tokens=7, seed=1))
-        prompt_tokens = sum(len(ids) for ids in render_prompts(generator.tokenizer, prompts))
+        prompt_tokens = 3 * sum(len(ids) for ids in render_prompts(generator.tokenizer, prompts))
     sampled = sum(len(s.token_ids) for group in samples for s in group)
+    sizes = cost.checkpoint_sizes(tiny_model_dir)
     assert ledger.tokens["generate"] == prompt_tokens + sampled
-    assert ledger.flops["generate"] == 2 * cost.checkpoint_parameters(tiny_model_dir) * (prompt_tokens + sampled)
+    assert ledger.flops["generate"] == (2 * sizes.forward * (prompt_tokens + sampled)
+                                        - 2 * sizes.head * (prompt_tokens - 3 * len(prompts)))
 
 
 def test_a_trainer_counts_real_tokens_not_padding(ledger, tiny_model_dir, tmp_path):
     """A real transformers Trainer, set up by fit_to_hardware, on rows of known lengths padded in
-    batches of 2: the ledger gets (4N + 2T) FLOPs per real token, padding left out."""
+    batches of 2: the ledger gets (2F + 2B + 2T) FLOPs per real token, padding left out."""
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
@@ -114,7 +141,7 @@ def test_a_trainer_counts_real_tokens_not_padding(ledger, tiny_model_dir, tmp_pa
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = load_causal_lm(str(tiny_model_dir))
-    for name, parameter in model.named_parameters():  # train the last norm alone: T << N
+    for name, parameter in model.named_parameters():  # train the last norm alone
         parameter.requires_grad = name == "model.norm.weight"
     lengths = [5, 9, 3, 7]
     rows = Dataset.from_list([{"input_ids": list(range(1000, 1000 + n))} for n in lengths])
@@ -124,6 +151,8 @@ def test_a_trainer_counts_real_tokens_not_padding(ledger, tiny_model_dir, tmp_pa
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     with cost.phase("train"), training.counted(trainer, reference_forward=True):
         trainer.train()
-    total = cost.matmul_parameters(model)
+    every = sum(p.numel() for p in model.parameters())
+    norm, head = model.config.hidden_size, model.get_output_embeddings().weight.numel()
     assert ledger.tokens["train"] == 2 * sum(lengths)  # the training pass, then the reference forward
-    assert ledger.flops["train"] == (4 * total + 2 * model.config.hidden_size) * 24 + 2 * total * 24
+    # backward: from the final norm up (norm and the tied head); the weight gradient: the norm's
+    assert ledger.flops["train"] == 2 * (every + (norm + head) + norm) * 24 + 2 * every * 24
