@@ -192,14 +192,14 @@ def matmul_peak(dtype: str, seconds: float = 0.5) -> float:
 
 
 def report(dtype: str, seconds: dict[str, float] | None = None, phase_dtypes: dict[str, str] | None = None,
-           ledger: Ledger | None = None, peaks: dict[str, float] | None = None) -> dict:
+           ledger: Ledger | None = None, peaks: dict[str, float] | None = None, order: tuple[str, ...] = ()) -> dict:
     """Per phase with FLOPs counted: {flops, tokens, seconds, flops_per_s, dtype, peak_fraction}.
 
     `dtype`: what the phases ran in ("bfloat16" | "float32"), `phase_dtypes` the exceptions (e.g. a
     reward model scored in fp32 by a bf16 stage); the fraction is of the measured matmul peak in
     that dtype (`peaks`, FLOP/s per dtype: measured here unless given). `seconds`: the stage's
-    own phase times (default: the ledger's). "total" sums every phase, its fraction against the
-    stage dtype's peak."""
+    own phase times (default: the ledger's); `order`: the stage's phase order (default: first use).
+    "total" sums every phase, its fraction against the stage dtype's peak."""
     ledger = LEDGER if ledger is None else ledger
     seconds = dict(ledger.seconds) if seconds is None else seconds
     phase_dtypes = phase_dtypes or {}
@@ -211,7 +211,9 @@ def report(dtype: str, seconds: dict[str, float] | None = None, phase_dtypes: di
         return peaks[name]
 
     phases = {}
-    for name, flops in ledger.flops.items():
+    named = sorted(ledger.flops, key=lambda name: order.index(name) if name in order else len(order))
+    for name in named:
+        flops = ledger.flops[name]
         kind = phase_dtypes.get(name, dtype)
         phases[name] = _row(flops, ledger.tokens[name], seconds.get(name, 0.0), kind, peak(kind))
     if len(phases) > 1:

@@ -372,7 +372,8 @@ def cost_report(timer: PhaseTimer, bf16: bool, generator, scorer) -> dict:
     phase_dtypes = {"score": str(next(scorer.model.parameters()).dtype).removeprefix("torch.")}
     if getattr(generator, "dtype", None):
         phase_dtypes["generate"] = generator.dtype
-    return cost.report("bfloat16" if bf16 else "float32", seconds=dict(timer.totals), phase_dtypes=phase_dtypes)
+    return cost.report("bfloat16" if bf16 else "float32", seconds=dict(timer.totals), phase_dtypes=phase_dtypes,
+                       order=timer.phases)
 
 
 def summary_fields(name: str, metrics: dict, phases: tuple[str, ...]) -> dict:

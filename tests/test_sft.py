@@ -23,10 +23,12 @@ def test_sft_run_produces_loadable_checkpoint_and_manifest(runs_root, tiny_sft_r
     assert manifest["versions"]["trl"] and manifest["pad_token"] != manifest["eos_token"]
     metrics = manifest["metrics"]
     assert metrics["train_steps"] == 2 and metrics["eval_loss_before"] > 0 and metrics["eval_loss_after"] > 0
-    # Cost accounting: the real tokens of 2 steps x 4 examples, at (4N + 2T) FLOPs each, below the peak
+    # Cost accounting: the real tokens of 2 steps x 4 examples at 2F + 2B + 2T FLOPs each (LoRA in
+    # every layer: the backward B runs through nearly all F), below the peak
     (train,) = metrics["cost"]["phases"].values()
     assert 8 * 10 < train["tokens"] < 8 * 512 and 0 < train["peak_fraction"] < 1
-    assert train["flops"] == pytest.approx(train["tokens"] * (4 * metrics["parameters"] + 2 * metrics["trainable_parameters"]))
+    upper = train["tokens"] * (4 * metrics["parameters"] + 2 * metrics["trainable_parameters"])
+    assert 0.95 * upper < train["flops"] <= upper
     assert (folder / "config.yaml").is_file() and list((folder / "logs" / "tensorboard").iterdir())
     # The adapter is kept apart; the merged model loads on its own and generates.
     assert (folder / "adapter" / "adapter_config.json").is_file()
