@@ -272,7 +272,7 @@ class PPOUpdater:
         self.permutation = permutation or (lambda n: torch.randperm(n, generator=self.generator).tolist())
         self.autocast_bf16 = autocast_bf16
         self.steps = 0
-        # (all, trainable) parameters of each model, for cost accounting (align/cost.py)
+        # what a token costs each model (align.cost.Sizes), for cost accounting
         self.sizes = [cost.sizes(policy), cost.sizes(critic)]
 
     def autocast(self):
