@@ -135,10 +135,30 @@ class RoundTrainer:
         set_peft_model_state_dict(self.model, adapter_state)
         self.adapter_state, self.steps = adapter_state, steps
 
+    def dataset(self, pairs: list[dict], round_index: int):
+        """The pairs as a datasets.Dataset; under several processes one saved on disk that every rank loads.
+
+        Why on disk: TRL 1.16's precomputed reference log-probs are written by rank 0 to a cache file
+        next to the dataset's own files and then read by every rank from that path. An in-memory
+        dataset has no files, so each process names a file in its own temporary folder and rank 1
+        fails with FileNotFoundError; a dataset loaded from one shared folder gives every rank the
+        same path."""
+        from datasets import Dataset, load_from_disk
+
+        from align import processes
+
+        examples = Dataset.from_list(trainer_examples(pairs))
+        if not processes.current().distributed:
+            return examples
+        folder = f"{self.dpo_config.output_dir}/pairs-round-{round_index}"
+        if processes.current().is_main:
+            examples.save_to_disk(folder)
+        processes.barrier()
+        return load_from_disk(folder)
+
     def train_round(self, pairs: list[dict], round_index: int, train=None) -> dict:
         """Train on `pairs`; `train(dpo_trainer)` runs the TRL trainer (default: its .train(); the
         offline pass gives align.resume's, which resumes from a checkpoint)."""
-        from datasets import Dataset
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
         from trl import DPOTrainer
 
@@ -150,9 +170,10 @@ class RoundTrainer:
             callbacks.append(self.step_logger.callback)
         trainer = DPOTrainer(
             model=self.base_model, ref_model=self.reference_model, args=self.dpo_config,
-            train_dataset=Dataset.from_list(trainer_examples(pairs)), processing_class=self.tokenizer,
+            train_dataset=self.dataset(pairs, round_index), processing_class=self.tokenizer,
             peft_config=self.peft_config, callbacks=callbacks,
         )
+        training.refuse_sharded_weights(trainer)  # rank 0 saves the merged model: whole weights only
         if self.adapter_state is not None:
             set_peft_model_state_dict(trainer.model, self.adapter_state)
         precomputed = self.dpo_config.precompute_ref_log_probs

@@ -36,11 +36,17 @@ Interrupted (SIGTERM, kill -9): the same command goes on after the last finished
 round, or offline from the last checkpoint of its TRL pass (every `save_steps`), kept in
 runs/<run>/.dpo.resume/ (align/resume.py).
 
+Several processes (torchrun / accelerate launch, offline mode only): every rank trains its share
+of each batch under DDP; rank 0 alone samples and scores the held-out prompts (one engine) and
+writes the stage folder while the others wait (align/processes.py). On-policy rounds refuse a
+multi-process launch for now: each rank would need its own share of the prompts (issue 13).
+
 Run: make dpo [RUN=name] [ARGS="--mode offline --beta 0.2 ..."]
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -49,7 +55,7 @@ from typing import Literal
 
 from trl import DPOConfig, ModelConfig
 
-from align import data, dpo_rounds, files, hardware, online, preferences, resume, runs, trackers, training
+from align import data, dpo_rounds, files, hardware, online, preferences, processes, resume, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary
 from align.errors import ConfigError
@@ -109,6 +115,11 @@ def check_args(args: DPOStageArgs, dpo_config: DPOConfig) -> None:
         raise ConfigError(f"min_reward_margin: must be >= 0, got {args.min_reward_margin}")
     if dpo_config.beta <= 0:
         raise ConfigError(f"beta: must be > 0, got {dpo_config.beta}")
+    world_size = processes.current().world_size
+    if args.mode == "on_policy" and world_size > 1:
+        raise ConfigError(f"mode on_policy runs as a single process (its rounds sample with one engine; sharing the "
+                          f"prompts among ranks is issue 13) but was started as {world_size} processes; run it "
+                          f"without torchrun / accelerate launch, or use --mode offline")
 
 
 def load_train_inputs(args: DPOStageArgs, heldout: list[dict]) -> tuple[list[list[dict]], list[dict], preferences.PairReport]:
@@ -139,12 +150,15 @@ def main(argv=None):
     if runs.skip_if_up_to_date(args.run, "dpo", config, fingerprint, parsed.force):
         return
     bf16 = hardware.use_bf16(args.precision)
-    scorer = sampler.scorer(args.run, args.reward_gate_policy, args.reward_dir, bf16)
+    # Several processes (offline only): rank 0 samples and scores the held-out prompts, the others only train.
+    samples_here = processes.current().is_main
+    scorer = sampler.scorer(args.run, args.reward_gate_policy, args.reward_dir, bf16) if samples_here else None
     tokenizer, policy, peft_config, reference = online.load_policy(sft, model_args, args.lora_top_layers)
 
     with runs.stage_output(args.run, "dpo", config, dpo_config.seed, parent=sft, fingerprint=fingerprint) as out:
         started = time.time()
-        out.set(reward_model=scorer.checkpoint.as_parent())
+        if scorer is not None:
+            out.set(reward_model=scorer.checkpoint.as_parent())
         for path in args.ranked_files:
             out.add_input(path, "ranked")
         out.add_input(heldout_args.eval_file, "eval prompts", len(heldout.records))
@@ -158,15 +172,20 @@ def main(argv=None):
             checkpoints = resume.TrainerCheckpoints(out, fingerprint, parsed.force)
         trl_config = training.fit_to_hardware(dataclasses.replace(dpo_config, report_to="none"), args.precision, out.path,
                                               checkpoints.folder if args.mode == "offline" else None)
+        training.record_effective_batch(out, trl_config)
         with trackers.open_trackers(tracker_names, out, config) as tracked:
             step_logger = online.StepLogger(tracked)
             trainer = dpo_rounds.RoundTrainer(policy, tokenizer, trl_config, peft_config, step_logger, reference)
             timer = online.PhaseTimer()
-            print(f"[dpo] mode {args.mode}: {len(prompts)} train prompts, {len(offline_pairs)} human pairs, "
-                  f"{len(heldout.records)} held-out prompts; reference = "
-                  f"{'the adapter-disabled SFT model' if peft_config else 'a frozen copy of the SFT model'}", flush=True)
+            out.say(f"[dpo] mode {args.mode}: {len(prompts)} train prompts, {len(offline_pairs)} human pairs, "
+                    f"{len(heldout.records)} held-out prompts; reference = "
+                    f"{'the adapter-disabled SFT model' if peft_config else 'a frozen copy of the SFT model'}")
 
-            with sampler.generator(sft.model_path, seed=dpo_config.seed) as generator:
+            engine = sampler.generator(sft.model_path, seed=dpo_config.seed) if samples_here else contextlib.nullcontext()
+            with engine as generator:
+                if not samples_here:  # another rank of an offline run: train, then wait for rank 0 at the barrier
+                    train_offline(trainer, None, offline_pairs, timer, out, checkpoints)
+                    return
                 with timer.phase("eval"):
                     sft_eval = heldout.sample(generator, scorer, "SFT")
                 if args.mode == "on_policy":
@@ -205,13 +224,16 @@ def main(argv=None):
 
 def train_offline(trainer, generator, pairs: list[dict], timer, out, checkpoints) -> dict:
     """One DPO pass over the human pairs (resumed from its last checkpoint after a kill); the
-    generator then samples the trained policy."""
-    files.write_jsonl(out.path / "rounds" / "offline-pairs.jsonl", pairs)
+    generator then samples the trained policy. Under several processes every rank trains (TRL's
+    DDP); only rank 0 has a generator (None elsewhere) and writes."""
+    if out.is_main:
+        files.write_jsonl(out.path / "rounds" / "offline-pairs.jsonl", pairs)
     with timer.phase("train"):
         metrics = trainer.train_round(pairs, 1, train=lambda dpo: checkpoints.train(
             dpo, replay=lambda history: [trainer.step_logger.log(row["step"], row) for row in history]))
-    with timer.phase("sync"):
-        generator.update_weights(trainer.model)
+    if generator is not None:
+        with timer.phase("sync"):
+            generator.update_weights(trainer.model)
     return {"round": 1, **metrics}
 
 
@@ -272,5 +294,4 @@ def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, t
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # offline mode too: its rounds and held-out verdict sample in this process (not TRL's trainer alone)
-    run_stage(main, single_process="multi-process online loops (a vLLM engine per rank) are not supported "
-                                   "yet, issue 13")
+    run_stage(main)  # several processes: offline mode only (check_args refuses on_policy)

@@ -1,5 +1,5 @@
 """Several processes (issue 13): 2 real ranks on CPU (torchrun, gloo) against 1 on the same global
-batch, for SFT and reward; the single-process tools refusing a multi-process launch; the
+batch, for SFT, reward and offline DPO; the single-process tools refusing a multi-process launch; the
 accelerate configs for GPU users, parsed and turned into launch commands by accelerate itself.
 
 Why the 2-rank and 1-rank loss curves must agree: the same seed gives the same LoRA init and
@@ -22,6 +22,10 @@ differently (`data_seed`), i.e. a rank training on the wrong examples, must diff
 ORDER_MARGIN times the 2-rank difference: reward 40x (1.2e-2), SFT only ~4x (8e-4: the tiny SFT
 examples differ by one topic word, so the random model's loss barely depends on which it sees).
 A doubled gradient would not show: Adam's update ignores the gradient's scale.
+Offline DPO (the cold-or-dry pairs, learning rate 0.008): 2 ranks within 4.9e-5 of 1 rank; the
+other data order moves the curve by 5.4e-4 (11x: the pairs all look alike, so which ones a step
+sees matters little; ORDER_MARGIN 4). At 0.02 the policy moves so fast that float noise alone
+reaches 1.2e-3, over LOSS_TOLERANCE; at 0.003 the other order moved it only 9x the noise.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import pytest
 from tests.conftest import REPO, assert_ok, run_stage
 
 LOSS_TOLERANCE = 1e-3  # relative, per logged step (see the module docstring)
-ORDER_MARGIN = {"sft": 2, "reward": 10}  # another shuffle must move the curve this much more than 2 ranks do
+ORDER_MARGIN = {"sft": 2, "reward": 10, "dpo": 4}  # another shuffle must move the curve this much more than 2 ranks do
 MAX_STEPS = 4
 GLOBAL_BATCH = 4
 
@@ -159,7 +163,58 @@ def test_reward_two_ranks_match_one_rank_on_the_same_global_batch(runs_root, tin
            other_order)
 
 
-@pytest.mark.parametrize("stage", ["candidates", "compare", "compare_human", "dpo", "ppo", "rloo", "annotators"])
+@pytest.mark.slow
+def test_offline_dpo_two_ranks_match_one_rank_on_the_same_global_batch(runs_root, cold_dry):
+    """TRL's DPOTrainer under DDP, the reference log-probs precomputed on each rank's share (the
+    stage's default); rank 0 alone samples and scores the held-out prompts and writes the folder."""
+    parents = runs_root / cold_dry["run"]
+    common = ["--mode", "offline", "--sft_dir", str(parents / "sft"), "--reward_dir", str(parents / "reward"),
+              "--ranked_files", str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]),
+              "--max_steps", str(MAX_STEPS), "--logging_steps", "1",
+              "--learning_rate", "0.008", "--warmup_steps", "0", "--seed", "7", "--generation_backend", "hf",
+              "--eval_max_new_tokens", "8", "--eval_samples_per_prompt", "1", "--report_to", "none"]
+
+    def curve(run: str) -> list:
+        rows = (runs_root / run / "dpo" / "logs" / "steps.jsonl").read_text().splitlines()
+        return [[row["step"], row["loss"]] for row in map(json.loads, rows) if "loss" in row]
+
+    single, single_s = run_single("dpo", "--run", "dist-dpo-1", "--per_device_train_batch_size", "4", *common)
+    assert_ok(single)
+    shuffled, _ = run_single("dpo", "--run", "dist-dpo-order", "--per_device_train_batch_size", "4", "--data_seed",
+                             "8", *common)
+    assert_ok(shuffled)
+    ranks, ranks_s = run_ranks("dpo", 2, "--per_device_train_batch_size", "2", "--run", "dist-dpo-2", *common)
+    assert_ok(ranks)
+
+    one = finished_output(runs_root, "dist-dpo-1", "dpo")
+    two = finished_output(runs_root, "dist-dpo-2", "dpo")
+    folder = runs_root / "dist-dpo-2" / "dpo"
+    assert one["world_size"] == 1 and one["effective_batch"] == GLOBAL_BATCH
+    assert_two_ranks_ran(two, folder, "dpo")
+    assert two["status"] == "complete" and two["metrics"]["train_steps"] == MAX_STEPS
+    assert_same_curve("dpo", curve("dist-dpo-1"), curve("dist-dpo-2"), curve("dist-dpo-order"))
+    # one held-out evaluation, from rank 0, of the same trained policy
+    assert ranks.stdout.count("held-out prompts; reference =") == 1 and ranks.stdout.count("dpo vs sft:") == 1, ranks.stdout
+    assert len((folder / "samples" / "eval_dpo.jsonl").read_text().splitlines()) == \
+        len((runs_root / "dist-dpo-1" / "dpo" / "samples" / "eval_dpo.jsonl").read_text().splitlines())
+    assert two["metrics"]["mean_reward_sft"] == pytest.approx(one["metrics"]["mean_reward_sft"])
+    assert (folder / "adapter" / "adapter_config.json").is_file() and (folder / "model" / "README.md").is_file()
+    report("dpo", (curve("dist-dpo-1"), single_s), (curve("dist-dpo-2"), ranks_s), curve("dist-dpo-order"))
+
+
+def test_on_policy_dpo_refuses_a_multi_process_launch(runs_root, tiny_data):
+    """2 ranks under torchrun: each stops with one line naming the mode and the way out, before any
+    model loads or any folder is made."""
+    result, _ = run_ranks("dpo", 2, "--run", "dist-dpo-online", "--ranked_files", str(tiny_data["ranked"]),
+                          "--eval_file", str(tiny_data["prompts"]), timeout=300)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and all(line.startswith("error: mode on_policy runs as a single process") and
+                                   "--mode offline" in line for line in lines), result.stderr[-3000:]
+    assert not (runs_root / "dist-dpo-online").exists()
+
+
+@pytest.mark.parametrize("stage", ["candidates", "compare", "compare_human", "ppo", "rloo", "annotators"])
 def test_single_process_tools_refuse_a_multi_process_launch(stage):
     """Started as rank 0 of 2 (what torchrun tells each process), they stop before parsing anything."""
     result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=REPO, capture_output=True, text=True,
@@ -167,7 +222,7 @@ def test_single_process_tools_refuse_a_multi_process_launch(stage):
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: stages.{stage} runs as a single process (") and "without torchrun" in line
-    if stage in ("dpo", "ppo", "rloo"):
+    if stage in ("ppo", "rloo"):
         assert "multi-process online loops" in line and "issue 13" in line
 
 
