@@ -235,6 +235,8 @@ def summary_text(cost: dict) -> str:
     """`train 1.23 TFLOP at 8% | score 0.20 TFLOP at 3% (fp32) | total ... of peak (bf16 409, fp32 155
     GFLOP/s)` for a stage's summary line: each phase's model FLOPs and the fraction of this machine's
     matmul peak in its dtype (named where it is not the stage's)."""
+    if not cost["phases"]:
+        return "none counted here (a server generated)"
     parts = []
     for name, row in cost["phases"].items():
         text = f"{name} {row['flops'] / 1e12:.2f} TFLOP"

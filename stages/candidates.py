@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 from pathlib import Path
 
-from align import data, files, generation, runs
+from align import cost, data, files, generation, hardware, runs
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import ConfigError
@@ -130,9 +130,10 @@ def main(argv=None):
     with runs.stage_output(args.run, "candidates", resolved_config(args), args.seed, parent=sft) as out:
         out.add_input(args.prompts_file, "prompts", len(prompts))
         started = time.perf_counter()
-        with generation.create_generator(sft.model_path, args.generation_backend, args.generation_dtype, server_url=args.server_url,
-                                         kv_cache_gib=args.kv_cache_gib, seed=args.seed) as generator:
-            backend = generator.describe()
+        with cost.phase("generate"), generation.create_generator(
+                sft.model_path, args.generation_backend, args.generation_dtype, server_url=args.server_url,
+                kv_cache_gib=args.kv_cache_gib, seed=args.seed) as generator:  # engine start-up included
+            backend, generation_dtype = generator.describe(), getattr(generator, "dtype", None)
             samples = generator.generate([record["prompt"] for record in prompts], settings, progress=True)
         sampling_s = time.perf_counter() - started
         tokens = sum(len(sample.token_ids) for group in samples for sample in group)
@@ -142,7 +143,8 @@ def main(argv=None):
         scores, reward, scoring_s = None, None, 0.0
         if scorer is not None:
             started = time.perf_counter()
-            scores, reward = score_candidates(args, scorer, prompts, samples)
+            with cost.phase("score"):
+                scores, reward = score_candidates(args, scorer, prompts, samples)
             scoring_s = time.perf_counter() - started
             print(f"[candidates] reward-model suggestions from {reward.folder} in {scoring_s:.1f} s", flush=True)
             out.set(reward_model=reward.as_parent())
@@ -182,10 +184,13 @@ def main(argv=None):
             prompts=len(prompts), candidates=len(prompts) * args.k, tokens=tokens, sampling_s=round(sampling_s, 2),
             tokens_per_s=round(tokens / sampling_s, 1), truncated=truncated, empty=empty,
             scoring_s=round(scoring_s, 2), push_s=round(push_s, 2), suggested=scores is not None,
+            cost=cost.report(generation_dtype or hardware.torch_dtype_name(args.generation_dtype), phase_dtypes={
+                "score": str(next(scorer.model.parameters()).dtype).removeprefix("torch.")} if scorer else None),
         )
     where = f"Argilla {args.argilla_workspace}/{dataset_name}" if args.push else "not pushed (--push false)"
     summary("candidates", prompts=len(prompts), k=args.k, sampling_s=f"{sampling_s:.1f}", push_s=f"{push_s:.1f}",
-            truncated=f"{truncated}/{len(prompts) * args.k}", argilla=where, output=str(out.path))
+            truncated=f"{truncated}/{len(prompts) * args.k}", argilla=where,
+            compute=cost.summary_text(out.metrics["cost"]), output=str(out.path))
 
 
 def push_to_argilla(client, args, dataset_name: str, records: list[dict], checkpoint: str) -> tuple[int, float]:

@@ -41,6 +41,10 @@ def test_offline_candidates_file_and_manifest(runs_root, tiny_sft_run, tiny_data
     metrics = manifest["metrics"]
     assert metrics["prompts"] == 5 and metrics["candidates"] == 15 and metrics["sampling_s"] > 0
     assert metrics["tokens"] == sum(c["tokens"] for r in records for c in r["candidates"]) and metrics["tokens"] > 0
+    # compute (align/cost.py): the sampling's model FLOPs, below this machine's matmul peak; no scoring here
+    phases = metrics["cost"]["phases"]
+    assert list(phases) == ["generate"] and phases["generate"]["flops"] > 0, phases
+    assert 0 < phases["generate"]["peak_fraction"] < 1 and "compute generate" in result.stdout
 
     expected = files.read_jsonl_records(tiny_data["prompts"])[:5]
     assert [r["prompt_id"] for r in records] == [e["prompt_id"] for e in expected]
@@ -79,6 +83,8 @@ def test_reward_model_ranking_becomes_the_suggestion(runs_root, tiny_sft_run, ti
     assert_ok(result)
     manifest, records = read_output(runs_root, run)
     assert manifest["reward_model"]["stage"] == "reward" and manifest["metrics"]["suggested"] is True
+    phases = manifest["metrics"]["cost"]["phases"]
+    assert list(phases) == ["generate", "score", "total"] and phases["score"]["tokens"] > 0, phases
 
     from align.scoring import load_reward_checkpoint
 

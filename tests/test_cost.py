@@ -57,6 +57,12 @@ def test_report_divides_by_the_phase_time_and_the_peak_of_its_dtype(ledger):
     assert text == "train 0.00 TFLOP at 40% | score 0.00 TFLOP at 20% (fp32) | total 0.00 TFLOP at 17% of peak (bf16 0, fp32 0 GFLOP/s)"
 
 
+def test_a_stage_that_counted_nothing_says_so(ledger):
+    """The openai backend samples in a server: no FLOPs here, and the summary says so, not '0%'."""
+    report = cost.report("float32", seconds={"generate": 2.0}, peaks={"float32": 1.0})
+    assert report["phases"] == {} and cost.summary_text(report) == "none counted here (a server generated)"
+
+
 def test_one_phase_has_no_separate_total(ledger):
     with cost.phase("train"):
         cost.count_forward(cost.Sizes(1, 0, 0, 0), 1)
