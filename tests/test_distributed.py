@@ -65,6 +65,19 @@ def run_single(stage: str, *args: str) -> tuple[subprocess.CompletedProcess, flo
     return result, time.time() - started
 
 
+def three_runs(stage: str, common: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """1 rank x 4, the same with another data order (`data_seed` 8), 2 ranks x 2: runs dist-<stage>-1,
+    -order and -2, each asserted to finish; (the 2-rank result, 1-rank seconds, 2-rank seconds)."""
+    single, single_s = run_single(stage, "--run", f"dist-{stage}-1", "--per_device_train_batch_size", "4", *common)
+    assert_ok(single)
+    shuffled, _ = run_single(stage, "--run", f"dist-{stage}-order", "--per_device_train_batch_size", "4",
+                             "--data_seed", "8", *common)
+    assert_ok(shuffled)
+    ranks, ranks_s = run_ranks(stage, 2, "--per_device_train_batch_size", "2", "--run", f"dist-{stage}-2", *common)
+    assert_ok(ranks)
+    return ranks, single_s, ranks_s
+
+
 def finished_output(runs_root: Path, run: str, stage: str) -> dict:
     """The one output folder of the run (nothing temporary or failed left), its manifest."""
     assert sorted(path.name for path in (runs_root / run).iterdir()) == [stage]
@@ -104,13 +117,7 @@ def test_sft_two_ranks_match_one_rank_on_the_same_global_batch(runs_root, tiny_m
     common = ["--model_name_or_path", str(tiny_model_dir), "--train_file", str(tiny_data["sft"]),
               "--eval_file", str(tiny_data["prompts"]), "--max_steps", str(MAX_STEPS), "--logging_steps", "1",
               "--learning_rate", "0.003", "--lora_dropout", "0", "--seed", "7"]
-    single, single_s = run_single("sft", "--run", "dist-sft-1", "--per_device_train_batch_size", "4", *common)
-    assert_ok(single)
-    shuffled, _ = run_single("sft", "--run", "dist-sft-order", "--per_device_train_batch_size", "4", "--data_seed",
-                             "8", *common)
-    assert_ok(shuffled)
-    ranks, ranks_s = run_ranks("sft", 2, "--per_device_train_batch_size", "2", "--run", "dist-sft-2", *common)
-    assert_ok(ranks)
+    ranks, single_s, ranks_s = three_runs("sft", common)
 
     one = finished_output(runs_root, "dist-sft-1", "sft")
     two = finished_output(runs_root, "dist-sft-2", "sft")
@@ -139,14 +146,7 @@ def test_reward_two_ranks_match_one_rank_on_the_same_global_batch(runs_root, tin
     common = ["--model_name_or_path", str(tiny_model_dir), "--ranked_files", str(tiny_data["ranked"]),
               "--max_steps", str(MAX_STEPS), "--logging_steps", "1", "--learning_rate", "0.003",
               "--lora_top_layers", "1", "--seed", "7"]
-    single, single_s = run_single("reward", "--run", "dist-reward-1", "--per_device_train_batch_size", "4", *common)
-    assert_ok(single)
-    shuffled, _ = run_single("reward", "--run", "dist-reward-order", "--per_device_train_batch_size", "4",
-                             "--data_seed", "8", *common)
-    assert_ok(shuffled)
-    ranks, ranks_s = run_ranks("reward", 2, "--per_device_train_batch_size", "2", "--run", "dist-reward-2",
-                               *common)
-    assert_ok(ranks)
+    ranks, single_s, ranks_s = three_runs("reward", common)
 
     one = finished_output(runs_root, "dist-reward-1", "reward")
     two = finished_output(runs_root, "dist-reward-2", "reward")
@@ -178,13 +178,7 @@ def test_offline_dpo_two_ranks_match_one_rank_on_the_same_global_batch(runs_root
         rows = (runs_root / run / "dpo" / "logs" / "steps.jsonl").read_text().splitlines()
         return [[row["step"], row["loss"]] for row in map(json.loads, rows) if "loss" in row]
 
-    single, single_s = run_single("dpo", "--run", "dist-dpo-1", "--per_device_train_batch_size", "4", *common)
-    assert_ok(single)
-    shuffled, _ = run_single("dpo", "--run", "dist-dpo-order", "--per_device_train_batch_size", "4", "--data_seed",
-                             "8", *common)
-    assert_ok(shuffled)
-    ranks, ranks_s = run_ranks("dpo", 2, "--per_device_train_batch_size", "2", "--run", "dist-dpo-2", *common)
-    assert_ok(ranks)
+    ranks, single_s, ranks_s = three_runs("dpo", common)
 
     one = finished_output(runs_root, "dist-dpo-1", "dpo")
     two = finished_output(runs_root, "dist-dpo-2", "dpo")
