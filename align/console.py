@@ -62,7 +62,7 @@ def run_stage(main, argv=None, uses_torch: bool = True, single_process: str | No
 
     refusal = processes.single_process_refusal(_tool_name(), single_process) if single_process else None
     if refusal:
-        print(refusal, file=sys.stderr, flush=True)
+        print(f"error: {refusal}", file=sys.stderr, flush=True)
         sys.exit(2)
     quiet_libraries()
     if uses_torch:

@@ -148,10 +148,11 @@ class RoundTrainer:
         from align import processes
 
         examples = Dataset.from_list(trainer_examples(pairs))
-        if not processes.current().distributed:
+        me = processes.current()
+        if not me.distributed:
             return examples
         folder = f"{self.dpo_config.output_dir}/pairs-round-{round_index}"
-        if processes.current().is_main:
+        if me.is_main:
             examples.save_to_disk(folder)
         processes.barrier()
         return load_from_disk(folder)

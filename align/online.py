@@ -369,7 +369,7 @@ def heldout_metrics(name: str, heldout: HeldOut, sft: SampleSet, policy: SampleS
 def cost_report(timer: PhaseTimer, bf16: bool, generator, scorer) -> dict:
     """A policy stage's compute per phase (align/cost.py) on its own phase times: generation in the
     generator's dtype, reward scoring in the reward model's, the rest in the training precision."""
-    phase_dtypes = {"score": str(next(scorer.model.parameters()).dtype).removeprefix("torch.")}
+    phase_dtypes = {"score": scorer.dtype}
     if getattr(generator, "dtype", None):
         phase_dtypes["generate"] = generator.dtype
     return cost.report("bfloat16" if bf16 else "float32", seconds=dict(timer.totals), phase_dtypes=phase_dtypes,

@@ -107,9 +107,10 @@ def describe_all() -> str:
 
 
 def single_process_refusal(tool: str, why: str) -> str | None:
-    """The one line a single-process tool prints under a multi-process launch, or None."""
+    """Why a single-process tool (or mode) stops under a multi-process launch, in one line; None
+    in a single process."""
     world_size = current().world_size
     if world_size <= 1:
         return None
-    return (f"error: {tool} runs as a single process ({why}) but was started as {world_size} processes "
+    return (f"{tool} runs as a single process ({why}) but was started as {world_size} processes "
             f"(WORLD_SIZE={world_size}); run it without torchrun / accelerate launch")

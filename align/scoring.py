@@ -118,7 +118,7 @@ class RewardScorer:
             raise AlignError(f"{model_dir}: holds a LoRA adapter; point at the merged model folder (model/)")
         if not (model_dir / "config.json").is_file():
             raise AlignError(f"{model_dir}: not a model folder (no config.json); expected runs/<run>/reward/model")
-        self.model_dir = model_dir
+        self.model_dir, self.dtype = model_dir, dtype  # dtype: what the weights are in ("bfloat16", ...)
         self.tokenizer = load_tokenizer(str(model_dir))
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         if self.model.config.num_labels != 1:

@@ -184,8 +184,8 @@ def main(argv=None):
             prompts=len(prompts), candidates=len(prompts) * args.k, tokens=tokens, sampling_s=round(sampling_s, 2),
             tokens_per_s=round(tokens / sampling_s, 1), truncated=truncated, empty=empty,
             scoring_s=round(scoring_s, 2), push_s=round(push_s, 2), suggested=scores is not None,
-            cost=cost.report(generation_dtype or hardware.torch_dtype_name(args.generation_dtype), phase_dtypes={
-                "score": str(next(scorer.model.parameters()).dtype).removeprefix("torch.")} if scorer else None),
+            cost=cost.report(generation_dtype or hardware.torch_dtype_name(args.generation_dtype),
+                             phase_dtypes={"score": scorer.dtype} if scorer else None),
         )
     where = f"Argilla {args.argilla_workspace}/{dataset_name}" if args.push else "not pushed (--push false)"
     summary("candidates", prompts=len(prompts), k=args.k, sampling_s=f"{sampling_s:.1f}", push_s=f"{push_s:.1f}",

@@ -140,7 +140,7 @@ def main(argv=None):
                 for row in comparison.response_rows(prompts, label, outputs[label], str(checkpoint.folder))]
         with cost.phase("score"):
             comparison.score_rows(scorer, rows, args.truncation_penalty)
-        score_dtype = str(next(scorer.model.parameters()).dtype).removeprefix("torch.")
+        score_dtype = scorer.dtype
         reward_model = {**scorer.checkpoint.as_parent(),
                         "gate_passed": scorer.checkpoint.manifest.get("metrics", {}).get("gate_passed")}
         del scorer

@@ -115,11 +115,10 @@ def check_args(args: DPOStageArgs, dpo_config: DPOConfig) -> None:
         raise ConfigError(f"min_reward_margin: must be >= 0, got {args.min_reward_margin}")
     if dpo_config.beta <= 0:
         raise ConfigError(f"beta: must be > 0, got {dpo_config.beta}")
-    world_size = processes.current().world_size
-    if args.mode == "on_policy" and world_size > 1:
-        raise ConfigError(f"mode on_policy runs as a single process (its rounds sample with one engine; sharing the "
-                          f"prompts among ranks is issue 13) but was started as {world_size} processes; run it "
-                          f"without torchrun / accelerate launch, or use --mode offline")
+    refusal = processes.single_process_refusal(
+        "mode on_policy", "its rounds sample with one engine; sharing the prompts among ranks is issue 13")
+    if args.mode == "on_policy" and refusal:
+        raise ConfigError(f"{refusal}, or use --mode offline")
 
 
 def load_train_inputs(args: DPOStageArgs, heldout: list[dict]) -> tuple[list[list[dict]], list[dict], preferences.PairReport]:
@@ -293,5 +292,4 @@ def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, t
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # offline mode too: its rounds and held-out verdict sample in this process (not TRL's trainer alone)
     run_stage(main)  # several processes: offline mode only (check_args refuses on_policy)
