@@ -23,6 +23,7 @@ model). This module hands it the two things it would otherwise do its own way:
 
 from __future__ import annotations
 
+from align import cost
 from align.generation import SamplingSettings
 from align.scoring import effective_reward
 
@@ -77,7 +78,28 @@ def generator_rloo_trainer(generator, timer, sampling_seed: int):
                 groups = generator.generate_ids([list(ids) for ids in prompt_ids], settings)
             return [group[0].token_ids for group in groups]
 
+        def _generate_and_score_completions(self, inputs):
+            # TRL's passes without a gradient over each sampled batch: the old policy's log-probs
+            # always, the reference's when beta != 0 (align/cost.py: counted into the open phase)
+            output = super()._generate_and_score_completions(inputs)
+            passes = 1 + (self.beta != 0.0)
+            for _ in range(passes):
+                count_tokens(self.model, output, cost.count_forward)
+            return output
+
+        def _compute_loss(self, model, inputs):
+            loss = super()._compute_loss(model, inputs)
+            count_tokens(self.model, inputs, cost.count_training)  # forward + backward of this (micro)batch
+            return loss
+
     return GeneratorRLOOTrainer
+
+
+def count_tokens(model, batch: dict, count) -> None:
+    """`count` (align.cost.count_forward or count_training) over a TRL batch's real tokens; its passes
+    keep logits for the completion positions only, so the prompt tokens are headless."""
+    prompt_tokens = int(batch["prompt_mask"].sum())
+    count(cost.sizes(model), prompt_tokens + int(batch["completion_mask"].sum()), headless_tokens=prompt_tokens)
 
 
 def step_rows(log_history: list[dict]) -> list[dict]:

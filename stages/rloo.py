@@ -159,7 +159,8 @@ def main(argv=None):
                                                     verdict),
                            **run_metrics(steps), train_steps=result.global_step, bf16=trainer_args.bf16,
                            sampled_responses=len(reward_function.rollouts), **timer.as_metrics(),
-                           total_s=round(time.time() - started, 1))
+                           total_s=round(time.time() - started, 1),
+                           cost=online.cost_report(timer, trainer_args.bf16, generator, scorer))
         write_model_card(out.model_dir, out.manifest)  # inside the temporary folder: a crashed stage has no card
     checkpoints.finish()
     m = out.metrics

@@ -94,7 +94,15 @@ def test_outputs_manifest_and_summary(rloo_run, runs_root, cold_dry):
     assert manifest["generation_backend"].startswith("vllm")
     assert any((folder / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
     out = rloo_run["result"].stdout
-    assert any(line.startswith(f"[rloo] steps {STEPS} | mean reward SFT") for line in out.splitlines()), out[-2000:]
+    summary_line = next(line for line in out.splitlines() if line.startswith(f"[rloo] steps {STEPS} | mean reward SFT"))
+    # Cost accounting (align/cost.py): every computing phase counted, below this machine's peak. Each
+    # sampled batch is run three times in torch: the old policy's and the reference's log-probs
+    # (beta 0.05), then forward + backward once (num_iterations 1), over exactly the tokens sampled.
+    phases = manifest["metrics"]["cost"]["phases"]
+    assert {"generate", "score", "train", "eval", "total"} <= set(phases), phases
+    assert all(row["tokens"] > 0 and 0 < row["peak_fraction"] < 1 for row in phases.values()), phases
+    assert phases["train"]["tokens"] == 3 * phases["generate"]["tokens"], phases
+    assert "compute generate" in summary_line and "of peak" in summary_line, summary_line
     # a second identical command is up to date: nothing retrained
     again = run_stage("rloo", "--run", cold_dry["run"], "--ranked_files", str(cold_dry["ranked"]), "--eval_file",
                       str(cold_dry["prompts"]), *RLOO_ARGS)
