@@ -37,6 +37,17 @@ from align.scoring import effective_reward
 PHASES = ("generate", "score", "train", "sync", "eval")  # PPO adds "forward" (old/ref/value passes)
 
 
+# Rows per generation call are far fewer than this: the seeds of consecutive rounds never overlap
+# (the vLLM generator seeds prompt i of a call with seed + i).
+SEED_STRIDE = 100_000
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The sampling seed of round (or step) `round_index` of a run seeded `seed`: a resumed run samples
+    what the uninterrupted one did, and a multi-process run what a single process does."""
+    return (seed * 1000 + round_index) * SEED_STRIDE
+
+
 def round_prompts(prompts: list, round_index: int, per_round: int, seed: int) -> list:
     """The prompts of round `round_index` (0-based): consecutive slices of one seeded shuffle,
     wrapping around, so rounds see different prompts until all were used."""

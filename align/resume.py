@@ -233,8 +233,8 @@ class LoopCheckpoints(ResumeFolder):
 class RoundCheckpoints(LoopCheckpoints):
     """DPO's on-policy rounds: the LoRA adapter (or the whole model with `use_peft: false`), the
     round and step rows, every round's samples and pairs files. The held-out SFT samples are drawn
-    again on resume (seeded: the same samples); the sampling of rounds is not seeded, so a resumed
-    run ends within noise of an uninterrupted one, not equal to it."""
+    again on resume (seeded: the same samples); rounds are seeded per round, so the rounds after
+    the kill sample what the uninterrupted run did."""
 
     unit = "round"
 

@@ -25,11 +25,8 @@ from __future__ import annotations
 
 from align import cost
 from align.generation import SamplingSettings
+from align.online import round_seed
 from align.scoring import effective_reward
-
-# Rows per generation call are far fewer than this: seeds of consecutive calls never overlap
-# (the vLLM generator seeds row i with seed + i).
-SEED_STRIDE = 100_000
 
 
 class RewardModelFunction:
@@ -73,7 +70,7 @@ def generator_rloo_trainer(generator, timer, sampling_seed: int):
             # a seed per optimiser step: a resumed run samples what the uninterrupted one did
             settings = SamplingSettings(n=1, temperature=self.temperature, top_p=self.top_p,
                                         max_new_tokens=self.max_completion_length,
-                                        seed=(sampling_seed * 1000 + step) * SEED_STRIDE)
+                                        seed=round_seed(sampling_seed, step))
             with timer.phase("generate"):
                 groups = generator.generate_ids([list(ids) for ids in prompt_ids], settings)
             return [group[0].token_ids for group in groups]

@@ -36,10 +36,14 @@ Interrupted (SIGTERM, kill -9): the same command goes on after the last finished
 round, or offline from the last checkpoint of its TRL pass (every `save_steps`), kept in
 runs/<run>/.dpo.resume/ (align/resume.py).
 
-Several processes (torchrun / accelerate launch, offline mode only): every rank trains its share
-of each batch under DDP; rank 0 alone samples and scores the held-out prompts (one engine) and
-writes the stage folder while the others wait (align/processes.py). On-policy rounds refuse a
-multi-process launch for now: each rank would need its own share of the prompts (issue 13).
+Several processes (torchrun / accelerate launch, both modes): every rank trains its share of
+each batch under DDP. Rank 0 alone holds the generator and the reward model: it samples and scores
+each round's prompts, picks the pairs and sends them to every rank, pushes the trained weights
+into its engine, samples the held-out prompts, and writes the stage folder while the others wait
+(align/processes.py). One engine, not one per rank: on a CPU, engines per rank would split the same
+cores; on GPUs the engine can be a vLLM server on its own device (generation_backend openai); and
+a 2-rank run samples exactly what a 1-rank run does (round sampling is seeded per round), so it
+trains on the same pairs (tests/test_distributed.py).
 
 Run: make dpo [RUN=name] [ARGS="--mode offline --beta 0.2 ..."]
 """
@@ -115,10 +119,6 @@ def check_args(args: DPOStageArgs, dpo_config: DPOConfig) -> None:
         raise ConfigError(f"min_reward_margin: must be >= 0, got {args.min_reward_margin}")
     if dpo_config.beta <= 0:
         raise ConfigError(f"beta: must be > 0, got {dpo_config.beta}")
-    refusal = processes.single_process_refusal(
-        "mode on_policy", "its rounds sample with one engine; sharing the prompts among ranks is issue 13")
-    if args.mode == "on_policy" and refusal:
-        raise ConfigError(f"{refusal}, or use --mode offline")
 
 
 def load_train_inputs(args: DPOStageArgs, heldout: list[dict]) -> tuple[list[list[dict]], list[dict], preferences.PairReport]:
@@ -149,7 +149,7 @@ def main(argv=None):
     if runs.skip_if_up_to_date(args.run, "dpo", config, fingerprint, parsed.force):
         return
     bf16 = hardware.use_bf16(args.precision)
-    # Several processes (offline only): rank 0 samples and scores the held-out prompts, the others only train.
+    # Several processes: rank 0 samples and scores (rounds and held-out prompts), the others only train.
     samples_here = processes.current().is_main
     scorer = sampler.scorer(args.run, args.reward_gate_policy, args.reward_dir, bf16) if samples_here else None
     tokenizer, policy, peft_config, reference = online.load_policy(sft, model_args, args.lora_top_layers)
@@ -182,8 +182,12 @@ def main(argv=None):
 
             engine = sampler.generator(sft.model_path, seed=dpo_config.seed) if samples_here else contextlib.nullcontext()
             with engine as generator:
-                if not samples_here:  # another rank of an offline run: train, then wait for rank 0 at the barrier
-                    train_offline(trainer, None, offline_pairs, timer, out, checkpoints)
+                if not samples_here:  # another rank: train on what rank 0 sends, then wait for it at the barrier
+                    if args.mode == "on_policy":
+                        run_rounds(args, heldout_args, trainer, None, None, prompts, timer, tracked, out, bf16,
+                                   checkpoints)
+                    else:
+                        train_offline(trainer, None, offline_pairs, timer, out, checkpoints)
                     return
                 with timer.phase("eval"):
                     sft_eval = heldout.sample(generator, scorer, "SFT")
@@ -239,9 +243,11 @@ def train_offline(trainer, generator, pairs: list[dict], timer, out, checkpoints
 def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, tracked, out, bf16,
                checkpoints) -> list[dict]:
     """On-policy rounds; returns one metrics row per round (also in the trackers under round/).
-    Each finished round is checkpointed; an interrupted run's rerun goes on after its last one."""
-    settings = SamplingSettings(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
-                                max_new_tokens=args.max_new_tokens)
+    Each finished round is checkpointed; an interrupted run's rerun goes on after its last one.
+
+    Several processes: rank 0 (the one with a `generator`) samples, scores and pairs; every rank
+    trains on the pairs it sends (other ranks get generator and scorer None, and their rows are
+    not used)."""
     rows, first = [], 0
     restored = checkpoints.restore(trainer, out.path / "rounds", args.rounds)
     if restored is not None:
@@ -249,11 +255,21 @@ def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, t
         trainer.step_logger.replay(restored["step_rows"])
         for row in rows:
             tracked.log("round", row, row["round"], skip=("round",))
-        with timer.phase("sync"):
-            generator.update_weights(trainer.model)  # the next round samples the restored policy
+        if generator is not None:
+            with timer.phase("sync"):
+                generator.update_weights(trainer.model)  # the next round samples the restored policy
     for index in range(first, args.rounds):
         number = index + 1
+        if generator is None:  # another rank: rank 0's pairs
+            pairs = processes.from_main(None)
+            if pairs:
+                trainer.train_round(pairs, number)
+            checkpoints.save_round(number, trainer, {}, [])  # rank 0 alone writes
+            continue
         round_set = online.round_prompts(prompts, index, args.prompts_per_round, trainer.dpo_config.seed)
+        settings = SamplingSettings(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
+                                    max_new_tokens=args.max_new_tokens,
+                                    seed=online.round_seed(trainer.dpo_config.seed, number))
         fresh = online.sample_and_score(generator, scorer, round_set, settings, timer,
                                         progress=f"round {number}/{args.rounds}",
                                         truncation_penalty=heldout_args.truncation_penalty)
@@ -267,6 +283,7 @@ def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, t
             round_set, fresh.texts(), fresh.scores, args.min_reward_margin,
             finished=fresh.finished() if args.truncated_answers == "drop" else None, lengths=fresh.lengths(),
             selection=args.pair_selection, length_tolerance=args.pair_length_tolerance)
+        pairs = processes.from_main(pairs)  # to every other rank (itself in a single process)
         files.write_jsonl(out.path / "rounds" / f"round-{number}-samples.jsonl", fresh.records())
         files.write_jsonl(out.path / "rounds" / f"round-{number}-pairs.jsonl", pairs)
         row = {"round": number, **{f"fresh_{k}": v for k, v in fresh.summary().items() if not isinstance(v, str)},
@@ -292,4 +309,4 @@ def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, t
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run_stage(main)  # several processes: offline mode only (check_args refuses on_policy)
+    run_stage(main)

@@ -240,6 +240,17 @@ def test_on_policy_dpo_killed_after_a_round_goes_on_after_it(runs_root, cold_dry
     # one timeline (a round's trainer logs its closing summary at its last step, so a step can repeat)
     assert steps == sorted(steps) and set(steps) == set(range(1, manifest["metrics"]["train_steps"] + 1))
     assert not folder.exists()
+    # rounds are seeded per round and the adapter came back whole: an uninterrupted run samples the
+    # same answers in every round, the rounds after the kill included
+    whole_args = [*args]
+    whole_args[whole_args.index(run)] = "dpo-whole"
+    assert_ok(run_stage("dpo", *whole_args))
+    for number in (1, 2, 3):
+        name = f"round-{number}-samples.jsonl"
+        resumed = [json.loads(line)["response"] for line in (output / "rounds" / name).read_text().splitlines()]
+        whole = [json.loads(line)["response"] for line in
+                 (runs_root / "dpo-whole" / "dpo" / "rounds" / name).read_text().splitlines()]
+        assert resumed == whole, number
 
 
 @pytest.mark.slow
