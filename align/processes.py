@@ -95,6 +95,22 @@ def from_main(value):
     return box[0]
 
 
+def on_main(items: list, work) -> list:
+    """`work` (a list in, a list of as many results out) over every rank's `items` at once, run by
+    rank 0 alone; each rank gets the results of its own items back. The ranks' items are joined in
+    rank order, which is the order of the global batch TRL's samplers hand out (rank 0 the first
+    share): one call on rank 0 sees what a single process would. Single-process: `work(items)`."""
+    dist = _torch_distributed()
+    if dist is None:
+        return work(list(items))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, list(items))
+    joined = [item for part in everyone for item in part]
+    results = from_main(work(joined) if dist.get_rank() == 0 else None)
+    start = sum(len(part) for part in everyone[: dist.get_rank()])
+    return results[start : start + len(everyone[dist.get_rank()])]
+
+
 def describe_all() -> str:
     """`rank 0 pid 12 on host, rank 1 pid 13 on host`, gathered from every rank: proof that they all ran."""
     me = f"rank {current().rank} pid {os.getpid()} on {socket.gethostname()}"

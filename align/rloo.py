@@ -23,7 +23,7 @@ model). This module hands it the two things it would otherwise do its own way:
 
 from __future__ import annotations
 
-from align import cost
+from align import cost, processes
 from align.generation import SamplingSettings
 from align.online import round_seed
 from align.scoring import effective_reward
@@ -41,11 +41,15 @@ class RewardModelFunction:
 
     def __call__(self, prompts, completions, completion_ids, trainer_state=None, **kwargs) -> list[float]:
         texts = [completion[0]["content"] if isinstance(completion, list) else completion for completion in completions]
-        with self.timer.phase("score"):
-            raw = self.scorer.score(prompts, texts)
         step = trainer_state.global_step if trainer_state is not None else None
+        # Several processes: rank 0 (the one with a scorer) scores every rank's completions at once
+        return processes.on_main(list(zip(prompts, texts, completion_ids)), lambda rows: self._score(rows, step))
+
+    def _score(self, rows: list, step) -> list[float]:
+        with self.timer.phase("score"):
+            raw = self.scorer.score([prompt for prompt, _, _ in rows], [text for _, text, _ in rows])
         rewards = []
-        for prompt, text, ids, score in zip(prompts, texts, completion_ids, raw):
+        for (prompt, text, ids), score in zip(rows, raw):
             finish = "stop" if ids and ids[-1] == self.eos_token_id else "length"
             reward = effective_reward(score, finish, self.penalty)
             rewards.append(reward)
@@ -55,7 +59,9 @@ class RewardModelFunction:
 
 
 def generator_rloo_trainer(generator, timer, sampling_seed: int):
-    """An RLOOTrainer class whose rollouts come from `generator` (align.generation)."""
+    """An RLOOTrainer class whose rollouts come from `generator` (align.generation). Several
+    processes: rank 0 holds the one generator (None on the others) and samples every rank's prompts
+    in one call (`processes.on_main`), the seeds of a 1-process run's batch."""
     from trl import RLOOTrainer
 
     class GeneratorRLOOTrainer(RLOOTrainer):
@@ -63,17 +69,20 @@ def generator_rloo_trainer(generator, timer, sampling_seed: int):
             if images is not None or multimodal_fields:
                 raise NotImplementedError("align's RLOO samples text-only prompts")
             step = self.state.global_step
-            if step != getattr(self, "_pushed_step", 0):  # at step 0 the generator holds the SFT = policy weights
-                with timer.phase("sync"):
+            if generator is not None and step != getattr(self, "_pushed_step", 0):
+                with timer.phase("sync"):  # at step 0 the generator holds the SFT = policy weights
                     generator.update_weights(self.model)
                 self._pushed_step = step
             # a seed per optimiser step: a resumed run samples what the uninterrupted one did
             settings = SamplingSettings(n=1, temperature=self.temperature, top_p=self.top_p,
                                         max_new_tokens=self.max_completion_length,
                                         seed=round_seed(sampling_seed, step))
-            with timer.phase("generate"):
-                groups = generator.generate_ids([list(ids) for ids in prompt_ids], settings)
-            return [group[0].token_ids for group in groups]
+
+            def sample(prompts: list) -> list:
+                with timer.phase("generate"):
+                    return [group[0].token_ids for group in generator.generate_ids(prompts, settings)]
+
+            return processes.on_main([list(ids) for ids in prompt_ids], sample)
 
         def _generate_and_score_completions(self, inputs):
             # TRL's passes without a gradient over each sampled batch: the old policy's log-probs

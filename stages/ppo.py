@@ -408,4 +408,5 @@ def rollout_metrics(batch, scores, raw_scores, old_logp, ref_logp, kl, beta, old
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run_stage(main, single_process="multi-process online loops (a vLLM engine per rank) are not supported yet, issue 13")
+    run_stage(main, single_process="multi-process online loops: its hand-written PPO update is not "
+                                   "data-parallel yet, issue 13")

@@ -30,6 +30,11 @@ Before and after training it samples the SFT model and the RLOO model on the hel
 prompts with the same decoding and seed, and judges them with the statistics of
 `make compare` (align.online.HeldOut), as the DPO and PPO stages do.
 
+Several processes (torchrun / accelerate launch): every rank trains its share of each batch under
+DDP; rank 0 alone holds the generator and the reward model, samples every rank's prompts of a
+step in one call and scores every rank's answers (align/rloo.py), samples the held-out prompts
+and writes the stage folder (README "Many GPUs").
+
 Up to date (same config, SFT and reward parents, data, code and versions as the finished
 runs/<run>/rloo): one line, nothing retrained; `--force` redoes it (align/runs.py).
 Interrupted (SIGTERM, kill -9): the same command resumes from the trainer's last checkpoint
@@ -40,6 +45,7 @@ Run: make rloo [RUN=name] [ARGS="--max_steps 16 --beta 0.1 ..."]
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -47,7 +53,7 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from trl import ModelConfig, RLOOConfig
 
-from align import data, files, hardware, online, preferences, resume, rloo, runs, trackers, training
+from align import data, files, hardware, online, preferences, processes, resume, rloo, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary
 from align.errors import ConfigError
@@ -108,13 +114,17 @@ def main(argv=None):
     if runs.skip_if_up_to_date(args.run, "rloo", config, fingerprint, parsed.force):
         return
     bf16 = hardware.use_bf16(args.precision)
-    scorer = sampler.scorer(args.run, args.reward_gate_policy, args.reward_dir, bf16)
+    # Several processes: rank 0 alone samples and scores (every rank's rollouts, and the held-out
+    # prompts); the others train their share of each batch under DDP.
+    samples_here = processes.current().is_main
+    scorer = sampler.scorer(args.run, args.reward_gate_policy, args.reward_dir, bf16) if samples_here else None
     # the reference: TRL's own (adapter disabled, or its frozen copy); ours for the held-out KL
     tokenizer, policy, peft_config, reference = online.load_policy(sft, model_args, args.lora_top_layers)
 
     with runs.stage_output(args.run, "rloo", config, rloo_config.seed, parent=sft, fingerprint=fingerprint) as out:
         started = time.time()
-        out.set(reward_model=scorer.checkpoint.as_parent())
+        if scorer is not None:
+            out.set(reward_model=scorer.checkpoint.as_parent())
         for path in args.ranked_files:
             out.add_input(path, "ranked")
         out.add_input(heldout_args.eval_file, "eval prompts", len(heldout.records))
@@ -123,21 +133,26 @@ def main(argv=None):
             trainer_args = training.fit_to_hardware(rloo_config, args.precision, out.path, checkpoints.folder)
             training.record_effective_batch(out, trainer_args)
             timer = online.PhaseTimer(PHASES)
-            with sampler.generator(sft.model_path, seed=rloo_config.seed) as generator:
-                with timer.phase("eval"):
-                    sft_eval = heldout.sample(generator, scorer, "SFT")
+            engine = sampler.generator(sft.model_path, seed=rloo_config.seed) if samples_here else contextlib.nullcontext()
+            with engine as generator:
+                if samples_here:
+                    with timer.phase("eval"):
+                        sft_eval = heldout.sample(generator, scorer, "SFT")
                 reward_function = rloo.RewardModelFunction(scorer, tokenizer.eos_token_id, heldout.truncation_penalty,
                                                            timer)
                 trainer = rloo.generator_rloo_trainer(generator, timer, rloo_config.seed)(
                     model=policy, reward_funcs=reward_function, args=trainer_args,
                     train_dataset=Dataset.from_list([{"prompt": prompt} for prompt in prompts]),
                     processing_class=tokenizer, peft_config=peft_config)
-                print(f"[rloo] {trainer_args.max_steps} steps x {trainer_args.per_device_train_batch_size} samples "
-                      f"({trainer_args.per_device_train_batch_size // rloo_config.num_generations} prompts x "
-                      f"{rloo_config.num_generations}), {len(prompts)} train prompts, {len(heldout.records)} held-out "
-                      f"prompts; reference = {'the adapter-disabled SFT model' if peft_config else 'a frozen copy'}",
-                      flush=True)
+                out.say(f"[rloo] {trainer_args.max_steps} steps x {trainer_args.per_device_train_batch_size} samples "
+                        f"per process ({trainer_args.per_device_train_batch_size // rloo_config.num_generations} prompts "
+                        f"x {rloo_config.num_generations}), {len(prompts)} train prompts, {len(heldout.records)} "
+                        f"held-out prompts; reference = "
+                        f"{'the adapter-disabled SFT model' if peft_config else 'a frozen copy'}")
                 result = timed_training(timer, lambda: checkpoints.train(trainer))
+                if not samples_here:  # another rank: its share is trained; rank 0 evaluates and saves
+                    training.save_trained(trainer, tokenizer, out, peft_config is not None)
+                    return
                 with timer.phase("sync"):
                     generator.update_weights(trainer.model)
                 with timer.phase("eval"):
@@ -196,4 +211,4 @@ def run_metrics(steps: list[dict]) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run_stage(main, single_process="multi-process online loops (a vLLM engine per rank) are not supported yet, issue 13")
+    run_stage(main)
