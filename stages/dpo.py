@@ -45,7 +45,7 @@ cores; on GPUs the engine can be a vLLM server on its own device (generation_bac
 a 2-rank run samples exactly what a 1-rank run does (round sampling is seeded per round), so it
 trains on the same pairs (tests/test_distributed.py).
 
-Run: make dpo [RUN=name] [ARGS="--mode offline --beta 0.2 ..."]
+Run: make dpo [RUN=name] [ARGS="--mode offline --beta 8 ..."]
 """
 
 from __future__ import annotations
