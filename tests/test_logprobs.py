@@ -118,3 +118,38 @@ def test_length_sorted_batches_cover_every_row_once_longest_first():
     batches = length_sorted_batches(lengths, 3)
     assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
     assert [[lengths[i] for i in batch] for batch in batches] == [[250, 120, 64], [64, 7, 5], [3]]
+
+
+def test_a_model_prepared_by_accelerate_in_bf16_is_still_scored_in_its_own_dtype(tiny_model_dir):
+    """Every TRL trainer prepares its model with accelerate, which under bf16 mixed precision wraps
+    the instance's `forward` in autocast; the stages' held-out KL read ~20% low through it. Scoring
+    must give the plain model's numbers, also after a second preparation (one per on-policy round),
+    and leave the trainer's wrapper in place."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from align.generation import render_prompts
+    from align.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    plain, prepared = load_causal_lm(str(tiny_model_dir)).eval(), load_causal_lm(str(tiny_model_dir)).eval()
+    prompts = render_prompts(tokenizer, [[{"role": "user", "content": "How long do I boil an egg?"}],
+                                         [{"role": "user", "content": "Salt?"}]])
+    rng = random.Random(1)
+    completions = [[rng.randrange(1000, 40000) for _ in range(n)] for n in (12, 5)]
+    try:
+        for _ in range(2):
+            Accelerator(cpu=True, mixed_precision="bf16").prepare_model(prepared)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    wrapped_forward = prepared.forward
+    ids = torch.tensor([prompts[0] + completions[0]])
+    with torch.no_grad():  # the wrapper is there and really changes the numbers: the test can fail
+        assert not torch.allclose(prepared(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-4)
+
+    expected = logprobs.completion_logprobs(plain, prompts, completions, tokenizer.pad_token_id)
+    scored = logprobs.completion_logprobs(prepared, prompts, completions, tokenizer.pad_token_id)
+    for row, want in zip(scored, expected):
+        assert row == pytest.approx(want, abs=1e-5)
+    assert prepared.forward == wrapped_forward and "_original_forward" in vars(prepared)
