@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from align import cost, ppo_math
+from align import cost, ppo_math, processes
 from align.generation import render_prompts
 
 
@@ -319,11 +319,21 @@ class PPOUpdater:
     def _step(self, batch, old_logp, old_values, advantages, returns, is_weights, train_policy) -> dict:
         """One optimiser step per model over one minibatch, in micro-batches; each micro-batch's
         token-mean loss is weighted by its share of the minibatch's tokens, so the accumulated
-        gradient is that of the minibatch token mean (not a mean of micro-batch means)."""
+        gradient is that of the minibatch token mean (not a mean of micro-batch means).
+
+        Several processes: every rank holds the whole minibatch and runs the forward and backward
+        passes of its share of the rows (`processes.my_rows`); the weights are shares of the whole
+        minibatch's tokens, so the gradients summed over ranks are the one-process gradient, and
+        every rank clips and steps identically. The statistics are over the gathered rows."""
         settings = self.settings
         total_tokens = batch.mask.sum()
+        share = processes.my_rows(len(batch))
+        if len(share) == 0:
+            raise ValueError(f"a minibatch of {len(batch)} rollouts leaves a process without rows; "
+                             "raise prompts_per_update or lower num_mini_batches or the number of processes")
         new_logp, new_values = [], []
-        for rows in _chunks(len(batch), settings.micro_batch_size):
+        for chunk in _chunks(len(share), settings.micro_batch_size):
+            rows = share[chunk]
             micro = batch.rows(rows)
             weight = micro.mask.sum() / total_tokens
             with self.autocast():
@@ -339,11 +349,13 @@ class PPOUpdater:
                 cost.count_training(sizes, *real_tokens(micro))
             new_logp.append(logp.detach())
             new_values.append(values.detach())
+        processes.sum_gradients(trainable(self.policy) + trainable(self.critic))
         grad_policy = self._clip_and_step(self.policy, self.policy_optimizer, train_policy)
         grad_critic = self._clip_and_step(self.critic, self.critic_optimizer, True)
         self.steps += 1
-        # statistics over the whole minibatch, from the detached pieces
-        logp, values = torch.cat(new_logp), torch.cat(new_values)
+        # statistics over the whole minibatch, from the detached pieces of every rank
+        logp = processes.gather_rows(torch.cat(new_logp))
+        values = processes.gather_rows(torch.cat(new_values))
         pg_loss, stats = ppo_math.policy_loss(logp, old_logp, advantages, batch.mask, settings.cliprange,
                                               settings.dual_clip, is_weights)
         vf_loss, vf_clipfrac = ppo_math.value_loss(values, old_values, returns, batch.mask, settings.cliprange_value)

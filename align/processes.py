@@ -130,3 +130,51 @@ def single_process_refusal(tool: str, why: str) -> str | None:
         return None
     return (f"{tool} runs as a single process ({why}) but was started as {world_size} processes "
             f"(WORLD_SIZE={world_size}); run it without torchrun / accelerate launch")
+
+
+# Data parallelism by hand, for the PPO update (align/ppo.py), which calls the policy and the
+# critic's trunk and head directly instead of through a DDP-wrapped forward. Hand-written: DDP
+# averages gradients only for modules trained through its own wrapper's forward.
+
+
+def my_rows(count: int):
+    """This rank's share of `count` rows: a tensor of row indices, rank r the r-th of world_size
+    nearly equal contiguous parts, so shares joined in rank order are the rows in order. All rows
+    in a single process."""
+    import torch
+
+    me = current()
+    return torch.tensor_split(torch.arange(count), me.world_size)[me.rank]
+
+
+def gather_rows(tensor):
+    """Every rank's `tensor` (computed on its `my_rows` share) joined in rank order, on every rank:
+    the tensor of all rows. Itself in a single process."""
+    dist = _torch_distributed()
+    if dist is None:
+        return tensor
+    import torch
+
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, tensor.cpu())
+    return torch.cat(everyone).to(tensor.device)
+
+
+def sum_gradients(parameters) -> None:
+    """Add up every rank's gradients of `parameters` in place, in one flat all-reduce: ranks whose
+    losses are shares of one global loss then each hold that loss's gradient. A no-op in a single
+    process. Every rank must pass the same parameters with the same gradients present."""
+    dist = _torch_distributed()
+    if dist is None:
+        return
+    import torch
+
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()

@@ -30,6 +30,13 @@ Before and after training it samples the SFT model and the PPO model on the held
 prompts with the same decoding and seed, and judges them with the statistics of
 `make compare` (align.online.HeldOut), as the DPO stage does.
 
+Several processes (torchrun --nproc_per_node N): rank 0 alone samples and scores each update's
+rollouts (one engine, as on-policy DPO and RLOO) and sends them to every rank; the forward passes
+and each minibatch's forward and backward passes are split by rows across ranks, the gradients
+summed (align/processes.py), so every rank steps the same weights and the run is the
+single-process run on the same global batch (tests/test_distributed.py). Rank 0 pushes the weights,
+evaluates and saves.
+
 Up to date (same config, SFT and reward parents, data, code and versions as the finished
 runs/<run>/ppo): one line, nothing retrained; `--force` redoes it (align/runs.py).
 Interrupted (SIGTERM, kill -9): the same command goes on after the last finished update,
@@ -40,6 +47,7 @@ Run: make ppo [RUN=name] [ARGS="--updates 4 --kl_coef 0.1 ..."]
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -48,7 +56,8 @@ from typing import Literal
 
 from trl import ModelConfig
 
-from align import data, files, hardware, models, online, ppo, ppo_math, preferences, resume, runs, trackers, training
+from align import (data, files, hardware, models, online, ppo, ppo_math, preferences, processes, resume, runs, trackers,
+                   training)
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import ConfigError
@@ -165,8 +174,12 @@ def main(argv=None):
     if runs.skip_if_up_to_date(args.run, "ppo", config, fingerprint, parsed.force):
         return
     bf16 = hardware.use_bf16(args.precision)
-    scorer = sampler.scorer(args.run, args.reward_gate_policy, args.reward_dir, bf16)
-    check_same_tokenizer(sft, scorer.checkpoint)
+    # Several processes: rank 0 alone samples and scores; every rank trains its share of the rows.
+    samples_here = processes.current().is_main
+    check_world_size(args, processes.current().world_size)
+    scorer = sampler.scorer(args.run, args.reward_gate_policy, args.reward_dir, bf16) if samples_here else None
+    reward = scorer.checkpoint if scorer is not None else runs.find_checkpoint(args.run, ["reward"], args.reward_dir)
+    check_same_tokenizer(sft, reward)
 
     torch.manual_seed(args.seed)  # LoRA A matrices
     tokenizer = models.load_tokenizer(sft.model_path)
@@ -178,31 +191,36 @@ def main(argv=None):
 
         policy = get_peft_model(policy, peft_config)  # LoRA B = 0: at update 1 policy = reference exactly
     critic_args = dataclasses.replace(model_args, lora_task_type="SEQ_CLS", lora_modules_to_save=["score"])
-    critic = ppo.load_critic(str(scorer.model_dir), training.lora_config(
-        critic_args, args.critic_lora_top_layers, str(scorer.model_dir)))
+    critic = ppo.load_critic(reward.model_path, training.lora_config(
+        critic_args, args.critic_lora_top_layers, reward.model_path))
     updater = ppo.PPOUpdater(policy, critic, update_settings(args), args.learning_rate, args.critic_learning_rate,
                              seed=args.seed, autocast_bf16=bf16)
 
     with runs.stage_output(args.run, "ppo", config, args.seed, parent=sft, fingerprint=fingerprint) as out:
         started = time.time()
-        out.set(reward_model=scorer.checkpoint.as_parent())
+        out.set(reward_model=reward.as_parent())
+        record_effective_batch(out, args)
         for path in args.ranked_files:
             out.add_input(path, "ranked")
         out.add_input(heldout_args.eval_file, "eval prompts", len(heldout.records))
         with trackers.open_trackers(tracker_names, out, config) as tracked:
             timer = online.PhaseTimer(PHASES)
-            print(f"[ppo] {args.updates} updates x {args.prompts_per_update * args.samples_per_prompt} rollouts, "
+            out.say(f"[ppo] {args.updates} updates x {args.prompts_per_update * args.samples_per_prompt} rollouts, "
                   f"{len(prompts)} train prompts, {len(heldout.records)} held-out prompts; reference = "
                   f"{'the adapter-disabled SFT model' if peft_config else 'a frozen copy of the SFT model'}; "
-                  f"critic from {scorer.model_dir}", flush=True)
+                    f"critic from {reward.model_path}")
 
             checkpoints = resume.UpdateCheckpoints(out, fingerprint, parsed.force)
             loop = UpdateLoop(args, policy, reference, critic, updater, tokenizer, scorer, prompts, heldout, timer,
                               tracked, out, bf16, checkpoints)
-            with sampler.generator(sft.model_path, seed=args.seed) as generator:
-                with timer.phase("eval"):
-                    sft_eval = heldout.sample(generator, scorer, "SFT")
+            engine = sampler.generator(sft.model_path, seed=args.seed) if samples_here else contextlib.nullcontext()
+            with engine as generator:
+                if samples_here:
+                    with timer.phase("eval"):
+                        sft_eval = heldout.sample(generator, scorer, "SFT")
                 update_rows = loop.run(generator)
+                if not samples_here:  # another rank: its shares are trained; rank 0 evaluates and saves
+                    return
                 with timer.phase("eval"):
                     ppo_eval, kl = heldout.sample_policy(generator, scorer, "PPO", policy, tokenizer,
                                                        heldout_args.kl_estimator, reference_model=reference)
@@ -228,6 +246,26 @@ def main(argv=None):
     summary("ppo", updates=f"{len(update_rows)} ({updater.steps} steps)", clipfrac=f"{m['clipfrac_mean']:.3f}",
             **online.summary_fields("ppo", m, timer.phases), output=str(out.path))
     print(verdict["verdict_line"], flush=True)
+
+
+def check_world_size(args: PPOStageArgs, world_size: int) -> None:
+    """Every process needs rows in every minibatch (they split each one by rows)."""
+    rows = args.prompts_per_update * args.samples_per_prompt // args.num_mini_batches
+    if rows < world_size:
+        raise ConfigError(f"prompts_per_update x samples_per_prompt / num_mini_batches: {rows} rollouts per minibatch "
+                          f"cannot be split across {world_size} processes; raise prompts_per_update or lower "
+                          "num_mini_batches")
+
+
+def record_effective_batch(out, args: PPOStageArgs) -> None:
+    """Manifest `world_size`, `effective_batch` (rollouts per update, whatever the world size) and
+    `minibatch_rollouts`, and one line saying how a minibatch is split."""
+    world_size = processes.current().world_size
+    rollouts = args.prompts_per_update * args.samples_per_prompt
+    minibatch = rollouts // args.num_mini_batches
+    out.set(world_size=world_size, effective_batch=rollouts, minibatch_rollouts=minibatch)
+    out.say(f"[ppo] effective batch {rollouts} rollouts per update, {args.num_mini_batches} minibatches of "
+            f"{minibatch} = ~{minibatch / world_size:g} per process x {world_size} process{'es' * (world_size != 1)}")
 
 
 def update_settings(args: PPOStageArgs) -> ppo.PPOSettings:
@@ -279,18 +317,19 @@ class UpdateLoop:
             self.kl_controller.value = restored["kl_coef"]
             for row in rows:
                 self.tracked.log("update", row, row["update"], skip=("update",))
-            with self.timer.phase("sync"):
-                generator.update_weights(self.policy)  # the next update samples the restored policy
+            if generator is not None:
+                with self.timer.phase("sync"):
+                    generator.update_weights(self.policy)  # the next update samples the restored policy
         for index in range(first, self.args.updates):
             started = time.perf_counter()
             row = self.one_update(generator, index)
             row["update_s"] = round(time.perf_counter() - started, 2)
             row.update(self.timer.as_metrics())  # cumulative seconds per phase after this update
             rows.append(row)
-            print(f"[ppo] update {index + 1}/{self.args.updates}: score {row['objective/scores']:.3f}, "
+            self.out.say(f"[ppo] update {index + 1}/{self.args.updates}: score {row['objective/scores']:.3f}, "
                   f"KL {row['objective/kl']:.3f}, clipfrac {row['policy/clipfrac_avg']:.3f}, "
                   f"value loss {row['loss/value_avg']:.4f}, explained var {row['critic/vf_explained_var']:.2f}, "
-                  f"length {row['response/length_mean']:.1f}, {row['update_s']:.1f} s", flush=True)
+                         f"length {row['response/length_mean']:.1f}, {row['update_s']:.1f} s")
             self.tracked.log("update", row, index + 1, skip=("update",))
             self.checkpoints.save_update(index + 1, self.updater, {
                 "rows": rows, "step_rows": self.step_rows, "push_checks": self.push_checks,
@@ -304,10 +343,13 @@ class UpdateLoop:
         settings = SamplingSettings(n=args.samples_per_prompt, temperature=args.temperature,
                                     max_new_tokens=args.max_new_tokens, seed=args.seed * 1000 + index)
         round_set = online.round_prompts(self.prompts, index, args.prompts_per_update, args.seed)
-        fresh = online.sample_and_score(generator, self.scorer, round_set, settings, self.timer,
-                                        progress=f"update {number}/{args.updates}",
-                                        truncation_penalty=self.heldout.truncation_penalty)
-        files.write_jsonl(self.out.path / "rollouts" / f"update-{number}-samples.jsonl", fresh.records())
+        fresh = None
+        if generator is not None:  # rank 0 (every process in a single-process run)
+            fresh = online.sample_and_score(generator, self.scorer, round_set, settings, self.timer,
+                                            progress=f"update {number}/{args.updates}",
+                                            truncation_penalty=self.heldout.truncation_penalty)
+            files.write_jsonl(self.out.path / "rollouts" / f"update-{number}-samples.jsonl", fresh.records())
+        fresh = processes.from_main(fresh)  # the same rollouts on every rank
         flat = list(fresh.flat())
         samples = [sample for _, sample, _, _ in flat]
         scores = torch.tensor([score for _, _, score, _ in flat])  # the truncation penalty already applied
@@ -316,16 +358,18 @@ class UpdateLoop:
         with self.timer.phase("forward"):
             batch = ppo.RolloutBatch.from_samples(self.tokenizer, [prompt for prompt, _, _, _ in flat], samples)
             size = args.forward_batch_size
+            share = batch.rows(processes.my_rows(len(batch)))  # this rank's rows; all of them in one process
             with self.autocast():
-                old_logp = ppo.token_logprobs(self.policy, batch, args.temperature, size)
+                old_logp = ppo.token_logprobs(self.policy, share, args.temperature, size)
                 if self.reference is not None:
-                    ref_logp = ppo.token_logprobs(self.reference, batch, args.temperature, size)
+                    ref_logp = ppo.token_logprobs(self.reference, share, args.temperature, size)
                 else:
                     from align.logprobs import adapters_disabled
 
                     with adapters_disabled(self.policy):
-                        ref_logp = ppo.token_logprobs(self.policy, batch, args.temperature, size)
-                old_values = ppo.critic_values(self.critic, batch, size)
+                        ref_logp = ppo.token_logprobs(self.policy, share, args.temperature, size)
+                old_values = ppo.critic_values(self.critic, share, size)
+            old_logp, ref_logp, old_values = map(processes.gather_rows, (old_logp, ref_logp, old_values))
 
         with self.timer.phase("train"):
             beta = self.kl_controller.value
@@ -341,9 +385,11 @@ class UpdateLoop:
         for step in steps:
             self.step_rows.append({"update": number, "step": len(self.step_rows) + 1, **step})
 
-        with self.timer.phase("sync"):
-            sync_s = generator.update_weights(self.policy)
-            agreement = self.check_push(generator, number)
+        sync_s = agreement = None
+        if generator is not None:  # rank 0's engine; the other ranks hold the same weights already
+            with self.timer.phase("sync"):
+                sync_s = generator.update_weights(self.policy)
+                agreement = self.check_push(generator, number)
 
         row = {"update": number, "episode": number * len(batch), **ppo.mean_rows(steps)}
         row.update(rollout_metrics(batch, scores, raw_scores, old_logp, ref_logp, kl, beta, old_values, returns,
@@ -408,5 +454,4 @@ def rollout_metrics(batch, scores, raw_scores, old_logp, ref_logp, kl, beta, old
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run_stage(main, single_process="multi-process online loops: its hand-written PPO update is not "
-                                   "data-parallel yet, issue 13")
+    run_stage(main)

@@ -1,5 +1,5 @@
 """Several processes (issue 13): 2 real ranks on CPU (torchrun, gloo) against 1 on the same global
-batch, for SFT, reward, DPO (offline and on-policy) and RLOO; the single-process tools refusing a multi-process launch; the
+batch, for SFT, reward, DPO (offline and on-policy), RLOO and PPO; the single-process tools refusing a multi-process launch; the
 accelerate configs for GPU users, parsed and turned into launch commands by accelerate itself.
 
 Why the 2-rank and 1-rank loss curves must agree: the same seed gives the same LoRA init and
@@ -53,7 +53,7 @@ import pytest
 from tests.conftest import REPO, assert_ok, run_stage
 
 LOSS_TOLERANCE = 1e-3  # relative, per logged step (see the module docstring)
-ORDER_MARGIN = {"sft": 2, "reward": 10, "dpo": 4, "rloo": 4}  # another shuffle must move the curve this much more than 2 ranks do
+ORDER_MARGIN = {"sft": 2, "reward": 10, "dpo": 4, "rloo": 4, "ppo": 4}  # another shuffle must move the curve this much more than 2 ranks do
 MAX_STEPS = 4
 GLOBAL_BATCH = 4
 
@@ -323,7 +323,74 @@ def test_rloo_two_ranks_match_one_rank_on_the_same_global_batch(runs_root, cold_
            batch=8, control="another seed")
 
 
-@pytest.mark.parametrize("stage", ["candidates", "compare", "compare_human", "ppo", "annotators"])
+@pytest.mark.slow
+def test_ppo_two_ranks_match_one_rank_on_the_same_rollouts(runs_root, cold_dry):
+    """Our PPO update under torchrun: rank 0 samples and scores each update's rollouts (seeded per
+    update) and sends them to every rank; the no-grad forwards and each minibatch's forward and
+    backward passes are split by rows, the gradients summed across ranks (align/processes.py), so
+    both ranks step the weights a single process would. 2 updates x 8 rollouts, 2 epochs x 2
+    minibatches of 4 (2 rows per rank): 8 steps. fp32 and the hf backend, as for on-policy DPO and
+    RLOO. Update 1's rollouts are the 1-rank run's byte for byte; its first step's policy loss is
+    the whitened advantages' mean, ~0, so the curves compared are the gradient norms of policy and
+    critic at every step; update 2 samples the pushed policy and is compared sample by sample. The
+    control is another seed (PPO's seed orders prompts and minibatches)."""
+    parents = runs_root / cold_dry["run"]
+    common = ["--sft_dir", str(parents / "sft"), "--reward_dir", str(parents / "reward"),
+              "--ranked_files", str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]),
+              "--updates", "2", "--prompts_per_update", "8", "--samples_per_prompt", "1", "--max_new_tokens", "6",
+              "--num_ppo_epochs", "2", "--num_mini_batches", "2", "--micro_batch_size", "4",
+              "--forward_batch_size", "4", "--learning_rate", "0.003", "--critic_learning_rate", "0.003",
+              "--push_check_prompts", "1", "--push_check_tokens", "4",
+              "--generation_backend", "hf", "--precision", "fp32",
+              "--eval_max_new_tokens", "8", "--eval_samples_per_prompt", "1", "--report_to", "none"]
+
+    def curve(run: str, key: str) -> list:
+        rows = (runs_root / run / "ppo" / "logs" / "steps.jsonl").read_text().splitlines()
+        return [row[key] for row in map(json.loads, rows)]
+
+    def rollouts(run: str, number: int) -> list:
+        return (runs_root / run / "ppo" / "rollouts" / f"update-{number}-samples.jsonl").read_text().splitlines()
+
+    def largest(curve: list, other: list) -> float:
+        assert len(curve) == len(other) == 8
+        return max(abs(a - b) / abs(a) for a, b in zip(curve, other))
+
+    single, single_s = run_single("ppo", "--run", "dist-ppo-1", "--seed", "7", *common)
+    assert_ok(single)
+    other, _ = run_single("ppo", "--run", "dist-ppo-seed", "--seed", "8", *common)
+    assert_ok(other)
+    ranks, ranks_s = run_ranks("ppo", 2, "--seed", "7", "--run", "dist-ppo-2", *common)
+    assert_ok(ranks)
+
+    one = finished_output(runs_root, "dist-ppo-1", "ppo")
+    two = finished_output(runs_root, "dist-ppo-2", "ppo")
+    folder = runs_root / "dist-ppo-2" / "ppo"
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert one["effective_batch"] == two["effective_batch"] == 8 and two["minibatch_rollouts"] == 4
+    log = (folder / "logs" / "stage.log").read_text()
+    (line,) = [line for line in log.splitlines() if line.startswith("[ppo] 2 processes:")]
+    assert "rank 0 pid" in line and "rank 1 pid" in line, line
+    assert "[ppo] effective batch 8 rollouts per update, 2 minibatches of 4 = ~2 per process x 2 processes" in log
+    assert rollouts("dist-ppo-2", 1) == rollouts("dist-ppo-1", 1) and len(rollouts("dist-ppo-1", 1)) == 8
+    same = sum(a == b for a, b in zip(rollouts("dist-ppo-1", 2), rollouts("dist-ppo-2", 2)))
+    assert same >= 7, same
+    differences = {}
+    for key in ("grad_norm/policy", "grad_norm/critic"):
+        differences[key] = largest(curve("dist-ppo-1", key), curve("dist-ppo-2", key))
+        assert differences[key] <= LOSS_TOLERANCE, (key, curve("dist-ppo-1", key), curve("dist-ppo-2", key))
+        assert largest(curve("dist-ppo-1", key), curve("dist-ppo-seed", key)) > ORDER_MARGIN["ppo"] * max(
+            differences[key], 1e-6), key
+    assert ranks.stdout.count("[ppo] update 1/2:") == 1 and ranks.stdout.count("ppo vs sft:") == 1, ranks.stdout
+    assert two["metrics"]["mean_reward_sft"] == pytest.approx(one["metrics"]["mean_reward_sft"])
+    assert two["metrics"]["train_steps"] == 8
+    assert (folder / "adapter" / "adapter_config.json").is_file() and (folder / "model" / "README.md").is_file()
+    for key in ("grad_norm/policy", "grad_norm/critic"):
+        print(f"\n[ppo] {key}: 1 rank {curve('dist-ppo-1', key)} ({single_s:.0f} s)\n[ppo] {key}: 2 ranks "
+              f"{curve('dist-ppo-2', key)} ({ranks_s:.0f} s)\n[ppo] {key}: another seed {curve('dist-ppo-seed', key)}")
+    print(f"[ppo] largest relative differences, 2 ranks vs 1: {differences}; update 2 rollouts equal: {same}/8")
+
+
+@pytest.mark.parametrize("stage", ["candidates", "compare", "compare_human", "annotators"])
 def test_single_process_tools_refuse_a_multi_process_launch(stage):
     """Started as rank 0 of 2 (what torchrun tells each process), they stop before parsing anything."""
     result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=REPO, capture_output=True, text=True,
@@ -331,8 +398,6 @@ def test_single_process_tools_refuse_a_multi_process_launch(stage):
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: stages.{stage} runs as a single process (") and "without torchrun" in line
-    if stage == "ppo":
-        assert "multi-process online loops" in line and "issue 13" in line
 
 
 def test_fit_to_hardware_sets_ddp_defaults_and_keeps_the_users(tmp_path):
