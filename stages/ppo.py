@@ -341,7 +341,7 @@ class UpdateLoop:
 
         args, number = self.args, index + 1
         settings = SamplingSettings(n=args.samples_per_prompt, temperature=args.temperature,
-                                    max_new_tokens=args.max_new_tokens, seed=args.seed * 1000 + index)
+                                    max_new_tokens=args.max_new_tokens, seed=online.round_seed(args.seed, index))
         round_set = online.round_prompts(self.prompts, index, args.prompts_per_update, args.seed)
         fresh = None
         if generator is not None:  # rank 0 (every process in a single-process run)

@@ -18,7 +18,8 @@ rollouts/rollouts.jsonl (every scored training sample), logs/ (stage.log, steps.
 TRL's metrics per step, and per `report_to` tensorboard/ and/or wandb/), config.yaml,
 manifest.json (parent: the SFT stage; reward_model: the reward stage).
 
-One step (TRL's RLOO): `per_device_train_batch_size / num_generations` prompts, each sampled
+One step (TRL's RLOO): `per_device_train_batch_size x gradient_accumulation_steps /
+num_generations` prompts per process (sampled at once, trained in micro-batches), each sampled
 `num_generations` times through align.generation (vLLM where the probe measured it faster;
 the policy's weights pushed after every optimiser step); rewards from the reward model, a cut
 answer `truncation_penalty` lower; minus beta x the sequence's k1 KL to the reference;
@@ -144,9 +145,11 @@ def main(argv=None):
                     model=policy, reward_funcs=reward_function, args=trainer_args,
                     train_dataset=Dataset.from_list([{"prompt": prompt} for prompt in prompts]),
                     processing_class=tokenizer, peft_config=peft_config)
-                out.say(f"[rloo] {trainer_args.max_steps} steps x {trainer_args.per_device_train_batch_size} samples "
-                        f"per process ({trainer_args.per_device_train_batch_size // rloo_config.num_generations} prompts "
-                        f"x {rloo_config.num_generations}), {len(prompts)} train prompts, {len(heldout.records)} "
+                per_step = trainer_args.per_device_train_batch_size * trainer_args.gradient_accumulation_steps
+                out.say(f"[rloo] {trainer_args.max_steps} steps x {per_step} samples per process "
+                        f"({per_step // rloo_config.num_generations} prompts x {rloo_config.num_generations}, in "
+                        f"micro-batches of {trainer_args.per_device_train_batch_size}), {len(prompts)} train prompts, "
+                        f"{len(heldout.records)} "
                         f"held-out prompts; reference = "
                         f"{'the adapter-disabled SFT model' if peft_config else 'a frozen copy'}")
                 result = timed_training(timer, lambda: checkpoints.train(trainer))
