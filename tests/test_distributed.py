@@ -282,7 +282,8 @@ def test_rloo_two_ranks_match_one_rank_on_the_same_global_batch(runs_root, cold_
     parents = runs_root / cold_dry["run"]
     common = ["--sft_dir", str(parents / "sft"), "--reward_dir", str(parents / "reward"),
               "--ranked_files", str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]),
-              "--max_steps", str(MAX_STEPS), "--num_generations", "4", "--max_completion_length", "8",
+              "--max_steps", str(MAX_STEPS), "--gradient_accumulation_steps", "1", "--num_generations", "4",
+              "--max_completion_length", "8",
               "--learning_rate", "0.003", "--warmup_steps", "0", "--logging_steps", "1", "--save_steps", "100",
               "--generation_backend", "hf", "--precision", "fp32",
               "--eval_max_new_tokens", "8", "--eval_samples_per_prompt", "1", "--report_to", "none"]
@@ -353,7 +354,8 @@ def test_ppo_two_ranks_match_one_rank_on_the_same_rollouts(runs_root, cold_dry):
 
     def largest(curve: list, other: list) -> float:
         assert len(curve) == len(other) == 8
-        return max(abs(a - b) / abs(a) for a, b in zip(curve, other))
+        # relative, except where the 1-rank value is 0: the critic's last step can be, every value clipped
+        return max(abs(a - b) / abs(a) if a else abs(b) for a, b in zip(curve, other))
 
     single, single_s = run_single("ppo", "--run", "dist-ppo-1", "--seed", "7", *common)
     assert_ok(single)

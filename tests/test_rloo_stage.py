@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 PENALTY = 1.0
 STEPS, BATCH, GENERATIONS, CAP = 8, 16, 4, 8
-RLOO_ARGS = ("--max_steps", str(STEPS), "--per_device_train_batch_size", str(BATCH), "--num_generations",
+RLOO_ARGS = ("--max_steps", str(STEPS), "--per_device_train_batch_size", str(BATCH), "--gradient_accumulation_steps",
+             "1", "--num_generations",
              str(GENERATIONS), "--max_completion_length", str(CAP), "--learning_rate", "0.003", "--warmup_steps", "0",
              "--eval_max_new_tokens", "16", "--eval_samples_per_prompt", "4", "--truncation_penalty", str(PENALTY),
              "--precision", "fp32", "--generation_backend", "vllm", "--generation_dtype", "fp32",
@@ -115,3 +116,37 @@ def test_trl_vllm_flag_is_refused_in_one_line(cold_dry):
     assert result.returncode == 2
     assert "use_vllm" in result.stderr and "generation_backend" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_micro_batches_train_what_one_batch_trains(runs_root, cold_dry):
+    """The default trains a step's 16 samples 4 at a time (gradient accumulation 4) to halve the
+    memory; that must be the same step as one batch of 16: TRL's RLOO loss is a mean over
+    sequences and the Trainer divides each micro-batch's by the accumulation. 2 steps from the same
+    seed (fp32, hf backend): the same rollouts (all 16 sampled at once either way), the same
+    gradient norms; a run with another seed is the control."""
+    common = ["--ranked_files", str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]),
+              "--sft_dir", str(runs_root / cold_dry["run"] / "sft"), "--reward_dir",
+              str(runs_root / cold_dry["run"] / "reward"), "--max_steps", "2", "--num_generations", "4",
+              "--max_completion_length", "8", "--learning_rate", "0.003", "--warmup_steps", "0",
+              "--generation_backend", "hf", "--precision", "fp32", "--eval_limit", "2",
+              "--eval_max_new_tokens", "4", "--eval_samples_per_prompt", "1", "--report_to", "none",
+              "--save_steps", "100"]
+    runs = {"whole": ("16", "1", "7"), "micro": ("4", "4", "7"), "other-seed": ("16", "1", "8")}
+    for name, (batch, accumulation, seed) in runs.items():
+        assert_ok(run_stage("rloo", "--run", f"rloo-{name}", "--per_device_train_batch_size", batch,
+                            "--gradient_accumulation_steps", accumulation, "--seed", seed, *common))
+
+    def norms(name: str) -> list[float]:
+        return [row["grad_norm"] for row in read_rows(runs_root / f"rloo-{name}" / "rloo" / "logs" / "steps.jsonl")]
+
+    def rollouts(name: str) -> list:
+        return [(row["step"], row["response"], row["reward"])
+                for row in read_rows(runs_root / f"rloo-{name}" / "rloo" / "rollouts" / "rollouts.jsonl")]
+
+    manifest = json.loads((runs_root / "rloo-micro" / "rloo" / "manifest.json").read_text())
+    assert manifest["effective_batch"] == 16 and len(rollouts("micro")) == 32
+    assert rollouts("micro") == rollouts("whole")
+    whole, micro, other = norms("whole"), norms("micro"), norms("other-seed")
+    assert len(whole) == len(micro) == 2
+    assert micro == pytest.approx(whole, rel=1e-4), (whole, micro)
+    assert other != pytest.approx(whole, rel=1e-2), (whole, other)
