@@ -206,8 +206,8 @@ def main(argv=None):
         with trackers.open_trackers(tracker_names, out, config) as tracked:
             timer = online.PhaseTimer(PHASES)
             out.say(f"[ppo] {args.updates} updates x {args.prompts_per_update * args.samples_per_prompt} rollouts, "
-                  f"{len(prompts)} train prompts, {len(heldout.records)} held-out prompts; reference = "
-                  f"{'the adapter-disabled SFT model' if peft_config else 'a frozen copy of the SFT model'}; "
+                    f"{len(prompts)} train prompts, {len(heldout.records)} held-out prompts; reference = "
+                    f"{'the adapter-disabled SFT model' if peft_config else 'a frozen copy of the SFT model'}; "
                     f"critic from {reward.model_path}")
 
             checkpoints = resume.UpdateCheckpoints(out, fingerprint, parsed.force)
@@ -327,8 +327,8 @@ class UpdateLoop:
             row.update(self.timer.as_metrics())  # cumulative seconds per phase after this update
             rows.append(row)
             self.out.say(f"[ppo] update {index + 1}/{self.args.updates}: score {row['objective/scores']:.3f}, "
-                  f"KL {row['objective/kl']:.3f}, clipfrac {row['policy/clipfrac_avg']:.3f}, "
-                  f"value loss {row['loss/value_avg']:.4f}, explained var {row['critic/vf_explained_var']:.2f}, "
+                         f"KL {row['objective/kl']:.3f}, clipfrac {row['policy/clipfrac_avg']:.3f}, "
+                         f"value loss {row['loss/value_avg']:.4f}, explained var {row['critic/vf_explained_var']:.2f}, "
                          f"length {row['response/length_mean']:.1f}, {row['update_s']:.1f} s")
             self.tracked.log("update", row, index + 1, skip=("update",))
             self.checkpoints.save_update(index + 1, self.updater, {
