@@ -111,6 +111,16 @@ def on_main(items: list, work) -> list:
     return results[start : start + len(everyone[dist.get_rank()])]
 
 
+def sharding_launcher() -> str | None:
+    """The variable by which `accelerate launch` asked for DeepSpeed or FSDP (ACCELERATE_USE_DEEPSPEED,
+    ACCELERATE_USE_FSDP), or None. For code that does not train through accelerate and so could
+    not apply that sharding."""
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        if os.environ.get(name, "").lower() == "true":
+            return name
+    return None
+
+
 def describe_all() -> str:
     """`rank 0 pid 12 on host, rank 1 pid 13 on host`, gathered from every rank: proof that they all ran."""
     me = f"rank {current().rank} pid {os.getpid()} on {socket.gethostname()}"

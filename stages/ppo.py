@@ -164,6 +164,7 @@ def main(argv=None):
     parsed = parse_stage_config("ppo", (PPOStageArgs, online.HeldOutArgs, online.GenerationArgs, ModelConfig), argv)
     args, heldout_args, sampler, model_args = parsed
     check_args(args)
+    refuse_sharding_launch()
     tracker_names = trackers.requested_trackers(args.report_to)
 
     # Inputs, parents and the reward model, all checked before the policy loads.
@@ -175,8 +176,9 @@ def main(argv=None):
         return
     bf16 = hardware.use_bf16(args.precision)
     # Several processes: rank 0 alone samples and scores; every rank trains its share of the rows.
-    samples_here = processes.current().is_main
-    check_world_size(args, processes.current().world_size)
+    me = processes.current()
+    samples_here = me.is_main
+    check_world_size(args, me.world_size)
     scorer = sampler.scorer(args.run, args.reward_gate_policy, args.reward_dir, bf16) if samples_here else None
     reward = scorer.checkpoint if scorer is not None else runs.find_checkpoint(args.run, ["reward"], args.reward_dir)
     check_same_tokenizer(sft, reward)
@@ -246,6 +248,16 @@ def main(argv=None):
     summary("ppo", updates=f"{len(update_rows)} ({updater.steps} steps)", clipfrac=f"{m['clipfrac_mean']:.3f}",
             **online.summary_fields("ppo", m, timer.phases), output=str(out.path))
     print(verdict["verdict_line"], flush=True)
+
+
+def refuse_sharding_launch() -> None:
+    """PPO's update is hand-written plain data parallelism, not accelerate's: under a DeepSpeed or
+    FSDP launch it would silently not shard, so that is refused before anything loads."""
+    sharding = processes.sharding_launcher()
+    if sharding:
+        raise ConfigError(f"launched with a DeepSpeed/FSDP accelerate config ({sharding}=true), but PPO's hand-written "
+                          "update is plain data parallelism and would not shard; use torchrun or "
+                          "configs/accelerate/ddp.yaml")
 
 
 def check_world_size(args: PPOStageArgs, world_size: int) -> None:

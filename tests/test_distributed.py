@@ -402,6 +402,20 @@ def test_single_process_tools_refuse_a_multi_process_launch(stage):
     assert line.startswith(f"error: stages.{stage} runs as a single process (") and "without torchrun" in line
 
 
+@pytest.mark.parametrize("config", ["deepspeed_zero3", "fsdp2"])
+def test_ppo_refuses_a_sharding_launch_in_one_line(config):
+    """PPO trains outside accelerate: launched with a DeepSpeed or FSDP config (the variable that
+    accelerate's own launch code sets), it stops before loading anything instead of not sharding."""
+    launched = launch_environment(REPO / "configs" / "accelerate" / f"{config}.yaml", "-m", "stages.sft", "--run", "gpu")
+    flags = {name: value for name, value in launched.items() if name.startswith("ACCELERATE_USE_")}
+    assert "true" in flags.values(), flags
+    result = subprocess.run([sys.executable, "-m", "stages.ppo"], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, **flags}, timeout=300)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "DeepSpeed/FSDP" in line and "torchrun" in line, line
+
+
 def test_fit_to_hardware_sets_ddp_defaults_and_keeps_the_users(tmp_path):
     from trl import SFTConfig
 
