@@ -15,7 +15,9 @@ also the output projection (a tied causal LM), not in a reward model or critic.
 Attention's own term (2 x layers x context x width per token) is left out: at these
 lengths (< 512 tokens) it is under 5% of 2F for SmolLM2-135M. Only real tokens count,
 never padding: padding is waste, not work, so the fraction of peak says how much of the
-machine the useful work used. Several processes: each counts its own share.
+machine the useful work used. Where a trainer's batches are counted too (`count_positions`,
+from `align.training.counted`), a phase also reports its padding: positions computed per real
+token, less one (+41% = 1.41 positions per real token). Several processes: each counts its own share.
 
 Peak: a 2048 x 2048 matmul in the dtype the phase ran in, per machine, thread count and
 dtype: the best timing on record in $ALIGN_CACHE/matmul-peak.json, to which every report
@@ -75,12 +77,16 @@ class Ledger:
         self.flops: dict[str, float] = defaultdict(float)
         self.tokens: dict[str, int] = defaultdict(int)
         self.seconds: dict[str, float] = defaultdict(float)
+        self.positions: dict[str, int] = defaultdict(int)  # padded batch positions, where counted
         self.open: list[str] = []
 
     def add(self, flops: float, tokens: int) -> None:
         name = self.open[-1] if self.open else "other"
         self.flops[name] += flops
         self.tokens[name] += tokens
+
+    def add_positions(self, positions: int) -> None:
+        self.positions[self.open[-1] if self.open else "other"] += positions
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -107,6 +113,11 @@ def count_forward(sizes: Sizes, tokens: int, headless_tokens: int = 0) -> None:
 
 def count_training(sizes: Sizes, tokens: int, headless_tokens: int = 0) -> None:
     LEDGER.add(training_flops(sizes, tokens, headless_tokens), tokens)
+
+
+def count_positions(positions: int) -> None:
+    """Batch positions a trainer computed (rows x padded width), real tokens and padding alike."""
+    LEDGER.add_positions(positions)
 
 
 def sizes(model) -> Sizes:
@@ -215,17 +226,21 @@ def report(dtype: str, seconds: dict[str, float] | None = None, phase_dtypes: di
     for name in named:
         flops = ledger.flops[name]
         kind = phase_dtypes.get(name, dtype)
-        phases[name] = _row(flops, ledger.tokens[name], seconds.get(name, 0.0), kind, peak(kind))
+        phases[name] = _row(flops, ledger.tokens[name], seconds.get(name, 0.0), kind, peak(kind),
+                            ledger.positions.get(name))
     if len(phases) > 1:
         phases["total"] = _row(sum(ledger.flops.values()), sum(ledger.tokens.values()),
                                sum(seconds.get(name, 0.0) for name in ledger.flops), dtype, peak(dtype))
     return {"dtype": dtype, "peak_flops_per_s": {kind: peaks[kind] for kind in sorted(peaks)}, "phases": phases}
 
 
-def _row(flops: float, tokens: int, seconds: float, dtype: str, peak: float) -> dict:
+def _row(flops: float, tokens: int, seconds: float, dtype: str, peak: float, positions: int | None = None) -> dict:
     rate = flops / seconds if seconds > 0 else None
-    return {"flops": flops, "tokens": tokens, "seconds": round(seconds, 2), "flops_per_s": rate, "dtype": dtype,
-            "peak_fraction": rate / peak if rate is not None and peak > 0 else None}
+    row = {"flops": flops, "tokens": tokens, "seconds": round(seconds, 2), "flops_per_s": rate, "dtype": dtype,
+           "peak_fraction": rate / peak if rate is not None and peak > 0 else None}
+    if positions and tokens:
+        row.update(positions=positions, padding=positions / tokens - 1.0)
+    return row
 
 
 SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32"}
@@ -242,8 +257,13 @@ def summary_text(cost: dict) -> str:
         text = f"{name} {row['flops'] / 1e12:.2f} TFLOP"
         if row["peak_fraction"] is not None:
             text += f" at {row['peak_fraction']:.0%}"
+        notes = []
         if row["dtype"] != cost["dtype"]:
-            text += f" ({SHORT_DTYPE.get(row['dtype'], row['dtype'])})"
+            notes.append(SHORT_DTYPE.get(row["dtype"], row["dtype"]))
+        if row.get("padding") is not None:
+            notes.append(f"{row['padding']:+.0%} padding")
+        if notes:
+            text += f" ({', '.join(notes)})"
         parts.append(text)
     peaks = ", ".join(f"{SHORT_DTYPE.get(k, k)} {v / 1e9:.0f}" for k, v in cost["peak_flops_per_s"].items())
     return " | ".join(parts) + f" of peak ({peaks} GFLOP/s)"

@@ -79,15 +79,43 @@ def counted(trainer, reference_forward: bool = False):
 
     start = TokensAtStart()
     trainer.add_callback(start)
+    positions = PositionCounter(trainer.data_collator)
+    trainer.data_collator = positions
     try:
         yield
     finally:
         trainer.remove_callback(start)
+        trainer.data_collator = positions.collator
     tokens = (int(trainer.state.num_input_tokens_seen or 0) - start.tokens) // processes.current().world_size
     sizes = cost.sizes(trainer.model)
     cost.count_training(sizes, tokens)
     if reference_forward:
         cost.count_forward(sizes, tokens)
+    if positions.count and tokens:  # this process's batches; the reference forward runs over them too
+        cost.count_positions(positions.count * (2 if reference_forward else 1))
+
+
+class PositionCounter:
+    """Wraps a Trainer's data collator and adds up the positions its batches hold (`input_ids`:
+    rows x padded width), which the model computes whether they are real tokens or padding:
+    the padding figure of the stage's cost report. Batches without `input_ids` count nothing, and
+    neither do batches collated in dataloader worker processes (`dataloader_num_workers` > 0)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.count = 0
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        input_ids = batch.get("input_ids") if hasattr(batch, "get") else None
+        if input_ids is not None and hasattr(input_ids, "numel"):
+            self.count += int(input_ids.numel())
+        return batch
+
+    def __getattr__(self, name):  # the Trainer reads e.g. `tokenizer` off its collator
+        if name == "collator":
+            raise AttributeError(name)
+        return getattr(self.collator, name)
 
 
 def count_reference_pass(dpo_trainer) -> None:

@@ -57,6 +57,21 @@ def test_report_divides_by_the_phase_time_and_the_peak_of_its_dtype(ledger):
     assert text == "train 0.00 TFLOP at 40% | score 0.00 TFLOP at 20% (fp32) | total 0.00 TFLOP at 17% of peak (bf16 0, fp32 0 GFLOP/s)"
 
 
+def test_padding_is_reported_where_a_trainer_counted_its_batch_positions(ledger):
+    """Positions computed per real token, less one; phases whose batches nobody counted say nothing."""
+    one = cost.Sizes(forward=1000, head=0, backward=0, trainable=0)
+    with cost.phase("train"):
+        cost.count_forward(one, 100)
+        cost.count_positions(141)
+    with cost.phase("score"):
+        cost.count_forward(one, 50)
+    report = cost.report("float32", seconds={"train": 1.0, "score": 1.0}, peaks={"float32": 1e6})
+    train, score, total = (report["phases"][name] for name in ("train", "score", "total"))
+    assert train["positions"] == 141 and train["padding"] == pytest.approx(0.41)
+    assert "padding" not in score and "padding" not in total
+    assert cost.summary_text(report).startswith("train 0.00 TFLOP at 20% (+41% padding) | score 0.00 TFLOP at 10% |")
+
+
 def test_a_stage_that_counted_nothing_says_so(ledger):
     """The openai backend samples in a server: no FLOPs here, and the summary says so, not '0%'."""
     report = cost.report("float32", seconds={"generate": 2.0}, peaks={"float32": 1.0})
@@ -152,7 +167,8 @@ def test_a_trainer_counts_real_tokens_not_padding(ledger, tiny_model_dir, tmp_pa
     lengths = [5, 9, 3, 7]
     rows = Dataset.from_list([{"input_ids": list(range(1000, 1000 + n))} for n in lengths])
     args = training.fit_to_hardware(TrainingArguments(per_device_train_batch_size=2, num_train_epochs=1,
-                                                      report_to="none"), "fp32", tmp_path)
+                                                      train_sampling_strategy="sequential", report_to="none"),
+                                    "fp32", tmp_path)
     trainer = Trainer(model=model, args=args, train_dataset=rows,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     with cost.phase("train"), training.counted(trainer, reference_forward=True):
@@ -162,3 +178,6 @@ def test_a_trainer_counts_real_tokens_not_padding(ledger, tiny_model_dir, tmp_pa
     assert ledger.tokens["train"] == 2 * sum(lengths)  # the training pass, then the reference forward
     # backward: from the final norm up (norm and the tied head); the weight gradient: the norm's
     assert ledger.flops["train"] == 2 * (every + (norm + head) + norm) * 24 + 2 * every * 24
+    # the padded batches [5, 9] and [3, 7] hold 2 x 9 + 2 x 7 positions, computed by both passes
+    assert ledger.positions["train"] == 2 * (2 * 9 + 2 * 7)
+    assert trainer.data_collator.__class__ is DataCollatorForLanguageModeling  # the wrapper is gone again
