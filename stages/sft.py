@@ -17,7 +17,8 @@ Features and assumptions
     - LoRA by default (`use_peft: false` for full fine-tuning); the merged model is
       what later stages load.
     - CPU-tuned defaults: no gradient checkpointing, no packing, bf16 autocast only
-      where the CPU has native bf16 (`precision: auto`).
+      where the CPU has native bf16 (`precision: auto`), batches of examples of similar
+      length (`train_sampling_strategy: group_by_length`: little padding).
 
 Several processes: `torchrun --nproc_per_node N -m stages.sft ...` or `accelerate launch`
 (README: Many GPUs, many machines); rank 0 alone writes runs/ (align/runs.py).
