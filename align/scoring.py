@@ -53,13 +53,17 @@ def reward_ids(tokenizer, text: str) -> list[int]:
 
 def reward_dataset(tokenizer, pairs: list[dict], use_margin: bool = False):
     """A TRL RewardTrainer dataset: plain-text chosen/rejected in THE layout (TRL adds nothing
-    to a text that already ends with eos), plus `margin` when asked (TRL subtracts it in the loss)."""
+    to a text that already ends with eos), plus `margin` when asked (TRL subtracts it in the loss),
+    and `length`: the longer side's tokens, which TRL's collator pads both sides to, for
+    transformers' length-grouped sampler (`train_sampling_strategy: group_by_length`)."""
     from datasets import Dataset
 
     rows = {
         "chosen": [reward_text(tokenizer, pair["prompt"], pair["chosen"]) for pair in pairs],
         "rejected": [reward_text(tokenizer, pair["prompt"], pair["rejected"]) for pair in pairs],
     }
+    rows["length"] = [max(len(reward_ids(tokenizer, chosen)), len(reward_ids(tokenizer, rejected)))
+                      for chosen, rejected in zip(rows["chosen"], rows["rejected"])]
     if use_margin:
         rows["margin"] = [float(pair["margin"]) for pair in pairs]
     return Dataset.from_dict(rows)

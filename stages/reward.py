@@ -15,6 +15,8 @@ Features and assumptions
     - Rankings become pairs by align.preferences (ties, several annotators, bad
       rankings reported with file:line); the held-out split is by prompt.
     - TRL RewardTrainer, LoRA with the `score` head trained in full; pad != eos.
+    - `train_sampling_strategy: group_by_length` batches pairs of similar length (TRL pads
+      both sides of every pair in a batch to its longest text); random batches by default.
     - The text scored is align.scoring.reward_text, in training, in the
       evaluation here and in every later stage.
     - Quality gate on the held-out pairs: pairwise accuracy, mean margin,
@@ -77,10 +79,17 @@ class RewardStageArgs:
                 "backward stops there; 0 or None = every layer"})
 
 
+LENGTH_SAMPLERS = ("group_by_length", "batch_rebalance")  # transformers' samplers that read a length per row
+
+
 def main(argv=None):
     parsed = parse_stage_config("reward", (RewardStageArgs, ModelConfig, RewardConfig), argv)
     args, model_args, reward_config = parsed
     tracker_names = trackers.requested_trackers(reward_config.report_to)
+    if reward_config.train_sampling_strategy in LENGTH_SAMPLERS:
+        # the sampler reads the dataset's `length` column (scoring.reward_dataset), which the Trainer
+        # would drop as no argument of the model's forward; TRL's collator ignores the extra columns
+        reward_config.remove_unused_columns = False
     if not args.ranked_files and not args.argilla_dataset:
         raise ConfigError("ranked_files is empty and argilla_dataset is not set: nothing to train on")
 

@@ -203,3 +203,33 @@ def test_trl_preference_pairs_in_parquet_train_the_stage(runs_root, tiny_sft_run
         + metrics.get("dropped_too_long_heldout", 0) == len(rows) - 1
     assert f"{path}:{len(rows)}: chosen[0].role: must be 'assistant'" in result.stderr  # the bad row, named
     assert [entry["sha256"] for entry in facts["inputs"] if entry["path"] == str(path)] == [files.sha256_file(path)]
+
+
+def test_pairs_of_similar_length_share_a_batch(runs_root, tiny_sft_run, tmp_path):
+    """`train_sampling_strategy: group_by_length` batches pairs of similar length (transformers'
+    sampler on the `length` column the stage adds): over one epoch of pairs of 1 to ~170 words,
+    the stage's cost report shows far less padding than with random batches (the default). TRL
+    pads both sides of every pair in a batch to its longest text, so random batches of the
+    example data are 85% padding; grouped 23% (a pair's two sides still differ)."""
+    import random
+
+    rng = random.Random(0)
+    words = [rng.randint(1, 150) for _ in range(160)]  # the two answers to a prompt: within 20 words
+    ranked = [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": f"Question {i}?"}],
+               "responses": [{"text": " ".join(["good"] * count), "rank": 1},
+                             {"text": " ".join(["bad"] * (count + rng.randint(0, 20))), "rank": 2}], "annotator": "t"}
+              for i, count in enumerate(words)]
+    path = write_jsonl(tmp_path / "ranked.jsonl", ranked)
+    padding = {}
+    for strategy in ("group_by_length", "random"):
+        run = f"lengths-{strategy}"
+        (runs_root / run).mkdir()
+        (runs_root / run / "sft").symlink_to(runs_root / tiny_sft_run / "sft")
+        result = run_stage("reward", "--run", run, "--ranked_files", str(path), "--num_train_epochs", "1",
+                           "--precision", "fp32", "--lora_top_layers", "1", "--gate_max_abs_length_corr", "1.0",
+                           "--train_sampling_strategy", strategy)
+        assert_ok(result)
+        facts = manifest(runs_root, run)
+        assert facts["config"]["train_sampling_strategy"] == strategy
+        padding[strategy] = facts["metrics"]["cost"]["phases"]["train"]["padding"]
+    assert padding["group_by_length"] < 0.5 * padding["random"], padding  # 0.19 against 0.60 when written
