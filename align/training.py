@@ -65,7 +65,8 @@ def counted(trainer, reference_forward: bool = False):
     """Count the training run inside into the open cost phase (align/cost.py): forward and backward
     over the real tokens the Trainer saw (its `num_input_tokens_seen`, set by `fit_to_hardware`;
     summed over processes, so each counts its share), plus one reference forward per token when
-    `reference_forward` (DPO without precomputed reference log-probs). The count starts where the
+    `reference_forward` (DPO without precomputed reference log-probs), and the positions its batches
+    held, padding included (`PositionCounter`: the phase's padding figure). The count starts where the
     Trainer's state starts training: a resumed run's state carries the killed run's tokens."""
     from transformers import TrainerCallback
 

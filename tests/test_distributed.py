@@ -126,9 +126,9 @@ def report(stage: str, single: tuple, ranks: tuple, shuffled: list, batch: int =
           f"\n[{stage}] 1 rank, {control}: {shuffled}")
 
 
-# SFT and reward group rows by length by default (transformers' sampler), which sizes its mega-batches
-# by the per-device batch: 2 ranks x 2 then order rows unlike 1 rank x 4. These tests compare the
-# gradient arithmetic on one global batch, so they pin plain random batches.
+# SFT groups rows by length by default (transformers' sampler; reward can, with the same key), and the
+# sampler sizes its mega-batches by the per-device batch: 2 ranks x 2 then order rows unlike 1 rank x 4.
+# These tests compare the gradient arithmetic on one global batch, so they pin plain random batches.
 RANDOM_BATCHES = ("--train_sampling_strategy", "random")
 
 
