@@ -129,8 +129,10 @@ def write_reward_report(folder: Path, run: str, pair_report, split: dict, metric
                   f"bootstrap interval {low:.3f}-{high:.3f}). ECE: each pair read both ways, predicted "
                   f"sigmoid(r_A - r_B) against what annotators chose, {calibration_bins} equal-width bins. "
                   f"Length correlation: Spearman between score and response length over the distinct held-out "
-                  f"responses; for reference, the chosen response is the longer one in "
-                  f"{metrics['chosen_longer_fraction']:.0%} of held-out pairs.", "",
+                  f"responses. The chosen response is the longer one in "
+                  f"{metrics['chosen_longer_fraction']:.0%} of held-out pairs; the model scores the longer one "
+                  f"higher in {metrics['longer_scored_higher_fraction']:.0%} (far apart: it leans on length; "
+                  "`length_decorrelation` in configs/reward.yaml).", "",
                   f"![calibration]({REWARD_PLOTS['calibration']}) ![score vs length]({REWARD_PLOTS['length']})"]
     else:
         lines.append("Not measured: " + "; ".join(gate.reasons))

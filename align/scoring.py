@@ -51,11 +51,13 @@ def reward_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-def reward_dataset(tokenizer, pairs: list[dict], use_margin: bool = False):
+def reward_dataset(tokenizer, pairs: list[dict], use_margin: bool = False, response_lengths: bool = False):
     """A TRL RewardTrainer dataset: plain-text chosen/rejected in THE layout (TRL adds nothing
     to a text that already ends with eos), plus `margin` when asked (TRL subtracts it in the loss),
     and `length`: the longer side's tokens, which TRL's collator pads both sides to, for
-    transformers' length-grouped sampler (`train_sampling_strategy: group_by_length`)."""
+    transformers' length-grouped sampler (`train_sampling_strategy: group_by_length`).
+    `response_lengths`: also `chosen_tokens` and `rejected_tokens`, each answer's own length
+    (response_length, as the gate counts it) for align.length_bias's loss term."""
     from datasets import Dataset
 
     rows = {
@@ -66,6 +68,9 @@ def reward_dataset(tokenizer, pairs: list[dict], use_margin: bool = False):
                       for chosen, rejected in zip(rows["chosen"], rows["rejected"])]
     if use_margin:
         rows["margin"] = [float(pair["margin"]) for pair in pairs]
+    if response_lengths:
+        for side in ("chosen", "rejected"):
+            rows[f"{side}_tokens"] = [response_length(tokenizer, pair[side]) for pair in pairs]
     return Dataset.from_dict(rows)
 
 

@@ -1,28 +1,32 @@
-"""Reward model on real human preferences: held-out pairwise accuracy on HH-RLHF (harmless).
+"""Reward model on real human preferences: held-out pairwise accuracy on HH-RLHF (harmless),
+and what the length tools do to it.
 
 Reads ../shared/datasets/hh-rlhf-harmless/pairs.jsonl (1,800 crowdworker
 judgments, `{"chosen", "rejected"}` dialogues; outside the repository and never
 copied into it), hands the file as it is to the reward stage, which reads
 HH-RLHF text itself (align/data.py: the shared dialogue up to the last
 `Assistant:` becomes the prompt messages, the two final assistant answers the
-ranked responses), and trains a reward model on part of it by running the real stage, `python -m stages.reward`, from the default model
-(no SFT parent), in a temporary runs folder. Reported side by side on the same
-held-out prompts: the reward model's pairwise accuracy (with its bootstrap
-interval) and two baselines, "prefer the shorter answer" and "prefer the longer
-answer" (harmless answers are often short refusals, so length alone is a
-real competitor).
+ranked responses), and trains a reward model on part of it by running the real
+stage, `python -m stages.reward`, from the default model (no SFT parent), once per
+variant, each in its own temporary runs folder (same seed: same split, same held-out
+prompts). Reported side by side: pairwise accuracy (with its bootstrap interval),
+the gate's length check (Spearman of score and answer length, |.| <= 0.5), how often
+the model prefers the shorter answer against how often people did, ECE and time;
+and two baselines, "prefer the shorter answer" and "prefer the longer answer"
+(harmless answers are often short refusals, so length alone is a real competitor).
 
-    python bench/bench_reward_hh.py [--train_pairs 1500] [--max_length 256] [-- extra stage args]
+    python bench/bench_reward_hh.py [--train_pairs 1500] [--max_length 512]
+        [--variant NAME="STAGE ARGS" ...] [-- extra stage args for every variant]
 
-Prints "skipped: ... not found" and exits 0 when the data set is absent.
+Variants by default: `plain` (the stage's loss) and `decorrelated`
+(`--length_decorrelation 1`, align/length_bias.py). Prints "skipped: ... not found"
+and exits 0 when the data set is absent.
 
-Measured 2026-11-23 on the 2-core CPU while other jobs loaded it (load 6-9,
-OMP_NUM_THREADS=1), stage defaults (LoRA in the top 8 layers, 1 epoch):
-1,063 pairs trained (the 1,500 minus those over 256 tokens with the chat
-template), 221 held out: accuracy 0.624 (95% CI 0.557-0.688) vs 0.509 for the
-best length baseline; 133 steps, 1,231 s training, 1,400 s stage wall. The
-stage's own gate failed that model on length (Spearman -0.65: it learned that
-short answers, often refusals, are harmless).
+Measured 2026-11-23 on a 2-core AVX-512 CPU while other jobs loaded it, max_length 256
+(1,063 pairs trained: a third of the pairs were longer), LoRA in the top 8 layers,
+1 epoch: accuracy 0.624 (95% CI 0.557-0.688) vs 0.509 for the best length baseline;
+the gate failed that model on length (Spearman -0.65). The README's "Bring your own
+data" section has the newer figures.
 """
 
 from __future__ import annotations
@@ -38,18 +42,22 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "datasets" / "hh-rlhf-harmless" / "pairs.jsonl"
-TARGET = 0.60
-# Stage settings for this bench: one epoch, long dialogues capped (pairs beyond are
-# dropped and counted), bf16 held-out scoring. Anything after `--` overrides them.
-STAGE_ARGS = ["--num_train_epochs", "1", "--score_dtype", "bfloat16"]
+TARGET = 0.65  # issue 15: held-out accuracy at least 0.65, with the gate's length check passing
+# Stage settings for this bench: one epoch; pairs over max_length dropped and counted; pairs of
+# similar length batched together (HH dialogues run from 30 to 500 tokens: random batches are mostly
+# padding); held-out scoring in bf16 only where the CPU has it. Anything after `--` overrides them.
+STAGE_ARGS = ["--num_train_epochs", "1", "--score_dtype", "auto", "--train_sampling_strategy", "group_by_length"]
+VARIANTS = {"plain": [], "decorrelated": ["--length_decorrelation", "1"]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train_pairs", type=int, default=1500, help="pairs (= prompts) to train on; rest held out")
-    parser.add_argument("--max_length", type=int, default=256, help="longer pairs are dropped (tokens)")
+    parser.add_argument("--max_length", type=int, default=512, help="longer pairs are dropped (tokens)")
     parser.add_argument("--data", default=str(DATA))
-    parser.add_argument("--keep", action="store_true", help="keep the temporary runs folder and print its path")
+    parser.add_argument("--variant", action="append", default=[], metavar='NAME="STAGE ARGS"',
+                        help="a setting to compare (repeatable); default: plain and decorrelated")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary runs folders and print their paths")
     parser.add_argument("stage_args", nargs="*", help="extra `python -m stages.reward` arguments (after --)")
     options = parser.parse_args()
 
@@ -57,6 +65,15 @@ def main() -> int:
     if not data_path.is_file():
         print(f"skipped: {data_path} not found (the HH-RLHF sample lives beside the project, not in it)")
         return 0
+    variants = VARIANTS
+    if options.variant:
+        variants = {}
+        for text in options.variant:
+            name, _, stage_args = text.partition("=")
+            if not name:
+                print(f'error: --variant {text!r}: expected NAME="STAGE ARGS"')
+                return 2
+            variants[name] = stage_args.split()
     # the stage reads HH-RLHF's own text (align.data): each pair is ranked chosen 1, rejected 2; the
     # few malformed ones (an empty final answer, broken turns) are bad rankings, skipped and listed
     pairs_in_file = sum(1 for line in data_path.read_text(encoding="utf-8").splitlines() if line.strip())
@@ -65,47 +82,78 @@ def main() -> int:
         print(f"error: --train_pairs {options.train_pairs} leaves nothing held out of {pairs_in_file} pairs")
         return 2
 
-    scratch = Path(tempfile.mkdtemp(prefix="bench-reward-hh-"))
+    results = {}
+    for name, variant_args in variants.items():
+        results[name] = run_variant(name, [*variant_args, *options.stage_args], data_path, heldout_fraction, options)
+        if results[name] is None:
+            return 1
+    print_table(results, options.max_length)
+    return 0
+
+
+def run_variant(name: str, stage_args: list[str], data_path: Path, heldout_fraction: float, options) -> dict | None:
+    """One reward stage in its own scratch runs folder: its metrics, held-out scores and wall time."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"bench-reward-hh-{name}-"))
     command = [sys.executable, "-m", "stages.reward", "--run", "hh", "--model_name_or_path", "default",
                "--ranked_files", str(data_path), "--heldout_fraction", f"{heldout_fraction:.6f}",
-               "--max_length", str(options.max_length), *STAGE_ARGS, *options.stage_args]
+               "--max_length", str(options.max_length), *STAGE_ARGS, *stage_args]
     env = {**os.environ, "ALIGN_RUNS": str(scratch / "runs"), "HF_HUB_OFFLINE": "1"}
-    print(f"[bench] {pairs_in_file} HH pairs; training on ~{options.train_pairs}, "
-          f"held-out ~{pairs_in_file - options.train_pairs}; stage: {' '.join(command[2:])}", flush=True)
+    print(f"[bench] {name}: {' '.join(command[2:])}", flush=True)
     started = time.time()
     result = subprocess.run(command, cwd=REPO, env=env)
     wall = time.time() - started
     if result.returncode != 0:
-        print(f"[bench] the reward stage failed (exit {result.returncode}); scratch kept in {scratch}")
-        return result.returncode
-
+        print(f"[bench] {name}: the reward stage failed (exit {result.returncode}); scratch kept in {scratch}")
+        return None
     folder = scratch / "runs" / "hh" / "reward"
     metrics = json.loads((folder / "manifest.json").read_text())["metrics"]
     scores = [json.loads(line) for line in (folder / "heldout_scores.jsonl").read_text().splitlines()]
-    shorter = sum((r["chosen_tokens"] < r["rejected_tokens"]) + 0.5 * (r["chosen_tokens"] == r["rejected_tokens"])
-                  for r in scores) / len(scores)
-    accuracy = metrics["pairwise_accuracy"]
-    low, high = metrics["pairwise_accuracy_ci95"]
-    print()
-    dropped = metrics["dropped_too_long_train"] + metrics["dropped_too_long_heldout"]
-    malformed = metrics["bad_rankings"]
-    print(f"HH-RLHF harmless, held-out pairwise accuracy ({metrics['heldout_pairs']} pairs, "
-          f"{metrics['train_pairs']} trained; {dropped} dropped > {options.max_length} tokens, {malformed} malformed)")
-    print(f"  reward model            {accuracy:.3f}  (95% CI {low:.3f}-{high:.3f})  target >= {TARGET:.2f}: "
-          f"{'MET' if accuracy >= TARGET else 'NOT MET'}")
-    print(f"  prefer shorter answer   {shorter:.3f}")
-    print(f"  prefer longer answer    {1 - shorter:.3f}")
-    print(f"  ratio model / best length baseline: {accuracy / max(shorter, 1 - shorter):.2f}")
-    print(f"  length correlation {metrics['length_correlation']:.3f}, ECE {metrics['ece']:.3f}, "
-          f"train loss {metrics['train_loss']:.3f}, steps {metrics['train_steps']}, "
-          f"train {metrics['train_runtime_s']:.0f} s, stage wall {wall:.0f} s")
     if options.keep:
-        print(f"  kept: {scratch}")
+        print(f"[bench] {name}: kept {scratch}")
     else:
         import shutil
 
         shutil.rmtree(scratch, ignore_errors=True)
-    return 0
+    return {"metrics": metrics, "scores": scores, "wall": wall}
+
+
+def shorter_preferred(rows: list[dict], chosen_key: str, rejected_key: str) -> float:
+    """Share of pairs where the side with the higher value is the shorter answer (ties count half)."""
+    total = 0.0
+    for row in rows:
+        high_is_chosen = row[chosen_key] > row[rejected_key]
+        tie = row[chosen_key] == row[rejected_key] or row["chosen_tokens"] == row["rejected_tokens"]
+        chosen_shorter = row["chosen_tokens"] < row["rejected_tokens"]
+        total += 0.5 if tie else float(high_is_chosen == chosen_shorter)
+    return total / len(rows)
+
+
+def print_table(results: dict, max_length: int) -> None:
+    first = next(iter(results.values()))
+    metrics, scores = first["metrics"], first["scores"]
+    people_shorter = sum((r["chosen_tokens"] < r["rejected_tokens"]) + 0.5 * (r["chosen_tokens"] == r["rejected_tokens"])
+                         for r in scores) / len(scores)
+    dropped = metrics["dropped_too_long_train"] + metrics["dropped_too_long_heldout"]
+    print()
+    print(f"HH-RLHF harmless: {metrics['heldout_pairs']} held-out pairs, {metrics['train_pairs']} trained; {dropped} "
+          f"dropped > {max_length} tokens, {metrics['bad_rankings']} malformed. Target: accuracy >= {TARGET:.2f} "
+          "with |length Spearman| <= the gate's limit")
+    print(f"{'variant':<14} {'accuracy (95% CI)':<22} {'length Spearman':<18} {'prefers shorter':<16} "
+          f"{'ECE':<6} {'steps':<6} {'train s':<8} {'wall s':<7} target")
+    for name, result in results.items():
+        m = result["metrics"]
+        low, high = m["pairwise_accuracy_ci95"]
+        limit = m["gate_thresholds"]["max_abs_length_corr"]
+        length_ok = limit is None or abs(m["length_correlation"]) <= limit
+        length_text = f"{m['length_correlation']:+.3f} {'ok' if length_ok else 'FAIL'}"
+        shorter = shorter_preferred(result["scores"], "r_chosen", "r_rejected")
+        met = m["pairwise_accuracy"] >= TARGET and length_ok
+        print(f"{name:<14} {m['pairwise_accuracy']:.3f} ({low:.3f}-{high:.3f})    {length_text:<18} "
+              f"{shorter:<16.1%} {m['ece']:<6.3f} {m['train_steps']:<6} {m['train_runtime_s']:<8.0f} "
+              f"{result['wall']:<7.0f} {'MET' if met else 'not met'}")
+    print(f"{'prefer shorter':<14} {people_shorter:.3f}")
+    print(f"{'prefer longer':<14} {1 - people_shorter:.3f}")
+    print(f"people chose the shorter answer in {people_shorter:.1%} of the held-out pairs")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ Features and assumptions
     - TRL RewardTrainer, LoRA with the `score` head trained in full; pad != eos.
     - `train_sampling_strategy: group_by_length` batches pairs of similar length (TRL pads
       both sides of every pair in a batch to its longest text); random batches by default.
+    - `length_decorrelation: λ` adds λ·corr(reward, log answer length)² per batch to TRL's loss
+      (align/length_bias.py): for data where length rides along with the label; off by default.
     - The text scored is align.scoring.reward_text, in training, in the
       evaluation here and in every later stage.
     - Quality gate on the held-out pairs: pairwise accuracy, mean margin,
@@ -43,8 +45,8 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
-from align import (cost, data, evaluation, files, hardware, models, preferences, reports, resume, runs, scoring, trackers,
-                   training)
+from align import (cost, data, evaluation, files, hardware, length_bias, models, preferences, reports, resume, runs,
+                   scoring, trackers, training)
 from align.config import parse_stage_config, resolved_config
 from align.console import run_stage, summary, warn
 from align.errors import ConfigError
@@ -66,6 +68,9 @@ class RewardStageArgs:
     aggregation: Aggregation = field(default="mean_rank", metadata={"help": "mean_rank | majority"})
     bad_rankings: BadRankingPolicy = field(default="skip", metadata={"help": "skip | refuse"})
     use_margin: bool = field(default=False, metadata={"help": "pass rank margins to the loss"})
+    length_decorrelation: float = field(default=0.0, metadata={
+        "help": "weight of corr(reward, log response length)^2 per batch added to the loss (align/length_bias.py); "
+                "0 = off"})
     heldout_fraction: float = field(default=0.2, metadata={"help": "share of prompts held out for the gate"})
     gate_min_accuracy: float | None = field(default=0.6, metadata={"help": "min held-out pairwise accuracy"})
     gate_min_mean_margin: float | None = field(default=0.0, metadata={"help": "min mean r_chosen - r_rejected"})
@@ -86,10 +91,13 @@ def main(argv=None):
     parsed = parse_stage_config("reward", (RewardStageArgs, ModelConfig, RewardConfig), argv)
     args, model_args, reward_config = parsed
     tracker_names = trackers.requested_trackers(reward_config.report_to)
-    if reward_config.train_sampling_strategy in LENGTH_SAMPLERS:
-        # the sampler reads the dataset's `length` column (scoring.reward_dataset), which the Trainer
-        # would drop as no argument of the model's forward; TRL's collator ignores the extra columns
+    if reward_config.train_sampling_strategy in LENGTH_SAMPLERS or args.length_decorrelation:
+        # the sampler reads the dataset's `length` column and the length term its `chosen_tokens` and
+        # `rejected_tokens` (scoring.reward_dataset), which the Trainer would drop as no argument of
+        # the model's forward; TRL's collator ignores the extra columns
         reward_config.remove_unused_columns = False
+    if args.length_decorrelation < 0:
+        raise ConfigError(f"length_decorrelation must be >= 0 (0 = off), got {args.length_decorrelation}")
     if not args.ranked_files and not args.argilla_dataset:
         raise ConfigError("ranked_files is empty and argilla_dataset is not set: nothing to train on")
 
@@ -141,12 +149,18 @@ def main(argv=None):
         with trackers.open_trackers(tracker_names, out, config, trainer_writes_tensorboard=True):
             trainer_args = training.fit_to_hardware(reward_config, args.precision, out.path, checkpoints.folder)
             training.record_effective_batch(out, trainer_args)
-            trainer = RewardTrainer(
+            trainer_class, length_term = RewardTrainer, {}
+            if args.length_decorrelation:  # TRL's loss + the length term (align/length_bias.py)
+                trainer_class = length_bias.LengthDecorrelatedRewardTrainer
+                length_term = {"length_decorrelation": args.length_decorrelation}
+            trainer = trainer_class(
                 model=base,  # TRL loads it as AutoModelForSequenceClassification, num_labels=1, new score head
                 args=trainer_args,
-                train_dataset=scoring.reward_dataset(tokenizer, train_pairs, args.use_margin),
+                train_dataset=scoring.reward_dataset(tokenizer, train_pairs, args.use_margin,
+                                                     response_lengths=bool(args.length_decorrelation)),
                 processing_class=tokenizer,
                 peft_config=training.lora_config(model_args, args.lora_top_layers, base),
+                **length_term,
             )
             training.refuse_sharded_weights(trainer)
             total, trainable = models.count_parameters(trainer.model)
@@ -290,15 +304,19 @@ def evaluate_heldout(out, args, tokenizer, heldout_pairs: list[dict]) -> tuple[d
         responses[(key, pair["rejected"])] = (r, scoring.response_length(tokenizer, pair["rejected"]))
     scores, lengths = zip(*responses.values())
     length_corr = evaluation.length_correlation(scores, lengths) if len(scores) > 1 else float("nan")
-    chosen_longer = sum(len_c > len_r for len_c, len_r in (
-        (responses[(preferences.prompt_key(p["prompt"]), p["chosen"])][1],
-         responses[(preferences.prompt_key(p["prompt"]), p["rejected"])][1]) for p in heldout_pairs))
+    pair_lengths = [(responses[(preferences.prompt_key(p["prompt"]), p["chosen"])][1],
+                     responses[(preferences.prompt_key(p["prompt"]), p["rejected"])][1]) for p in heldout_pairs]
+    chosen_longer = sum(len_c > len_r for len_c, len_r in pair_lengths)
+    # the model's own length preference, counted like the data's: the strictly longer answer scored higher
+    longer_scored_higher = sum((len_c > len_r and c > r) or (len_r > len_c and r > c)
+                               for (len_c, len_r), c, r in zip(pair_lengths, chosen, rejected))
     metrics = {
         "pairwise_accuracy": evaluation.pairwise_accuracy(chosen, rejected),
         "mean_margin": evaluation.mean_margin(chosen, rejected),
         "ece": evaluation.expected_calibration_error(probabilities, outcomes, args.calibration_bins),
         "length_correlation": length_corr,
         "chosen_longer_fraction": chosen_longer / len(heldout_pairs),  # the data's own length preference
+        "longer_scored_higher_fraction": longer_scored_higher / len(heldout_pairs),  # the model's
     }
     low_high = evaluation.bootstrap_mean_ci(
         [float(c > r) + 0.5 * float(c == r) for c, r in zip(chosen, rejected)], seed=0

@@ -59,6 +59,14 @@ def test_reward_run_outputs_and_gate(runs_root, good_run):
     train = {obj["prompt_id"] for _, obj in files.read_jsonl(folder / "pairs" / "train.jsonl")}
     heldout = {obj["prompt_id"] for _, obj in files.read_jsonl(folder / "pairs" / "heldout.jsonl")}
     assert train and heldout and not train & heldout
+    # The data's and the model's length preference, from the recorded held-out scores and lengths.
+    rows = files.read_jsonl_records(folder / "heldout_scores.jsonl")
+    longer_higher = [(r["chosen_tokens"] > r["rejected_tokens"] and r["r_chosen"] > r["r_rejected"])
+                     or (r["rejected_tokens"] > r["chosen_tokens"] and r["r_rejected"] > r["r_chosen"]) for r in rows]
+    assert metrics["longer_scored_higher_fraction"] == pytest.approx(sum(longer_higher) / len(rows))
+    assert metrics["chosen_longer_fraction"] == pytest.approx(
+        sum(r["chosen_tokens"] > r["rejected_tokens"] for r in rows) / len(rows))
+    assert f"scores the longer one higher in {metrics['longer_scored_higher_fraction']:.0%}" in report
 
 
 def test_saved_model_reproduces_recorded_scores(runs_root, good_run):
