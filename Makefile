@@ -7,7 +7,8 @@
 #   make test-fast               the fast tier: pure functions, config, data, runs (seconds)
 #   make help                    every target
 #
-# Variables: RUN=<name> (runs/<name>/...), ARGS="--key value ..." (config overrides)
+# Variables: RUN=<name> (runs/<name>/...), ARGS="--key value ..." (config overrides),
+#            RECIPE=<name> (configs/recipes/<name>/: e.g. hh-rlhf, real HH-RLHF data end to end)
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -18,7 +19,8 @@ PY        := $(VENV)/bin/python
 PIP       := $(VENV)/bin/pip
 LOCK      := requirements/ml.txt
 INSTALLED := $(VENV)/.installed
-RUN       ?= default
+RECIPE    ?=
+RUN       ?= $(or $(RECIPE),default)
 ARGS      ?=
 PYTEST_ARGS ?=
 
@@ -64,6 +66,7 @@ help:
 	@echo "  bench            the benchmarks (side-by-side ratios)"
 	@echo
 	@echo "  RUN=$(RUN)  ARGS='--key value' overrides configs/<stage>.yaml"
+	@echo "  RECIPE=hh-rlhf   configs/recipes/hh-rlhf/ on top (HH-RLHF pairs: HH_TRAIN=... HH_TEST=...)"
 
 # ---- installation -----------------------------------------------------------
 # torch goes in first, pinned to the CPU build; then the whole lock with
@@ -98,9 +101,19 @@ model: $(INSTALLED)
 	$(PY) -c "from align.models import ensure_default_model as m; print(m())"
 
 # ---- stages -----------------------------------------------------------------
+# RECIPE=<name>: configs/recipes/<name>/<stage>.yaml is read on top of configs/<stage>.yaml (and
+# under a user's own --config), for the stages it names; RUN defaults to the recipe's name.
+RECIPE_DIR := configs/recipes/$(RECIPE)
+ifneq ($(RECIPE),)
+ifeq ($(wildcard $(RECIPE_DIR)/*.yaml),)
+$(error RECIPE=$(RECIPE): no recipe in $(RECIPE_DIR)/; recipes: $(notdir $(wildcard configs/recipes/*)))
+endif
+endif
+recipe_config = $(if $(RECIPE),$(if $(wildcard $(RECIPE_DIR)/$(1).yaml),--config $(RECIPE_DIR)/$(1).yaml))
+
 $(STAGES): $(INSTALLED) $(MALLOC_DEBS)
 	@if [ ! -f stages/$@.py ]; then echo "make $@: stage not built yet (see the issues)"; exit 2; fi
-	$(WITH_TCMALLOC) $(PY) -m stages.$@ --run $(RUN) $(ARGS)
+	$(WITH_TCMALLOC) $(PY) -m stages.$@ --run $(RUN) $(call recipe_config,$@) $(ARGS)
 
 # the human A/B verdict of the compare run: one stage, stages/compare_human.py, two actions
 .PHONY: compare-to-argilla compare-pull

@@ -6,8 +6,10 @@ YAML file in `configs/<stage>.yaml` sets their values, and `--key value` on the
 command line overrides them (`make sft ARGS="--learning_rate 1e-4"`).
 
 What we add on top, because the parser lets it through:
-- layers: `--config my.yaml` is read on top of `configs/<stage>.yaml`, so a user's
-  file names only what it changes and every other key keeps the stage default;
+- layers: `--config my.yaml` is read on top of `configs/<stage>.yaml` (several `--config`s:
+  each on top of the ones before, as `make RECIPE=...` puts a recipe under the user's file), so
+  a file names only what it changes and every other key keeps the stage default;
+- `${NAME}` / `${NAME:-default}` in a YAML string come from the environment (a recipe's data paths);
 - an unknown key names the file and suggests the closest known key;
 - YAML values are type-checked against the dataclass annotations, and choices
   (`Literal[...]` fields) are checked by value, in YAML and on the command line;
@@ -62,9 +64,9 @@ def parse_stage_config(stage: str, dataclass_types: tuple, argv: list[str] | Non
     argv = list(sys.argv[1:] if argv is None else argv)
     force = pop_force_flag(argv)
     layers = [CONFIG_DIR / f"{stage}.yaml"] if (CONFIG_DIR / f"{stage}.yaml").is_file() else []
-    if "--config" in argv:
+    while "--config" in argv:  # several: each on top of the ones before (a recipe, then the user's file)
         index = argv.index("--config")
-        if index + 1 >= len(argv):
+        if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
             raise ConfigError("command line: --config needs a file name")
         layers.append(Path(argv[index + 1]))
         del argv[index : index + 2]
@@ -73,7 +75,7 @@ def parse_stage_config(stage: str, dataclass_types: tuple, argv: list[str] | Non
     renamed = {old: new for cls in dataclass_types for old, new in getattr(cls, "RENAMED", {}).items()}
     merged: dict = {}
     for config_path in layers:
-        values = _read_yaml(config_path)
+        values = {key: expand_environment(config_path, key, value) for key, value in _read_yaml(config_path).items()}
         for key in values:
             if key in renamed:
                 raise ConfigError(f"{config_path}: {key!r} is now called {renamed[key]!r}; rename the key")
@@ -106,6 +108,30 @@ def parse_stage_config(stage: str, dataclass_types: tuple, argv: list[str] | Non
         raise ConfigError(f"{where}: {error}") from None
     parsed.force = force
     return parsed
+
+
+ENVIRONMENT_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_environment(config_path: Path, key: str, value):
+    """`${NAME}` and `${NAME:-default}` in a YAML string (or a list of strings) from the environment,
+    as a shell and docker compose read them: a recipe names its data files once and a user points
+    them elsewhere (`HH_TRAIN=/data/train.jsonl make sft RECIPE=hh-rlhf`). A variable that is unset
+    (or empty) and has no default is an error naming the file, the key and the variable."""
+    if isinstance(value, list):
+        return [expand_environment(config_path, key, item) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if os.environ.get(name):
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{config_path}: {key}: ${{{name}}} is not set; export {name}=... or write ${{{name}:-default}}")
+
+    return ENVIRONMENT_REFERENCE.sub(substitute, value)
 
 
 def pop_force_flag(argv: list[str]) -> bool:

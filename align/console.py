@@ -149,3 +149,11 @@ def summary(stage: str, **numbers) -> str:
 
 def warn(message: str) -> None:
     print(f"\n!!! WARNING: {message}\n", file=sys.stderr, flush=True)
+
+
+def warn_skipped(errors: list, what: str = "malformed pair skipped", shown: int = 5) -> None:
+    """One warning per skipped record (`file:line: field: problem`), the first `shown`, then a count."""
+    for error in errors[:shown]:
+        warn(f"{what}: {error}")
+    if len(errors) > shown:
+        warn(f"... and {len(errors) - shown} more ({what})")

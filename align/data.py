@@ -8,6 +8,7 @@ closest known name): a misspelt optional field would otherwise vanish silently.
 - conversations (SFT):  {"id", "messages": [{"role", "content"}, ...]}  last turn: assistant
                         (or preference pairs, below: the prompt and the chosen answer)
 - prompts (eval):       {"prompt_id", "prompt": [messages ending with user], "reference"?: str}
+                        (or preference pairs: each prompt once, the chosen answer its reference)
 - ranked (preferences): {"prompt_id", "prompt": [...], "responses": [{"text", "rank"}, ...],
                          "annotator"?: str, "margin"?: number, "provenance"?: {...}}   rank 1 = best, ties allowed
 
@@ -34,7 +35,7 @@ import re
 from pathlib import Path
 
 from align.errors import DataError
-from align.files import read_jsonl, read_records
+from align.files import read_jsonl, read_records, split_column_mapping
 
 ROLES = ("system", "user", "assistant")
 CONVERSATION_FIELDS = ("id", "messages")
@@ -44,6 +45,12 @@ PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "margin", "prompt_id", "id"
 HH_TURN = re.compile(r"(?:\A|\n\n)(Human|Assistant):[ ]?")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 RESPONSE_FIELDS = ("text", "rank")
+
+
+def _dataset_name(path) -> str:
+    """`train` for train.jsonl and train.jsonl.gz alike: the stem of a record's generated id."""
+    name = Path(str(split_column_mapping(path)[0]))
+    return Path(name.stem).stem if name.suffix.lower() == ".gz" else name.stem
 
 
 def _reject_unknown(path, line, obj: dict, known: tuple[str, ...], prefix: str = "") -> None:
@@ -124,10 +131,18 @@ def load_conversations(path, skipped: list | None = None) -> list[dict]:
     return records
 
 
-def load_prompts(path) -> list[dict]:
-    """Evaluation prompts. Returns [{"prompt_id", "prompt", "reference"?}]."""
+def load_prompts(path, skipped: list | None = None) -> list[dict]:
+    """Evaluation prompts. Returns [{"prompt_id", "prompt", "reference"?}].
+
+    A preference dataset (TRL's or HH-RLHF's formats, any file `read_records` reads) is read too:
+    each pair's prompt, with its chosen answer as the reference, so held-out pairs are held-out
+    prompts. A prompt repeated across pairs is read once (its first pair). A malformed pair is
+    appended to `skipped` (a DataError) when a list is given, else raised."""
+    rows = read_records(path)
+    if "chosen" in rows[0][1] or "rejected" in rows[0][1]:
+        return _prompts_of_pairs(path, rows, skipped)
     records, seen = [], {}
-    for line, obj in read_jsonl(path):
+    for line, obj in rows:
         _reject_unknown(path, line, obj, PROMPT_FIELDS)
         prompt_id = _require(path, line, obj, "prompt_id", str, "string id")
         if prompt_id in seen:
@@ -137,6 +152,27 @@ def load_prompts(path) -> list[dict]:
         if "reference" in obj:
             record["reference"] = _require(path, line, obj, "reference", str, "string")
         records.append(record)
+    return records
+
+
+def _prompts_of_pairs(path, rows: list[tuple[int, dict]], skipped: list | None) -> list[dict]:
+    records, seen = [], set()
+    for location, obj in rows:
+        try:
+            pair = preference_record(path, location, obj)
+        except DataError as error:
+            if skipped is None:
+                raise
+            skipped.append(error)
+            continue
+        key = json.dumps(pair["prompt"], sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        records.append({"prompt_id": pair["prompt_id"], "prompt": pair["prompt"],
+                        "reference": pair["responses"][0]["text"]})
+    if not records and skipped:  # every pair malformed: name the first
+        raise skipped[0]
     return records
 
 
@@ -182,7 +218,7 @@ def unpaired_to_ranked(path, rows: list[tuple[int, dict]]) -> list[dict]:
             groups[source] = broken_pair(path, location, error)
             continue
         key = json.dumps(prompt, sort_keys=True)
-        group = groups.setdefault(key, {"prompt_id": f"{Path(path).stem}-{location}", "prompt": prompt, "responses": [],
+        group = groups.setdefault(key, {"prompt_id": f"{_dataset_name(path)}-{location}", "prompt": prompt, "responses": [],
                                         "annotator": "dataset", "source": source,
                                         "provenance": {"format": "unpaired (KTO)"}})
         group["responses"].append({"text": text, "rank": 1 if label else 2})
@@ -216,7 +252,7 @@ def preference_record(path, location: int, obj: dict) -> dict:
         prompt = _prompt_messages(obj["prompt"])
         chosen_text = _answer(path, location, "chosen", obj["chosen"])
         rejected_text = _answer(path, location, "rejected", obj["rejected"])
-    record = {"prompt_id": f"{Path(path).stem}-{location}", "prompt": check_messages(path, location, "prompt", prompt, "user"),
+    record = {"prompt_id": f"{_dataset_name(path)}-{location}", "prompt": check_messages(path, location, "prompt", prompt, "user"),
               "responses": [{"text": chosen_text, "rank": 1}, {"text": rejected_text, "rank": 2}],
               "annotator": str(obj.get("annotator", "dataset")), "source": f"{path}:{location}"}
     if obj.get("margin") is not None:
@@ -231,7 +267,7 @@ def broken_pair(path, location: int, error: DataError) -> dict:
     `align.preferences` counts as a bad ranking: skipped and listed (`bad_rankings: skip`) or
     refused with its file:line (`refuse`), like a ranking that breaks the rules. Its `prompt` is
     empty: nothing trains on it."""
-    return {"prompt_id": f"{Path(path).stem}-{location}", "prompt": [], "responses": [], "annotator": "dataset",
+    return {"prompt_id": f"{_dataset_name(path)}-{location}", "prompt": [], "responses": [], "annotator": "dataset",
             "source": f"{path}:{location}",
             "problem": {"field": error.field or "record",
                         "problem": error.problem + (f" ({error.hint})" if error.hint else "")}}

@@ -13,10 +13,13 @@ user datasets in JSON, Parquet and CSV too, with the same kind of errors.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
 import os
+import re
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -100,18 +103,23 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(path, None, None, "file not found")
     rows = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(_raw_lines(handle), start=1):
-            line = _decoded_line(path, number, raw)
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(path, number, None, f"not valid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(path, number, None, f"expected a JSON object, got {type(obj).__name__}")
-            rows.append((number, obj))
+    # `.gz`: HH-RLHF and many hub datasets ship their JSON Lines gzipped (train.jsonl.gz)
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            for number, raw in enumerate(_raw_lines(handle), start=1):
+                line = _decoded_line(path, number, raw)
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(path, number, None, f"not valid JSON ({error.msg} at column {error.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(path, number, None, f"expected a JSON object, got {type(obj).__name__}")
+                rows.append((number, obj))
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise DataError(path, None, None, f"not a readable gzip file ({error})", "gunzip -t it, or fetch it again") from None
     if not rows:
         raise DataError(path, None, None, "file is empty", "add at least one JSON object per line")
     return rows
@@ -140,14 +148,18 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     line for JSON Lines and CSV, the record's position (1-based) for a JSON array and Parquet.
 
     CSV cells that hold JSON lists or objects (a conversation's messages) are decoded; the others
-    stay strings. Refuses a missing or empty file and a file its format cannot read."""
+    stay strings. Refuses a missing or empty file and a file its format cannot read. A path that
+    ends in `#field=column,...` reads each `column` as `field` (`split_column_mapping`)."""
+    spec = str(path)
+    path, mapping = split_column_mapping(path)
     file, suffix = Path(path), Path(path).suffix.lower()
     if is_hub_dataset(path):
         rows = _hub_dataset_records(str(path))
     elif file.is_dir():
         rows = _saved_dataset_records(file)
     elif suffix not in (".json", ".parquet", ".csv"):
-        return read_jsonl(file)  # its own checks, with line numbers
+        rows = read_jsonl(file)  # its own checks, with line numbers
+        return _renamed_columns(spec, rows, mapping) if mapping else rows
     elif not file.is_file():
         raise DataError(file, None, None, "file not found")
     else:
@@ -157,10 +169,47 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     for location, obj in rows:
         if not isinstance(obj, dict):
             raise DataError(path, location, None, f"expected an object (one record), got {type(obj).__name__}")
-    return rows
+    return _renamed_columns(spec, rows, mapping) if mapping else rows
 
 
 HUB_PREFIX = "hf:"
+# `<file or hf:id>#<field>=<column>,...`: a dataset whose columns have other names, read as is
+COLUMN_MAPPING = re.compile(r"(?P<source>.+)#(?P<mapping>[^#=,]+=[^#=,]+(?:,[^#=,]+=[^#=,]+)*)")
+
+
+def split_column_mapping(spec) -> tuple[str | Path, dict[str, str]]:
+    """(the file or hub id, {field: column}) of a data path that ends in `#field=column,...`:
+    `hf:owner/name:test#chosen=response_a,rejected=response_b` reads `response_a` as `chosen`. A
+    path without one comes back as it is, with {}."""
+    match = COLUMN_MAPPING.fullmatch(str(spec))
+    if not match or Path(str(spec)).exists():  # a file really named `x#a=b` is that file
+        return spec, {}
+    mapping = {}
+    for item in match.group("mapping").split(","):
+        field, column = (part.strip() for part in item.split("=", 1))
+        if field in mapping:
+            raise DataError(spec, None, None, f"column mapping names {field!r} twice", "one field=column per field")
+        mapping[field] = column
+    source = match.group("source")
+    return (Path(source) if isinstance(spec, Path) else source), mapping
+
+
+def _renamed_columns(spec: str, rows: list[tuple[int, dict]], mapping: dict[str, str]) -> list[tuple[int, dict]]:
+    """Each record with `column` read as `field`, for every field=column of the mapping; a column
+    the data lacks is named with the columns it has, at the first record."""
+    renamed = []
+    for location, obj in rows:
+        record = dict(obj)
+        for field, column in mapping.items():
+            if column not in obj:
+                raise DataError(spec, location, column, f"no such column (the mapping reads it as {field!r})",
+                                f"columns here: {', '.join(map(str, obj)) or 'none'}")
+            record.pop(field, None)  # the mapped column wins over one already called `field`
+            record[field] = obj[column]
+            if column not in mapping:
+                record.pop(column, None)
+        renamed.append((location, record))
+    return renamed
 
 
 def is_hub_dataset(path) -> bool:
@@ -226,6 +275,9 @@ def _saved_dataset_records(path: Path) -> list[tuple[int, dict]]:
 def sha256_path(path: str | Path) -> str:
     """A data input's identity: a file's sha256, for a folder the sha256 of its files' relative
     names and contents in sorted order, for a hub dataset its id, split and resolved commit."""
+    path, mapping = split_column_mapping(path)
+    if mapping:  # the mapping is part of what was read
+        return f"{sha256_path(path)} columns {json.dumps(mapping, sort_keys=True)}"
     if is_hub_dataset(path):
         return hub_dataset_identity(str(path))
     path = Path(path)

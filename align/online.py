@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from align import comparison, cost, data, hardware, logprobs, scoring, style
+from align import comparison, console, cost, data, hardware, logprobs, scoring, style
 from align.generation import Backend, SamplingSettings, create_generator, render_prompts
 from align.errors import ConfigError
 from align.hardware import Precision
@@ -298,7 +298,10 @@ class HeldOutArgs:
         """The held-out prompts (validated) with this decoding and cut-answer rule."""
         settings = SamplingSettings(n=self.eval_samples_per_prompt, temperature=self.eval_temperature,
                                     max_new_tokens=self.eval_max_new_tokens, seed=self.eval_seed)
-        return HeldOut(data.load_prompts(self.eval_file)[: self.eval_limit], settings, self.truncation_penalty,
+        skipped: list = []  # malformed pairs, when eval_file is a preference dataset (its held-out pairs)
+        prompts = data.load_prompts(self.eval_file, skipped)[: self.eval_limit]
+        console.warn_skipped(skipped)
+        return HeldOut(prompts, settings, self.truncation_penalty,
                        kl_bf16=hardware.torch_dtype_name(self.kl_dtype) == "bfloat16")
 
 

@@ -67,7 +67,8 @@ import yaml
 from align import processes
 from align.console import warn
 from align.errors import AlignError, DataError, LineageError
-from align.files import atomic_write_json, atomic_write_text, is_hub_dataset, json_safe, sha256_file, sha256_path, sha256_text
+from align.files import (atomic_write_json, atomic_write_text, is_hub_dataset, json_safe, sha256_file, sha256_path,
+                         sha256_text, split_column_mapping)
 
 MANIFEST = "manifest.json"
 TRACKED_PACKAGES = (
@@ -419,8 +420,9 @@ def data_inputs(*paths) -> dict[str, str]:
     """{path: sha256} of data files a stage reads."""
     hashes = {}
     for path in paths:
-        if not Path(path).exists() and not is_hub_dataset(path):
-            raise DataError(path, None, None, "file not found")
+        source, _ = split_column_mapping(path)
+        if not Path(source).exists() and not is_hub_dataset(source):
+            raise DataError(source, None, None, "file not found")
         hashes[str(path)] = sha256_path(path)  # a saved `datasets` folder: all its files
     return hashes
 

@@ -43,7 +43,7 @@ from typing import ClassVar
 
 from align import comparison, cost, data, files, hardware, judge, logprobs, models, reports, runs
 from align.config import parse_stage_config, resolved_config
-from align.console import run_stage, summary, warn
+from align.console import run_stage, summary, warn, warn_skipped
 from align.errors import AlignError, ConfigError, LineageError
 from align.generation import Backend, SamplingSettings, create_generator, render_prompts
 from align.hardware import Precision
@@ -109,7 +109,9 @@ def main(argv=None):
     settings, kl_settings = sampling_settings(args)
 
     # Inputs, all checked before any generation.
-    prompts = data.load_prompts(args.prompts_file)[: args.max_prompts]
+    skipped: list = []  # malformed pairs, when prompts_file is a preference dataset (its held-out pairs)
+    prompts = data.load_prompts(args.prompts_file, skipped)[: args.max_prompts]
+    warn_skipped(skipped)
     checkpoints = checkpoints_to_compare(args)
     labels = model_labels(checkpoints)
     config = resolved_config(args, judge_args)

@@ -38,7 +38,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from align import cost, data, models, resume, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
-from align.console import run_stage, summary, warn
+from align.console import run_stage, summary, warn_skipped
 from align.hardware import Precision
 from align.model_card import write_model_card
 
@@ -60,7 +60,7 @@ def main(argv=None):
     # Inputs: validated before any model loads, so bad data fails in a second.
     skipped: list = []  # malformed preference pairs, when train_file is a preference dataset
     conversations = data.load_conversations(stage_args.train_file, skipped)
-    eval_prompts = data.load_prompts(stage_args.eval_file)
+    eval_prompts = data.load_prompts(stage_args.eval_file, skipped)  # a preference dataset's held-out pairs, too
     train_set = Dataset.from_list(data.completion_examples(conversations))
     eval_set = Dataset.from_list(data.reference_examples(eval_prompts, stage_args.eval_file))
     base = models.resolve_model(model_args.model_name_or_path)
@@ -70,10 +70,7 @@ def main(argv=None):
         **runs.model_input(model_args.model_name_or_path, base)})
     if runs.skip_if_up_to_date(stage_args.run, "sft", config, fingerprint, parsed.force):
         return
-    for error in skipped[:5]:
-        warn(f"malformed pair skipped: {error}")
-    if len(skipped) > 5:
-        warn(f"... and {len(skipped) - 5} more malformed pairs skipped")
+    warn_skipped(skipped)
     tokenizer = models.load_tokenizer(base)
     model = models.load_causal_lm(base)
 

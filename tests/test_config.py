@@ -169,3 +169,44 @@ def test_policy_stages_judge_held_out_samples_as_compare_does(stage):
              "kl_estimator": "kl_estimator", "kl_dtype": "kl_dtype", "eval_file": "prompts_file"}
     assert {key: policy[key] for key in pairs} == {key: compare[other] for key, other in pairs.items()}
     assert {key: compare[key] for key in STATISTICS} == STATISTICS
+
+
+def test_yaml_strings_read_environment_variables_with_defaults(tmp_path, monkeypatch):
+    """A recipe names its data once (`${HH_TRAIN:-data/...}`); a user points it elsewhere."""
+    path = config_file(tmp_path, 'run: "${RUN_NAME:-fallback}"\nmodules: ["${MODULE}", v_proj]\n')
+    monkeypatch.setenv("MODULE", "q_proj")
+    monkeypatch.delenv("RUN_NAME", raising=False)
+    (args,) = parse_stage_config("x", (Example,), ["--config", str(path)])
+    assert args.run == "fallback" and args.modules == ["q_proj", "v_proj"]
+    monkeypatch.setenv("RUN_NAME", "mine")
+    assert parse_stage_config("x", (Example,), ["--config", str(path)])[0].run == "mine"
+    monkeypatch.delenv("MODULE")
+    with pytest.raises(ConfigError, match=r"stage.yaml: modules: \$\{MODULE\} is not set; export MODULE=\.\.\. or "):
+        parse_stage_config("x", (Example,), ["--config", str(path)])
+    # the command line is the user's own text (the shell has expanded it): passed through as typed
+    assert parse_stage_config("x", (Example,), ["--run", "${X}"])[0].run == "${X}"
+
+
+def test_several_config_files_layer_in_order(tmp_path):
+    """`make RECIPE=...` puts the recipe's file first and a user's `--config` on top of it."""
+    recipe, mine = tmp_path / "recipe.yaml", tmp_path / "mine.yaml"
+    recipe.write_text("epochs: 2\nlearning_rate: 0.5\n")
+    mine.write_text("epochs: 9\n")
+    (args,) = parse_stage_config("x", (Example,), ["--config", str(recipe), "--config", str(mine), "--use_peft", "false"])
+    assert (args.epochs, args.learning_rate, args.use_peft) == (9, 0.5, False)
+    with pytest.raises(ConfigError, match=r"--config needs a file name"):
+        parse_stage_config("x", (Example,), ["--config", "--epochs", "3"])
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs" / "recipes").glob("*/*.yaml")),
+                         ids=lambda path: f"{path.parent.name}-{path.stem}")
+def test_recipe_files_set_only_keys_their_stage_has(recipe):
+    """configs/recipes/<name>/<stage>.yaml is read on top of configs/<stage>.yaml: each key must be
+    one the stage knows (its YAML's keys, TRL's included, or its dataclasses' defaults)."""
+    stage_file = REPO / "stages" / f"{recipe.stem}.py"
+    assert stage_file.is_file(), f"{recipe} names no stage"
+    known = set(yaml.safe_load((REPO / "configs" / f"{recipe.stem}.yaml").read_text())) | set(stage_defaults(stage_file))
+    if "online.HeldOutArgs" in stage_file.read_text():
+        known |= set(stage_defaults(REPO / "align" / "online.py"))
+    unknown = set(yaml.safe_load(recipe.read_text())) - known
+    assert not unknown, f"{recipe}: keys stage {recipe.stem} does not know: {unknown}"

@@ -222,3 +222,68 @@ def test_unpaired_kto_answers_become_one_ranking_per_prompt(tmp_path):
                                                                     (GOOD["content"], "Ten seconds.")]
     assert [str(bad).split(": ", 1)[1] for bad in report.bad] == [
         "label: every answer of this prompt is desirable: nothing to prefer it to"]
+
+
+def test_held_out_pairs_are_read_as_prompts_with_the_chosen_answer_as_reference(tmp_path):
+    """A preference dataset's test split is the held-out prompts of SFT's eval, DPO's verdict and
+    make compare: each prompt once, its chosen answer the reference; malformed pairs handed back."""
+    salt = {"prompt": "Salt?", "chosen": "A pinch.", "rejected": "A cup."}
+    path = jsonl(tmp_path, "test.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+                                          {"chosen": "\n\nHuman: Hi\n\nAssistant:", "rejected": "\n\nHuman: Hi"},
+                                          {"chosen": HH_CHOSEN, "rejected": HH_CHOSEN + " Really."},  # same prompt
+                                          salt])
+    skipped = []
+    prompts = data.load_prompts(path, skipped)
+    assert prompts == [{"prompt_id": "test-1", "prompt": [USER], "reference": GOOD["content"]},
+                       {"prompt_id": "test-4", "prompt": [{"role": "user", "content": "Salt?"}], "reference": "A pinch."}]
+    assert [str(error) for error in skipped] == [f"{path}:2: chosen: the last message must be from the assistant"]
+    with pytest.raises(DataError, match=r"test.jsonl:2: chosen: the last message"):
+        data.load_prompts(path)  # no list to hand them back in: refused
+    # align's own prompts format is read as before, and a pair field there is still refused
+    own = jsonl(tmp_path, "own.jsonl", [{"prompt_id": "p", "prompt": [USER]}, {"prompt_id": "q", "prompt": [USER], "chosen": "x"}])
+    with pytest.raises(DataError, match=r"own.jsonl:2: chosen: unknown field"):
+        data.load_prompts(own)
+
+
+def test_gzipped_json_lines_are_read_and_a_broken_gzip_is_named(tmp_path):
+    """HH-RLHF ships train.jsonl.gz / test.jsonl.gz: read as they are."""
+    import gzip
+
+    path = tmp_path / "train.jsonl.gz"
+    path.write_bytes(gzip.compress(f"{json.dumps({'chosen': HH_CHOSEN, 'rejected': HH_REJECTED})}\n".encode()))
+    assert_the_egg_pair(only(data.load_ranked(path)), f"{path}:1")
+    assert data.load_conversations(path) == [{"id": "train-1", "messages": [USER, GOOD]}]
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(b'{"chosen": "x"}\n' * 50)[:40])
+    with pytest.raises(DataError, match=r"broken.jsonl.gz: not a readable gzip file .*gunzip -t"):
+        data.load_ranked(broken)
+    plain = tmp_path / "plain.jsonl.gz"
+    plain.write_text('{"chosen": "x"}\n')
+    with pytest.raises(DataError, match=r"plain.jsonl.gz: not a readable gzip file"):
+        data.load_ranked(plain)
+
+
+def test_a_column_mapping_reads_a_dataset_whose_columns_have_other_names(tmp_path, monkeypatch):
+    """`file#field=column,...` (files and hub ids alike): the stages' one validation path reads
+    `column` as `field`; the manifest's hash records the mapping with the file."""
+    from align import runs
+
+    rows = [{"question": "How long do I boil an egg?", "better": GOOD["content"], "worse": BAD["content"], "chosen": "x"}]
+    path = jsonl(tmp_path, "renamed.jsonl", rows)
+    spec = f"{path}#prompt=question,chosen=better,rejected=worse"
+    assert_the_egg_pair(only(data.load_ranked(spec)), f"{spec}:1")
+    assert only(data.load_ranked(spec))["prompt_id"] == "renamed-1"
+    assert data.load_prompts(spec) == [{"prompt_id": "renamed-1", "prompt": [USER], "reference": GOOD["content"]}]
+    hashes = runs.data_inputs(spec, path)
+    assert hashes[spec] != hashes[str(path)] and hashes[spec].startswith(hashes[str(path)])
+    with pytest.raises(DataError, match=r"renamed.jsonl#prompt=query,chosen=better:1: query: no such column "
+                                        r"\(the mapping reads it as 'prompt'\) \(columns here: question, better, worse, chosen\)"):
+        data.load_ranked(f"{path}#prompt=query,chosen=better")
+    with pytest.raises(DataError, match=r"missing.jsonl: file not found"):
+        runs.data_inputs(f"{tmp_path / 'missing.jsonl'}#chosen=better")
+    with pytest.raises(DataError, match=r"names 'chosen' twice"):
+        data.load_ranked(f"{path}#chosen=better,chosen=worse")
+    # the hub form carries it too, refused offline in one line before any network call
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"hf:owner/name:test: a hub dataset, but HF_HUB_OFFLINE=1"):
+        data.load_ranked("hf:owner/name:test#chosen=response_a,rejected=response_b")
