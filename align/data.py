@@ -109,12 +109,8 @@ def load_conversations(path, skipped: list | None = None) -> list[dict]:
     records, seen = [], {}
     for line, obj in read_records(path):
         if "messages" not in obj and ("chosen" in obj or "rejected" in obj):
-            try:
-                pair = preference_record(path, line, obj)
-            except DataError as error:
-                if skipped is None:
-                    raise
-                skipped.append(error)
+            pair = _pair_or_skip(path, line, obj, skipped)
+            if pair is None:
                 continue
             answer = {"role": "assistant", "content": pair["responses"][0]["text"]}
             records.append({"id": pair["prompt_id"], "messages": [*pair["prompt"], answer]})
@@ -155,15 +151,23 @@ def load_prompts(path, skipped: list | None = None) -> list[dict]:
     return records
 
 
+def _pair_or_skip(path, location: int, obj: dict, skipped: list | None) -> dict | None:
+    """The pair as a ranked record; a malformed one is appended to `skipped` (None back), or
+    raised when there is no list to hand it back in."""
+    try:
+        return preference_record(path, location, obj)
+    except DataError as error:
+        if skipped is None:
+            raise
+        skipped.append(error)
+        return None
+
+
 def _prompts_of_pairs(path, rows: list[tuple[int, dict]], skipped: list | None) -> list[dict]:
     records, seen = [], set()
     for location, obj in rows:
-        try:
-            pair = preference_record(path, location, obj)
-        except DataError as error:
-            if skipped is None:
-                raise
-            skipped.append(error)
+        pair = _pair_or_skip(path, location, obj, skipped)
+        if pair is None:
             continue
         key = json.dumps(pair["prompt"], sort_keys=True)
         if key in seen:
