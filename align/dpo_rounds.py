@@ -3,11 +3,11 @@
 On-policy DPO (one round; sampling, scoring and timing are `align.online`'s):
 
     fresh   = online.sample_and_score(generator, scorer, prompts, settings, timer)  # the current policy
-    pairs   = select_pairs(...)                             # best vs worst, if the score gap >= min margin
+    pairs   = select_pairs(...)                             # best vs worst, if the score gap >= margin_threshold(...)
     trainer.train_round(pairs)                              # TRL DPOTrainer, reference = adapter-disabled SFT
     generator.update_weights(trainer.model)                 # the next round samples from the new policy
 
-`select_pairs`, `best_vs_worst` and `trainer_examples` are pure. `RoundTrainer` keeps one LoRA
+`margin_threshold`, `select_pairs`, `best_vs_worst` and `trainer_examples` are pure. `RoundTrainer` keeps one LoRA
 adapter across rounds while building a fresh TRL `DPOTrainer` for each round's
 pairs (TRL trains on the dataset it was built with): between rounds the
 adapter's weights are saved, the LoRA layers are removed (`unload`, no merge,
@@ -33,6 +33,23 @@ if TYPE_CHECKING:
 
 
 PairSelection = Literal["best_vs_worst", "length_matched"]
+MarginUnits = Literal["reward", "std"]
+
+
+def margin_threshold(scores: list[list[float]], min_margin: float, units: MarginUnits,
+                     finished: list[list[bool]] | None = None) -> float:
+    """The reward gap a round's pair needs, in the reward model's units.
+
+    `reward`: `min_margin` itself. `std`: `min_margin` x the population standard deviation of the
+    round's scores (of its finished answers when `finished` is given: the ones pairs are made of).
+    Reward models put their scores on different scales (the example reward model's samples spread
+    0.9-1.0, HH's 0.40), so a margin in standard deviations carries over from one to another where
+    an absolute one keeps almost every pair on one and almost none on the other."""
+    if units == "reward":
+        return min_margin
+    values = [value for index, row in enumerate(scores) for i, value in enumerate(row)
+              if finished is None or finished[index][i]]
+    return min_margin * statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
 def select_pairs(prompts: list[list[dict]], responses: list[list[str]], scores: list[list[float]],

@@ -158,8 +158,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     elif file.is_dir():
         rows = _saved_dataset_records(file)
     elif suffix not in (".json", ".parquet", ".csv"):
-        rows = read_jsonl(file)  # its own checks, with line numbers
-        return _renamed_columns(spec, rows, mapping) if mapping else rows
+        rows = read_jsonl(file)  # its own checks first, with line numbers
     elif not file.is_file():
         raise DataError(file, None, None, "file not found")
     else:
@@ -169,7 +168,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     for location, obj in rows:
         if not isinstance(obj, dict):
             raise DataError(path, location, None, f"expected an object (one record), got {type(obj).__name__}")
-    return _renamed_columns(spec, rows, mapping) if mapping else rows
+    return _renamed_columns(spec, rows, mapping)
 
 
 HUB_PREFIX = "hf:"
@@ -196,7 +195,9 @@ def split_column_mapping(spec) -> tuple[str | Path, dict[str, str]]:
 
 def _renamed_columns(spec: str, rows: list[tuple[int, dict]], mapping: dict[str, str]) -> list[tuple[int, dict]]:
     """Each record with `column` read as `field`, for every field=column of the mapping; a column
-    the data lacks is named with the columns it has, at the first record."""
+    the data lacks is named with the columns it has, at the first record. No mapping: `rows` as they are."""
+    if not mapping:
+        return rows
     renamed = []
     for location, obj in rows:
         record = dict(obj)

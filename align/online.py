@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from align import comparison, console, cost, data, hardware, logprobs, scoring, style
+from align import comparison, cost, data, hardware, logprobs, scoring, style
 from align.generation import Backend, SamplingSettings, create_generator, render_prompts
 from align.errors import ConfigError
 from align.hardware import Precision
@@ -226,6 +226,7 @@ class HeldOut:
     truncation_penalty: float = 0.0
     kl_bf16: bool = False  # the KL's forward passes under bf16 autocast (kl_dtype); compare's default is fp32
     statistics: dict = field(default_factory=lambda: dict(comparison.STATISTICS))
+    skipped: list = field(default_factory=list)  # malformed held-out pairs: the stage warns once it will run
 
     @property
     def prompts(self) -> list[list[dict]]:
@@ -300,9 +301,8 @@ class HeldOutArgs:
                                     max_new_tokens=self.eval_max_new_tokens, seed=self.eval_seed)
         skipped: list = []  # malformed pairs, when eval_file is a preference dataset (its held-out pairs)
         prompts = data.load_prompts(self.eval_file, skipped)[: self.eval_limit]
-        console.warn_skipped(skipped)
         return HeldOut(prompts, settings, self.truncation_penalty,
-                       kl_bf16=hardware.torch_dtype_name(self.kl_dtype) == "bfloat16")
+                       kl_bf16=hardware.torch_dtype_name(self.kl_dtype) == "bfloat16", skipped=skipped)
 
 
 @dataclass

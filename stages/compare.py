@@ -111,7 +111,6 @@ def main(argv=None):
     # Inputs, all checked before any generation.
     skipped: list = []  # malformed pairs, when prompts_file is a preference dataset (its held-out pairs)
     prompts = data.load_prompts(args.prompts_file, skipped)[: args.max_prompts]
-    warn_skipped(skipped)
     checkpoints = checkpoints_to_compare(args)
     labels = model_labels(checkpoints)
     config = resolved_config(args, judge_args)
@@ -121,6 +120,7 @@ def main(argv=None):
     fingerprint = runs.stage_fingerprint("compare", config, parents, runs.data_inputs(args.prompts_file))
     if runs.skip_if_up_to_date(args.run, "compare", config, fingerprint, parsed.force):
         return
+    warn_skipped(skipped)
     check_same_prompt_format(checkpoints, labels)
     llm_judge = judge.Judge(judge_args) if judge_args.judge_url else None  # unreachable: one line, before any work
     if llm_judge is not None:

@@ -61,7 +61,7 @@ from trl import DPOConfig, ModelConfig
 
 from align import data, dpo_rounds, files, hardware, online, preferences, processes, resume, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
-from align.console import run_stage, summary
+from align.console import run_stage, summary, warn_skipped
 from align.errors import ConfigError
 from align.generation import SamplingSettings
 from align.hardware import Precision
@@ -94,6 +94,8 @@ class DPOStageArgs:
     max_new_tokens: int = field(default=256, metadata={
         "help": "response length cap of the rounds: 2x the 95th percentile of the example SFT answers"})
     min_reward_margin: float = field(default=0.5, metadata={"help": "keep best vs worst only when r_best - r_worst >= this"})
+    min_reward_margin_units: dpo_rounds.MarginUnits = field(default="reward", metadata={
+        "help": "reward (min_reward_margin as it is) | std (x the standard deviation of the round's scores)"})
     truncated_answers: Literal["drop", "keep"] = field(default="drop", metadata={
         "help": "answers cut at max_new_tokens: drop (never paired) | keep (paired as if they had ended)"})
     pair_selection: dpo_rounds.PairSelection = field(default="length_matched", metadata={
@@ -148,6 +150,7 @@ def main(argv=None):
     sft, fingerprint = online.policy_parents("dpo", args, config, [*args.ranked_files, heldout_args.eval_file])
     if runs.skip_if_up_to_date(args.run, "dpo", config, fingerprint, parsed.force):
         return
+    warn_skipped(heldout.skipped)  # after the up-to-date check: a skipped stage stays quiet
     bf16 = hardware.use_bf16(args.precision)
     # Several processes: rank 0 samples and scores (rounds and held-out prompts), the others only train.
     samples_here = processes.current().is_main
@@ -279,10 +282,12 @@ def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, t
                                              heldout_args.kl_estimator, bf16, reference_model=trainer.reference_model)
             else:
                 fresh.kl = {"kl": 0.0, "kl_per_token": 0.0}
+        finished = fresh.finished() if args.truncated_answers == "drop" else None
+        margin = dpo_rounds.margin_threshold(fresh.scores, args.min_reward_margin, args.min_reward_margin_units, finished)
         pairs, counts = dpo_rounds.select_pairs(
-            round_set, fresh.texts(), fresh.scores, args.min_reward_margin,
-            finished=fresh.finished() if args.truncated_answers == "drop" else None, lengths=fresh.lengths(),
+            round_set, fresh.texts(), fresh.scores, margin, finished=finished, lengths=fresh.lengths(),
             selection=args.pair_selection, length_tolerance=args.pair_length_tolerance)
+        counts["min_reward_margin"] = margin  # in reward units, whatever the config's units
         pairs = processes.from_main(pairs)  # to every other rank (itself in a single process)
         files.write_jsonl(out.path / "rounds" / f"round-{number}-samples.jsonl", fresh.records())
         files.write_jsonl(out.path / "rounds" / f"round-{number}-pairs.jsonl", pairs)
@@ -294,7 +299,8 @@ def run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, t
             with timer.phase("sync"):
                 row["sync_s"] = generator.update_weights(trainer.model)
         else:
-            print(f"[dpo] round {number}: no pair reached min_reward_margin {args.min_reward_margin}; "
+            print(f"[dpo] round {number}: no pair reached a reward gap of {margin:.3f} (min_reward_margin "
+                  f"{args.min_reward_margin} {args.min_reward_margin_units}); "
                   "nothing to train on (lower min_reward_margin or raise samples_per_prompt)", flush=True)
         row.update(timer.as_metrics())  # cumulative seconds per phase after this round
         rows.append(row)

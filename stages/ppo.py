@@ -59,7 +59,7 @@ from trl import ModelConfig
 from align import (data, files, hardware, models, online, ppo, ppo_math, preferences, processes, resume, runs, trackers,
                    training)
 from align.config import parse_stage_config, resolved_config
-from align.console import run_stage, summary, warn
+from align.console import run_stage, summary, warn, warn_skipped
 from align.errors import ConfigError
 from align.generation import SamplingSettings, render_prompts
 from align.hardware import Precision
@@ -174,6 +174,7 @@ def main(argv=None):
     sft, fingerprint = online.policy_parents("ppo", args, config, [*args.ranked_files, heldout_args.eval_file])
     if runs.skip_if_up_to_date(args.run, "ppo", config, fingerprint, parsed.force):
         return
+    warn_skipped(heldout.skipped)  # after the up-to-date check: a skipped stage stays quiet
     bf16 = hardware.use_bf16(args.precision)
     # Several processes: rank 0 alone samples and scores; every rank trains its share of the rows.
     me = processes.current()

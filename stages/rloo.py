@@ -56,7 +56,7 @@ from trl import ModelConfig, RLOOConfig
 
 from align import data, files, hardware, online, preferences, processes, resume, rloo, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
-from align.console import run_stage, summary
+from align.console import run_stage, summary, warn_skipped
 from align.errors import ConfigError
 from align.hardware import Precision
 from align.model_card import write_model_card
@@ -114,6 +114,7 @@ def main(argv=None):
     sft, fingerprint = online.policy_parents("rloo", args, config, [*args.ranked_files, heldout_args.eval_file])
     if runs.skip_if_up_to_date(args.run, "rloo", config, fingerprint, parsed.force):
         return
+    warn_skipped(heldout.skipped)  # after the up-to-date check: a skipped stage stays quiet
     bf16 = hardware.use_bf16(args.precision)
     # Several processes: rank 0 alone samples and scores (every rank's rollouts, and the held-out
     # prompts); the others train their share of each batch under DDP.

@@ -90,6 +90,29 @@ def test_length_matched_pairs_differ_little_in_length():
     assert none == [] and counts["dropped_small_margin"] == 1
 
 
+def test_margin_in_standard_deviations_keeps_the_same_pairs_on_any_reward_scale():
+    """`std` margins scale with the round's scores: the same pairs on a reward model whose scores
+    are 10x larger, where an absolute margin keeps every pair on one scale and none on the other."""
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
+    responses = [["a", "b"], ["c", "d"], ["e", "f"]]
+    scores = [[0.0, 0.2], [0.0, 0.1], [0.0, 0.05]]
+    spread = statistics.pstdev([0.0, 0.2, 0.0, 0.1, 0.0, 0.05])
+    assert dpo_rounds.margin_threshold(scores, 0.5, "reward") == 0.5
+    assert dpo_rounds.margin_threshold(scores, 1.0, "std") == pytest.approx(spread)
+    kept = {}
+    for scale in (1.0, 10.0):
+        scaled = [[value * scale for value in row] for row in scores]
+        margin = dpo_rounds.margin_threshold(scaled, 1.0, "std")
+        kept[scale] = [p["chosen"] for p in dpo_rounds.select_pairs(prompts, responses, scaled, margin)[0]]
+        assert len(dpo_rounds.select_pairs(prompts, responses, scaled, 0.5)[0]) == (0 if scale == 1 else 3)
+    assert kept[1.0] == kept[10.0] == ["b", "d"]  # gaps 0.2 and 0.1 pass 1 std (0.073), 0.05 does not
+    # the cut answers are left out of the spread, as they are of the pairs
+    finished = [[True, True], [True, True], [False, False]]
+    assert dpo_rounds.margin_threshold(scores, 1.0, "std", finished) == pytest.approx(
+        statistics.pstdev([0.0, 0.2, 0.0, 0.1]))
+    assert dpo_rounds.margin_threshold([[1.0]], 1.0, "std") == 0.0  # one score: no spread to measure
+
+
 def test_round_prompts_rotate_through_a_seeded_shuffle():
     prompts = list(range(10))
     first, second, third = (online.round_prompts(prompts, i, 4, seed=1) for i in range(3))

@@ -67,11 +67,12 @@ def test_the_hh_recipe_runs_sft_reward_dpo_and_compare_on_hh_files(runs_root, ti
                            "--per_device_train_batch_size", "4", "--logging_steps", "1"))
     assert_ok(recipe_stage("reward", run, "--max_steps", "2", "--per_device_train_batch_size", "4",
                            "--logging_steps", "1", "--heldout_fraction", "0.25"))
-    assert_ok(recipe_stage("dpo", run, "--rounds", "1", "--prompts_per_round", "8", "--samples_per_prompt", "2",
-                           "--max_new_tokens", "8", "--eval_max_new_tokens", "8", "--min_reward_margin", "0",
-                           "--truncated_answers", "keep", "--kl_max_samples", "8", "--warmup_steps", "0",
-                           "--learning_rate", "0.003", *sampling))
-    compare = recipe_stage("compare", run, "--max_new_tokens", "8", "--bootstrap_resamples", "200", *sampling)
+    dpo_overrides = ("--rounds", "1", "--prompts_per_round", "8", "--samples_per_prompt", "2", "--max_new_tokens", "8",
+                     "--eval_max_new_tokens", "8", "--min_reward_margin", "0", "--truncated_answers", "keep",
+                     "--kl_max_samples", "8", "--warmup_steps", "0", "--learning_rate", "0.003", *sampling)
+    assert_ok(recipe_stage("dpo", run, *dpo_overrides))
+    compare_overrides = ("--max_new_tokens", "8", "--bootstrap_resamples", "200", *sampling)
+    compare = recipe_stage("compare", run, *compare_overrides)
     assert_ok(compare)
 
     # Every stage read the recipe on top of its own config, with the paths from the environment.
@@ -100,6 +101,12 @@ def test_the_hh_recipe_runs_sft_reward_dpo_and_compare_on_hh_files(runs_root, ti
         (prompt_id, model) for prompt_id in heldout_ids for model in ("sft", "dpo")}
     metrics = manifest(runs_root, run, "compare")["metrics"]
     assert metrics["dpo_kl"] > 0  # DPO moved the policy; compare measured it on the HH test prompts
+
+    # A rerun of an up-to-date stage says so in one line, not the malformed-pair warning again.
+    for stage, overrides in (("dpo", dpo_overrides), ("compare", compare_overrides)):
+        again = recipe_stage(stage, run, *overrides)
+        assert_ok(again)
+        assert f"[{stage}] up to date" in again.stdout and "malformed pair" not in again.stderr + again.stdout
 
 
 def make_dry_run(*args: str) -> subprocess.CompletedProcess:
