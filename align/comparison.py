@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from align.evaluation import (
-    decide, length_correlation, mean_interval, paired_difference, pass_rates, prompt_means, prompt_win_rate,
-    relative_change,
+    decide, length_adjusted_difference, length_correlation, mean_interval, paired_difference, pass_rates, prompt_means,
+    prompt_win_rate, relative_change,
 )
 from align.files import read_jsonl_records
 from align.scoring import effective_reward
@@ -144,16 +144,31 @@ def compare_pair(aligned: str, baseline: str, rows: dict[str, list[dict]], summa
     style = {rule: a["style_pass_rates"][rule] - b["style_pass_rates"][rule] for rule in b["style_pass_rates"]}
     notes = cost_notes(length, style, options["length_warn"], options["style_warn"],
                        a["truncated_share"] - b["truncated_share"], finished_length)
+    adjusted = length_adjusted_difference(
+        *([[(r["reward"], r["tokens"]) for r in groups[p]] for p in prompt_ids] for groups in (aligned_groups, baseline_groups)),
+        resamples, seed, confidence)
+    if adjusted is not None and not math.isnan(length) and abs(length) > options["length_warn"]:
+        notes.append(length_adjusted_note(adjusted))
     label = decide(difference, wins)
     comparison = {
         "aligned": aligned, "baseline": baseline, "reward_difference": difference, "win_rate": wins, "kl": kl,
-        "length_change": length, "finished_length_change": finished_length,
+        "length_adjusted_difference": adjusted, "length_change": length, "finished_length_change": finished_length,
         "cut_share": {aligned: a["truncated_share"], baseline: b["truncated_share"]},
         "style_score_change": a["style_score"] - b["style_score"],
         "style_pass_rate_change": style, "verdict": label, "notes": notes,
     }
     comparison["verdict_line"] = verdict_line(comparison)
     return comparison
+
+
+def length_adjusted_note(adjusted: dict) -> str:
+    """`length-adjusted reward +0.18 [0.14, 0.23]` (`align.evaluation.length_adjusted_difference`), and
+    whether the length change can explain the whole difference."""
+    note = (f"length-adjusted reward {fmt_signed(adjusted['difference'])} [{adjusted['low']:.2f}, {adjusted['high']:.2f}]"
+            f" at the reward model's slope {adjusted['slope']:+.2f} per log token")
+    if adjusted["low"] <= 0 <= adjusted["high"]:
+        note += ": the length change may explain the difference"
+    return note
 
 
 def kl_interval(kl_samples: dict, resamples: int, seed: int, confidence: float) -> dict:

@@ -367,7 +367,7 @@ def heldout_metrics(name: str, heldout: HeldOut, sft: SampleSet, policy: SampleS
         "reward_difference": difference["difference"], "reward_difference_ci95": [difference["low"], difference["high"]],
         "win_rate": wins["rate"], "win_rate_ci95": [wins["low"], wins["high"]], "win_rate_ties": wins["ties"],
         "length_change": verdict["length_change"], "finished_length_change": verdict["finished_length_change"],
-        "verdict_notes": verdict["notes"],
+        "verdict_notes": verdict["notes"], "length_adjusted_difference": verdict["length_adjusted_difference"],
         "cut_fraction_sft": 1 - before["finished_fraction"], f"cut_fraction_{name}": 1 - after["finished_fraction"],
         "mean_reward_sft": before["mean_reward"], f"mean_reward_{name}": after["mean_reward"],
         "reward_gain": after["mean_reward"] - before["mean_reward"],

@@ -432,6 +432,12 @@ def _comparison_section(results: dict, comparison: dict, rows: list[dict]) -> li
                      f"tokens of the answers that ended, {fmt(a_model['finished_tokens_mean'], '.1f')} vs "
                      f"{fmt(b_model['finished_tokens_mean'], '.1f')}; cut at the cap: {a_model['truncated_share']:.0%} vs "
                      f"{b_model['truncated_share']:.0%} |")
+    adjusted = comparison.get("length_adjusted_difference")  # None with one sample per prompt, or older reports
+    if adjusted:
+        lines.append(f"| length-adjusted reward difference | {adjusted['difference']:+.3f} [{adjusted['low']:+.3f}, "
+                     f"{adjusted['high']:+.3f}] | the reward difference less what the length change explains at the "
+                     f"reward model's own length slope ({adjusted['slope']:+.3f} reward per unit of log length, "
+                     "measured between samples of one model for one prompt); interval above 0 = better at equal length |")
     lines += [
         f"| style score change | {comparison['style_score_change']:+.0%} | share of house-style rules passed, "
         f"{aligned} minus {baseline} |",

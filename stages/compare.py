@@ -326,6 +326,10 @@ def flat_metrics(c: dict) -> dict:
                "length_change": c["length_change"]}
     if c["kl"]:
         metrics["kl"] = c["kl"]["mean"]
+    if c.get("length_adjusted_difference"):
+        adjusted = c["length_adjusted_difference"]
+        metrics.update(length_adjusted_difference=adjusted["difference"], length_adjusted_difference_low=adjusted["low"],
+                       length_adjusted_difference_high=adjusted["high"], reward_length_slope=adjusted["slope"])
     if c.get("judge"):
         metrics.update({f"judge_{key}": c["judge"][key] for key in ("rate", "low", "high", "wins", "losses", "ties",
                                                                     "position_consistency", "reward_model_agreement")})

@@ -53,6 +53,30 @@ def test_finished_answer_length_is_reported_beside_the_mean():
     assert any("fewer answers cut at the cap" in note for note in result["notes"])
 
 
+def test_a_shorter_policy_that_wins_by_length_alone_is_named_in_the_verdict():
+    """Rewards that only favour short answers (-0.5 per unit of log length) and a policy that only
+    got shorter: the plain difference is clearly above 0, the length-adjusted one is 0, and the
+    verdict line says the length change may explain it; so does the report's table."""
+    import math
+
+    def rows(model: str, scale: float) -> list[dict]:
+        return [{"prompt_id": f"p{p}", "model": model, "reward": -0.5 * math.log1p(int(t * scale)), "tokens": int(t * scale),
+                 "words": 1, "finish_reason": "stop", "style": {"concise": True}, "style_score": 1.0, "sample": i,
+                 "prompt": [{"role": "user", "content": f"q{p}"}], "text": f"answer {i}"}
+                for p in range(20) for i, t in enumerate((40 + p, 70 + 2 * p))]
+
+    by_model = {"sft": rows("sft", 1.0), "dpo": rows("dpo", 0.3)}
+    options = {**comparison.STATISTICS, "seed": 0, "bootstrap_resamples": 300}
+    summaries = {m: comparison.summarize_model(r, 300, 0, 0.95) for m, r in by_model.items()}
+    result = comparison.compare_pair("dpo", "sft", by_model, summaries, None, options)
+    assert result["reward_difference"]["low"] > 0.4 and result["verdict"] == "better"
+    adjusted = result["length_adjusted_difference"]
+    assert adjusted["slope"] == pytest.approx(-0.5, abs=0.02) and abs(adjusted["difference"]) < 0.02
+    assert "length-adjusted reward" in result["verdict_line"] and "may explain the difference" in result["verdict_line"]
+    section = "\n".join(reports._comparison_section({"models": summaries, "options": {"example_rows": 2}}, result, by_model["sft"] + by_model["dpo"]))
+    assert "| length-adjusted reward difference | -0.0" in section or "| length-adjusted reward difference | +0.0" in section
+
+
 # ----------------------------------------------------------------------------- KL of a model with itself
 
 

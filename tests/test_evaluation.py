@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from align import comparison, evaluation
 from align.evaluation import (
     GateCheck, bootstrap_mean_ci, calibration_bins, decide, expected_calibration_error, length_correlation,
     mean_margin, pair_probabilities, paired_difference, pairwise_accuracy, prompt_means, prompt_win_rate,
@@ -195,3 +196,54 @@ def test_gate_fails_on_an_untrained_reward_model(tiny_model_dir, tiny_data):
                                                         + [len(p["rejected"]) for p in pairs])}
     result = reward_gate(metrics, THRESHOLDS)
     assert not result.passed and result.reasons
+
+
+# ----------------------------------------------------------------------------- length-adjusted difference
+
+
+def _samples(effect: float, slope: float, lengths: list[list[int]]) -> list[list[tuple[float, int]]]:
+    """Per prompt, (reward, tokens) with reward = prompt level + effect + slope * log(1 + tokens)."""
+    return [[(prompt / 10 + effect + slope * math.log1p(tokens), tokens) for tokens in group]
+            for prompt, group in enumerate(lengths)]
+
+
+def test_length_adjusted_difference_removes_what_the_length_slope_explains():
+    """Noise-free rewards: the slope comes back exactly, and so does the model's own effect (0.3),
+    though the aligned answers are twice as long and the plain difference is larger."""
+    baseline_lengths = [[20 + prompt, 40 + prompt] for prompt in range(12)]
+    aligned_lengths = [[2 * t for t in group] for group in baseline_lengths]
+    aligned, baseline = _samples(0.3, 0.5, aligned_lengths), _samples(0.0, 0.5, baseline_lengths)
+    result = evaluation.length_adjusted_difference(aligned, baseline, resamples=200, seed=0)
+    assert result["slope"] == pytest.approx(0.5)
+    assert result["difference"] == pytest.approx(0.3) and result["low"] == pytest.approx(0.3)
+    assert result["high"] == pytest.approx(0.3)
+    plain = np.mean([np.mean([r for r, _ in a]) - np.mean([r for r, _ in b]) for a, b in zip(aligned, baseline)])
+    assert plain == pytest.approx(0.3 + 0.5 * result["log_length_ratio"]) and plain > 0.6
+    assert result["prompts"] == 12
+
+
+def test_a_gain_from_brevity_alone_adjusts_to_zero_and_the_note_says_so():
+    """The reward model likes short answers (slope -0.4) and the policy only got shorter."""
+    baseline_lengths = [[60 + prompt, 90 + 2 * prompt] for prompt in range(10)]
+    aligned_lengths = [[t // 3 for t in group] for group in baseline_lengths]
+    aligned, baseline = _samples(0.0, -0.4, aligned_lengths), _samples(0.0, -0.4, baseline_lengths)
+    result = evaluation.length_adjusted_difference(aligned, baseline, resamples=200, seed=0)
+    assert result["difference"] == pytest.approx(0.0, abs=1e-9) and result["slope"] == pytest.approx(-0.4)
+    plain = np.mean([np.mean([r for r, _ in a]) - np.mean([r for r, _ in b]) for a, b in zip(aligned, baseline)])
+    assert plain > 0.4
+    assert comparison.length_adjusted_note({**result, "low": -0.01, "high": 0.01}).endswith(
+        ": the length change may explain the difference")
+    assert "may explain" not in comparison.length_adjusted_note({**result, "difference": 0.2, "low": 0.1, "high": 0.3})
+
+
+def test_length_adjusted_slope_by_hand_and_none_without_length_variation():
+    """One prompt; aligned samples (1.0, 3 tokens), (2.0, 7 tokens); baseline (0.0, 3), (0.0, 3)."""
+    aligned, baseline = [[(1.0, 3), (2.0, 7)]], [[(0.0, 3), (0.0, 3)]]
+    l3, l7 = math.log(4), math.log(8)
+    slope = ((l7 - l3) / 2 * 0.5 * 2) / ((l7 - l3) ** 2 / 4 * 2)  # deviations +-(l7-l3)/2 and +-0.5
+    result = evaluation.length_adjusted_difference(aligned, baseline, resamples=50)
+    assert result["slope"] == pytest.approx(slope) == pytest.approx(1 / math.log(2))
+    assert result["difference"] == pytest.approx(1.5 - slope * ((l3 + l7) / 2 - l3))
+    assert evaluation.length_adjusted_difference([[(1.0, 5)]], [[(0.0, 9)]]) is None  # one sample each
+    with pytest.raises(ValueError):
+        evaluation.length_adjusted_difference([[(1.0, 5)]], [])
