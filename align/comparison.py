@@ -147,7 +147,7 @@ def compare_pair(aligned: str, baseline: str, rows: dict[str, list[dict]], summa
     adjusted = length_adjusted_difference(
         *([[(r["reward"], r["tokens"]) for r in groups[p]] for p in prompt_ids] for groups in (aligned_groups, baseline_groups)),
         resamples, seed, confidence)
-    if adjusted is not None and not math.isnan(length) and abs(length) > options["length_warn"]:
+    if adjusted is not None and abs(length) > options["length_warn"]:  # a NaN length change compares False
         notes.append(length_adjusted_note(adjusted))
     label = decide(difference, wins)
     comparison = {
@@ -165,7 +165,7 @@ def length_adjusted_note(adjusted: dict) -> str:
     """`length-adjusted reward +0.18 [0.14, 0.23]` (`align.evaluation.length_adjusted_difference`), and
     whether the length change can explain the whole difference."""
     note = (f"length-adjusted reward {fmt_signed(adjusted['difference'])} [{adjusted['low']:.2f}, {adjusted['high']:.2f}]"
-            f" at the reward model's slope {adjusted['slope']:+.2f} per log token")
+            f" at the reward model's slope {adjusted['slope']:+.2f} per unit of log length")
     if adjusted["low"] <= 0 <= adjusted["high"]:
         note += ": the length change may explain the difference"
     return note

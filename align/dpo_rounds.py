@@ -43,7 +43,7 @@ def margin_threshold(scores: list[list[float]], min_margin: float, units: Margin
     `reward`: `min_margin` itself. `std`: `min_margin` x the population standard deviation of the
     round's scores (of its finished answers when `finished` is given: the ones pairs are made of).
     Reward models put their scores on different scales (the example reward model's samples spread
-    0.9-1.0, HH's 0.40), so a margin in standard deviations carries over from one to another where
+    0.86-0.94, HH's 0.37), so a margin in standard deviations carries over from one to another where
     an absolute one keeps almost every pair on one and almost none on the other."""
     if units == "reward":
         return min_margin
