@@ -34,7 +34,7 @@ Run: make sft [RUN=name] [ARGS="--num_train_epochs 1 ..."]
 from dataclasses import dataclass, field
 
 from datasets import Dataset
-from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
+from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from align import cost, data, models, resume, runs, trackers, training
 from align.config import parse_stage_config, resolved_config
@@ -50,6 +50,9 @@ class SFTStageArgs:
         "help": "conversations JSONL, or preference pairs (SFT on the chosen answers)"})
     eval_file: str = field(default="data/eval_prompts.jsonl", metadata={"help": "prompts with references"})
     precision: Precision = field(default="auto", metadata={"help": "training autocast: auto | bf16 | fp32"})
+    lora_top_layers: int | None = field(default=None, metadata={
+        "help": "LoRA only in the top N transformer layers (peft layers_to_transform); backward stops there; "
+                "0 or None = every layer"})
 
 
 def main(argv=None):
@@ -88,7 +91,7 @@ def main(argv=None):
                 train_dataset=train_set,
                 eval_dataset=eval_set,
                 processing_class=tokenizer,
-                peft_config=get_peft_config(model_args),
+                peft_config=training.lora_config(model_args, stage_args.lora_top_layers, base),
             )
             training.refuse_sharded_weights(trainer)
             total, trainable = models.count_parameters(trainer.model)

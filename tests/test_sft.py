@@ -126,3 +126,28 @@ def test_the_default_config_batches_examples_of_similar_length(tiny_model_dir, t
         assert positions / tokens < 1.15
     else:
         assert positions / tokens > 1.3
+
+
+def test_lora_in_the_top_layers_only_leaves_the_lower_ones_untouched(runs_root, tiny_model_dir, tiny_data):
+    """`--lora_top_layers 1` on the tiny model's 2 layers: the adapter sits in the top layer only,
+    the merged model's bottom layer is the base's bit for bit (tests/test_cost.py checks that
+    the accounting then stops the backward at the top layer)."""
+    import torch
+    from safetensors.torch import load_file
+
+    result = run_stage(
+        "sft", "--run", "tiny-top", "--model_name_or_path", str(tiny_model_dir),
+        "--train_file", str(tiny_data["sft"]), "--eval_file", str(tiny_data["prompts"]),
+        "--max_steps", "3", "--learning_rate", "0.01", "--per_device_train_batch_size", "4",
+        "--lora_top_layers", "1", "--lora_dropout", "0",
+    )
+    assert_ok(result)
+    folder = runs_root / "tiny-top" / "sft"
+    adapter = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert adapter["layers_to_transform"] == [1]
+    base, merged = load_file(tiny_model_dir / "model.safetensors"), load_file(folder / "model" / "model.safetensors")
+    bottom = [name for name in base if ".layers.0." in name and name.endswith("q_proj.weight")]
+    top = [name for name in base if ".layers.1." in name and name.endswith("q_proj.weight")]
+    assert bottom and top
+    assert all(torch.equal(base[name], merged[name]) for name in bottom)
+    assert not all(torch.equal(base[name], merged[name]) for name in top)
