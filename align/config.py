@@ -172,6 +172,9 @@ def _stage_parser(dataclass_types: tuple):
         # string: `--report_to tensorboard wandb` (as in YAML, a list) needs nargs "+"
         if action.dest == "report_to" and action.nargs is None:
             action.nargs = "+"
+        # argparse %-formats help texts: a plain "20% low" in a field's help made `--help` crash
+        if action.help and "%" in action.help and "%(" not in action.help:
+            action.help = action.help.replace("%", "%%")
     return parser
 
 
