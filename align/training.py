@@ -142,6 +142,14 @@ def record_effective_batch(out, trainer_args) -> int:
     return effective
 
 
+def lora_top_layers_field(default: int | None = None, adapter: str = "LoRA"):
+    """The `lora_top_layers` option of every stage that trains LoRA adapters: one help text
+    for the one meaning (`lora_config` reads it)."""
+    return dataclasses.field(default=default, metadata={
+        "help": f"{adapter} only in the top N transformer layers (peft layers_to_transform; all of them if the model "
+                "has fewer); backward stops there; null or 0: every layer"})
+
+
 def lora_config(model_args, top_layers: int | None, base: str):
     """TRL's LoRA config from ModelConfig (None without use_peft), limited to the top
     `top_layers` transformer layers when set (peft's layers_to_transform).

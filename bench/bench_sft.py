@@ -126,10 +126,10 @@ def main() -> None:
             if arm not in best or result["tokens_per_s"] > best[arm]["tokens_per_s"]:
                 best[arm] = result
 
-    print(f"\n(top-N LoRA arm: N = {args.top_layers})")
     print("\n| settings | dtype | tokens/s | model GFLOP/s | of its dtype's peak | train loss |")
     print("|---|---|---:|---:|---:|---:|")
     for name, result in best.items():
+        name = name.replace("top-N", f"top-{args.top_layers}")
         flops = cost.training_flops(cost.Sizes(**result["sizes"]), result["tokens_per_s"])
         dtype = "bf16" if result["bf16"] else "fp32"
         print(f"| {name} | {dtype} | {result['tokens_per_s']:.0f} | {flops / 1e9:.1f} | "

@@ -104,8 +104,7 @@ class DPOStageArgs:
         "help": "length_matched: lengths may differ by this fraction of the longer answer"})
     # held-out evaluation and sampling: align.online.HeldOutArgs, GenerationArgs (shared with PPO)
     kl_max_samples: int = field(default=64, metadata={"help": "samples per KL estimate"})
-    lora_top_layers: int | None = field(default=None, metadata={
-        "help": "LoRA only in the top N transformer layers (null: every layer); backward stops there"})
+    lora_top_layers: int | None = training.lora_top_layers_field(default=None)
 
 
 def check_args(args: DPOStageArgs, dpo_config: DPOConfig) -> None:

@@ -79,9 +79,7 @@ class RewardStageArgs:
     calibration_bins: int = field(default=10, metadata={"help": "bins for ECE and the calibration plot"})
     score_batch_size: int = field(default=16, metadata={"help": "batch size when scoring held-out pairs"})
     score_dtype: Precision = field(default="fp32", metadata={"help": "auto | bf16 | fp32 for held-out scoring"})
-    lora_top_layers: int | None = field(default=8, metadata={
-        "help": "LoRA only in the top N transformer layers (peft layers_to_transform; all if the model has fewer); "
-                "backward stops there; 0 or None = every layer"})
+    lora_top_layers: int | None = training.lora_top_layers_field(default=8)
 
 
 LENGTH_SAMPLERS = ("group_by_length", "batch_rebalance")  # transformers' samplers that read a length per row

@@ -74,8 +74,7 @@ class RLOOStageArgs:
                                     metadata={"help": "ranked responses: only their prompts are used (train prompts)"})
     precision: Precision = field(default="auto", metadata={"help": "training autocast: auto | bf16 | fp32"})
     # held-out evaluation and sampling: align.online.HeldOutArgs, GenerationArgs (shared with DPO and PPO)
-    lora_top_layers: int | None = field(default=None, metadata={
-        "help": "LoRA only in the top N transformer layers (null: every layer)"})
+    lora_top_layers: int | None = training.lora_top_layers_field(default=None)
 
 
 def check_args(config: RLOOConfig) -> None:

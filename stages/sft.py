@@ -50,9 +50,7 @@ class SFTStageArgs:
         "help": "conversations JSONL, or preference pairs (SFT on the chosen answers)"})
     eval_file: str = field(default="data/eval_prompts.jsonl", metadata={"help": "prompts with references"})
     precision: Precision = field(default="auto", metadata={"help": "training autocast: auto | bf16 | fp32"})
-    lora_top_layers: int | None = field(default=None, metadata={
-        "help": "LoRA only in the top N transformer layers (peft layers_to_transform); backward stops there; "
-                "0 or None = every layer"})
+    lora_top_layers: int | None = training.lora_top_layers_field(default=None)
 
 
 def main(argv=None):
