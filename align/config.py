@@ -152,6 +152,9 @@ def pop_force_flag(argv: list[str]) -> bool:
     return force
 
 
+LONE_PERCENT = re.compile(r"%(?!%|\(\w+\)[a-z])(?<!%%)")
+
+
 def _stage_parser(dataclass_types: tuple):
     from trl import TrlParser  # lazily: importing trl costs seconds
 
@@ -172,9 +175,10 @@ def _stage_parser(dataclass_types: tuple):
         # string: `--report_to tensorboard wandb` (as in YAML, a list) needs nargs "+"
         if action.dest == "report_to" and action.nargs is None:
             action.nargs = "+"
-        # argparse %-formats help texts: a plain "20% low" in a field's help made `--help` crash
-        if action.help and "%" in action.help and "%(" not in action.help:
-            action.help = action.help.replace("%", "%%")
+        # argparse %-formats help texts: a plain "20% low" in a field's help made `--help` crash.
+        # Escape a lone % only: transformers' own texts say "~20%%", and "%(default)s" stays.
+        if action.help:
+            action.help = LONE_PERCENT.sub("%%", action.help)
     return parser
 
 

@@ -142,11 +142,11 @@ def record_effective_batch(out, trainer_args) -> int:
     return effective
 
 
-def lora_top_layers_field(default: int | None = None, adapter: str = "LoRA"):
+def lora_top_layers_field(default: int | None = None, subject: str = "LoRA"):
     """The `lora_top_layers` option of every stage that trains LoRA adapters: one help text
     for the one meaning (`lora_config` reads it)."""
     return dataclasses.field(default=default, metadata={
-        "help": f"{adapter} only in the top N transformer layers (peft layers_to_transform; all of them if the model "
+        "help": f"{subject} only in the top N transformer layers (peft layers_to_transform; all of them if the model "
                 "has fewer); backward stops there; null or 0: every layer"})
 
 

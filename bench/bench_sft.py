@@ -121,7 +121,8 @@ def main() -> None:
     for repeat in range(args.repeats):
         for arm in ARMS:
             result = run_child(arm, args.model, args.steps, args.train_file, args.top_layers)
-            print(f"  repeat {repeat + 1}: {arm:<20} {result['tokens_per_s']:8.0f} tokens/s "
+            label = arm.replace("top-N", f"top-{args.top_layers}")
+            print(f"  repeat {repeat + 1}: {label:<20} {result['tokens_per_s']:8.0f} tokens/s "
                   f"({result['tokens']:.0f} tokens in {result['seconds']:.1f} s)", flush=True)
             if arm not in best or result["tokens_per_s"] > best[arm]["tokens_per_s"]:
                 best[arm] = result

@@ -107,7 +107,7 @@ class PPOStageArgs:
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "gradient clipping, policy and critic apart"})
     dual_clip: float | None = field(default=None, metadata={"help": "dual-clip bound for negative advantages (> 1)"})
     critic_warmup_updates: int = field(default=0, metadata={"help": "first N updates train the critic only"})
-    critic_lora_top_layers: int | None = training.lora_top_layers_field(default=8, adapter="critic LoRA (as reward)")
+    critic_lora_top_layers: int | None = training.lora_top_layers_field(default=8, subject="critic LoRA")
     tis: Literal["off", "truncate", "mask"] = field(default="off", metadata={
         "help": "truncated importance sampling against the sampler's logprobs: off | truncate | mask"})
     tis_cap: float = field(default=3.0, metadata={"help": "TIS cap"})
@@ -115,7 +115,7 @@ class PPOStageArgs:
         "help": "after each push, compare the generator's greedy answers with the policy's on N held-out prompts"})
     push_check_tokens: int = field(default=16, metadata={"help": "tokens per push-check answer"})
     # held-out evaluation and sampling: align.online.HeldOutArgs, GenerationArgs (shared with DPO)
-    lora_top_layers: int | None = training.lora_top_layers_field(default=None, adapter="policy LoRA")
+    lora_top_layers: int | None = training.lora_top_layers_field(default=None, subject="policy LoRA")
 
 
 def check_args(args: PPOStageArgs) -> None:
