@@ -25,8 +25,10 @@ and exits 0 when the data set is absent.
 Measured 2026-11-23 on a 2-core AVX-512 CPU while other jobs loaded it, max_length 256
 (1,063 pairs trained: a third of the pairs were longer), LoRA in the top 8 layers,
 1 epoch: accuracy 0.624 (95% CI 0.557-0.688) vs 0.509 for the best length baseline;
-the gate failed that model on length (Spearman -0.65). The README's "Bring your own
-data" section has the newer figures.
+the gate failed that model on length (Spearman -0.65). The README's "Length bias on real
+data" has the newer figures, among them the HH recipe's setting (LoRA in every layer):
+
+    python bench/bench_reward_hh.py --variant every_layer="--length_decorrelation 1 --lora_top_layers null"
 """
 
 from __future__ import annotations
