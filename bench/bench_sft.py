@@ -141,9 +141,9 @@ def main() -> None:
         bf16_gain = best["align defaults"]["tokens_per_s"] / best["align, fp32"]["tokens_per_s"]
         print(f"[bench-sft] bf16 autocast / fp32 (same LoRA settings): {bf16_gain:.2f}x tokens/s; train loss "
               f"{best['align defaults']['train_loss']:.3f} vs {best['align, fp32']['train_loss']:.3f}")
-    else:  # precision auto picked fp32: the two arms ran the same settings (their gap is the noise)
-        print(f"[bench-sft] no native bf16 on this CPU ({hardware.describe_cpu()}): align's defaults train in fp32, "
-              "as the fp32 arm does")
+    else:  # configs/sft.yaml's precision gave fp32 here: the two arms ran the same settings (their gap is noise)
+        print(f"[bench-sft] align's defaults train in fp32 here (CPU flags {hardware.describe_cpu()}), as the fp32 "
+              "arm does")
     top = best["align, top-N LoRA"]["tokens_per_s"] / best["align, fp32"]["tokens_per_s"]
     print(f"[bench-sft] top-{args.top_layers} LoRA / every layer (fp32): {top:.2f}x tokens/s; train loss "
           f"{best['align, top-N LoRA']['train_loss']:.3f} vs {best['align, fp32']['train_loss']:.3f} "
