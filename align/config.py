@@ -152,6 +152,7 @@ def pop_force_flag(argv: list[str]) -> bool:
     return force
 
 
+# a % that is neither half of a %% nor the start of %(name)s
 LONE_PERCENT = re.compile(r"%(?!%|\(\w+\)[a-z])(?<!%%)")
 
 

@@ -1,6 +1,9 @@
 """Config parsing: YAML defaults, CLI overrides, and errors that name the key."""
 
 import ast
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -237,10 +240,6 @@ def test_help_texts_with_a_percent_sign_print(capsys):
 @pytest.mark.slow
 def test_every_stage_prints_its_help():
     """`python -m stages.<name> --help` exits 0 with a usage line for every stage and tool."""
-    import os
-    import subprocess
-    import sys
-
     names = sorted(path.stem for path in (REPO / "stages").glob("*.py") if path.stem != "__init__")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     running = {name: subprocess.Popen([sys.executable, "-m", f"stages.{name}", "--help"], cwd=REPO, env=env,
