@@ -17,7 +17,8 @@ lengths (< 512 tokens) it is under 5% of 2F for SmolLM2-135M. Only real tokens c
 never padding: padding is waste, not work, so the fraction of peak says how much of the
 machine the useful work used. Where a trainer's batches are counted too (`count_positions`,
 from `align.training.counted`), a phase also reports its padding: positions computed per real
-token, less one (+41% = 1.41 positions per real token). Several processes: each counts its own share.
+token of those same batches, less one (+41% = 1.41 positions per real token); other passes in the
+phase (DPO's precomputed reference log-probs) leave the figure alone. Several processes: each counts its own share.
 
 Peak: a 2048 x 2048 matmul in the dtype the phase ran in, per machine, thread count and
 dtype: the best timing on record in $ALIGN_CACHE/matmul-peak.json, to which every report
@@ -78,6 +79,7 @@ class Ledger:
         self.tokens: dict[str, int] = defaultdict(int)
         self.seconds: dict[str, float] = defaultdict(float)
         self.positions: dict[str, int] = defaultdict(int)  # padded batch positions, where counted
+        self.positioned_tokens: dict[str, int] = defaultdict(int)  # the real tokens of those same batches
         self.open: list[str] = []
 
     def add(self, flops: float, tokens: int) -> None:
@@ -85,8 +87,10 @@ class Ledger:
         self.flops[name] += flops
         self.tokens[name] += tokens
 
-    def add_positions(self, positions: int) -> None:
-        self.positions[self.open[-1] if self.open else "other"] += positions
+    def add_positions(self, positions: int, tokens: int) -> None:
+        name = self.open[-1] if self.open else "other"
+        self.positions[name] += positions
+        self.positioned_tokens[name] += tokens
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -115,9 +119,10 @@ def count_training(sizes: Sizes, tokens: int, headless_tokens: int = 0) -> None:
     LEDGER.add(training_flops(sizes, tokens, headless_tokens), tokens)
 
 
-def count_positions(positions: int) -> None:
-    """Batch positions a trainer computed (rows x padded width), real tokens and padding alike."""
-    LEDGER.add_positions(positions)
+def count_positions(positions: int, tokens: int) -> None:
+    """Batch positions a trainer computed (rows x padded width), real tokens and padding alike, and the
+    real tokens among them: the phase's padding compares the two, whatever else the phase counted."""
+    LEDGER.add_positions(positions, tokens)
 
 
 def sizes(model) -> Sizes:
@@ -227,19 +232,20 @@ def report(dtype: str, seconds: dict[str, float] | None = None, phase_dtypes: di
         flops = ledger.flops[name]
         kind = phase_dtypes.get(name, dtype)
         phases[name] = _row(flops, ledger.tokens[name], seconds.get(name, 0.0), kind, peak(kind),
-                            ledger.positions.get(name))
+                            ledger.positions.get(name), ledger.positioned_tokens.get(name))
     if len(phases) > 1:
         phases["total"] = _row(sum(ledger.flops.values()), sum(ledger.tokens.values()),
                                sum(seconds.get(name, 0.0) for name in ledger.flops), dtype, peak(dtype))
     return {"dtype": dtype, "peak_flops_per_s": {kind: peaks[kind] for kind in sorted(peaks)}, "phases": phases}
 
 
-def _row(flops: float, tokens: int, seconds: float, dtype: str, peak: float, positions: int | None = None) -> dict:
+def _row(flops: float, tokens: int, seconds: float, dtype: str, peak: float, positions: int | None = None,
+         positioned_tokens: int | None = None) -> dict:
     rate = flops / seconds if seconds > 0 else None
     row = {"flops": flops, "tokens": tokens, "seconds": round(seconds, 2), "flops_per_s": rate, "dtype": dtype,
            "peak_fraction": rate / peak if rate is not None and peak > 0 else None}
-    if positions and tokens:
-        row.update(positions=positions, padding=positions / tokens - 1.0)
+    if positions and positioned_tokens:
+        row.update(positions=positions, padding=positions / positioned_tokens - 1.0)
     return row
 
 

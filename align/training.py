@@ -93,7 +93,8 @@ def counted(trainer, reference_forward: bool = False):
     if reference_forward:
         cost.count_forward(sizes, tokens)
     if positions.count and tokens:  # this process's batches; the reference forward runs over them too
-        cost.count_positions(positions.count * (2 if reference_forward else 1))
+        passes = 2 if reference_forward else 1
+        cost.count_positions(positions.count * passes, tokens * passes)
 
 
 class PositionCounter:

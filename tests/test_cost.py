@@ -62,7 +62,7 @@ def test_padding_is_reported_where_a_trainer_counted_its_batch_positions(ledger)
     one = cost.Sizes(forward=1000, head=0, backward=0, trainable=0)
     with cost.phase("train"):
         cost.count_forward(one, 100)
-        cost.count_positions(141)
+        cost.count_positions(141, 100)
     with cost.phase("score"):
         cost.count_forward(one, 50)
     report = cost.report("float32", seconds={"train": 1.0, "score": 1.0}, peaks={"float32": 1e6})
@@ -70,6 +70,20 @@ def test_padding_is_reported_where_a_trainer_counted_its_batch_positions(ledger)
     assert train["positions"] == 141 and train["padding"] == pytest.approx(0.41)
     assert "padding" not in score and "padding" not in total
     assert cost.summary_text(report).startswith("train 0.00 TFLOP at 20% (+41% padding) | score 0.00 TFLOP at 10% |")
+
+
+def test_padding_leaves_out_passes_whose_batches_were_not_counted(ledger):
+    """DPO's train phase also holds TRL's precomputed reference log-probs (real tokens, no positions
+    counted): the padding figure compares the trainer's positions with the trainer's own tokens. Counted
+    against every token of the phase, this read -25% padding on the main job."""
+    one = cost.Sizes(forward=1000, head=0, backward=0, trainable=0)
+    with cost.phase("train"):
+        cost.count_forward(one, 100)  # the reference pass over the same pairs
+        cost.count_forward(one, 100)  # the trainer's own pass
+        cost.count_positions(150, 100)
+    report = cost.report("float32", seconds={"train": 1.0}, peaks={"float32": 1e6})
+    train = report["phases"]["train"]
+    assert train["tokens"] == 200 and train["padding"] == pytest.approx(0.5)
 
 
 def test_a_stage_that_counted_nothing_says_so(ledger):
@@ -180,4 +194,5 @@ def test_a_trainer_counts_real_tokens_not_padding(ledger, tiny_model_dir, tmp_pa
     assert ledger.flops["train"] == 2 * (every + (norm + head) + norm) * 24 + 2 * every * 24
     # the padded batches [5, 9] and [3, 7] hold 2 x 9 + 2 x 7 positions, computed by both passes
     assert ledger.positions["train"] == 2 * (2 * 9 + 2 * 7)
+    assert ledger.positioned_tokens["train"] == 2 * sum(lengths)
     assert trainer.data_collator.__class__ is DataCollatorForLanguageModeling  # the wrapper is gone again
