@@ -16,7 +16,13 @@ and two baselines, "prefer the shorter answer" and "prefer the longer answer"
 (harmless answers are often short refusals, so length alone is a real competitor).
 
     python bench/bench_reward_hh.py [--train_pairs 1500] [--max_length 512]
-        [--variant NAME="STAGE ARGS" ...] [-- extra stage args for every variant]
+        [--variant NAME="STAGE ARGS" ...] [--keep] [--reuse NAME=FOLDER ...]
+        [-- extra stage args for every variant]
+
+After the table: each variant's accuracy where people chose the shorter answer and where they
+chose the longer one, and each variant minus the first on the same held-out pairs (paired
+bootstrap over pairs). `--keep` keeps each run's folder; `--reuse NAME=FOLDER` puts a kept run
+first in a later comparison without training it again.
 
 Variants by default: `plain` (the stage's loss) and `decorrelated`
 (`--length_decorrelation 1`, align/length_bias.py). Prints "skipped: ... not found"
@@ -26,9 +32,11 @@ Measured 2026-11-23 on a 2-core AVX-512 CPU while other jobs loaded it, max_leng
 (1,063 pairs trained: a third of the pairs were longer), LoRA in the top 8 layers,
 1 epoch: accuracy 0.624 (95% CI 0.557-0.688) vs 0.509 for the best length baseline;
 the gate failed that model on length (Spearman -0.65). The README's "Length bias on real
-data" has the newer figures, among them the HH recipe's setting (LoRA in every layer):
+data" has the newer figures, among them the HH recipe's setting (LoRA in every layer, 2 epochs:
+0.661 [0.606, 0.716] on an AMX Xeon, 2026-12-07, against 0.628 after 1 epoch):
 
-    python bench/bench_reward_hh.py --variant every_layer="--length_decorrelation 1 --lora_top_layers null"
+    python bench/bench_reward_hh.py --variant every_layer="--length_decorrelation 1 --lora_top_layers null" \
+        --variant two_epochs="--length_decorrelation 1 --lora_top_layers null --num_train_epochs 2"
 """
 
 from __future__ import annotations
@@ -60,6 +68,9 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="STAGE ARGS"',
                         help="a setting to compare (repeatable); default: plain and decorrelated")
     parser.add_argument("--keep", action="store_true", help="keep the temporary runs folders and print their paths")
+    parser.add_argument("--reuse", action="append", default=[], metavar="NAME=FOLDER",
+                        help="add a variant from a folder an earlier --keep run printed, without training it again "
+                             "(repeatable; reused variants come first, so the paired differences are against them)")
     parser.add_argument("stage_args", nargs="*", help="extra `python -m stages.reward` arguments (after --)")
     options = parser.parse_args()
 
@@ -85,6 +96,13 @@ def main() -> int:
         return 2
 
     results = {}
+    for text in options.reuse:
+        name, _, folder = text.partition("=")
+        results[name] = read_kept_variant(name, Path(folder))
+        if results[name] is None:
+            return 2
+    if options.reuse and not options.variant:
+        variants = {}
     for name, variant_args in variants.items():
         results[name] = run_variant(name, [*variant_args, *options.stage_args], data_path, heldout_fraction, options)
         if results[name] is None:
@@ -119,6 +137,51 @@ def run_variant(name: str, stage_args: list[str], data_path: Path, heldout_fract
     return {"metrics": metrics, "scores": scores, "wall": wall}
 
 
+def read_kept_variant(name: str, folder: Path) -> dict | None:
+    """A variant trained earlier: the scratch folder `--keep` printed (or its runs/hh/reward inside)."""
+    reward = folder / "runs" / "hh" / "reward" if (folder / "runs").is_dir() else folder
+    manifest, scores = reward / "manifest.json", reward / "heldout_scores.jsonl"
+    if not manifest.is_file() or not scores.is_file():
+        print(f"error: --reuse {name}={folder}: no manifest.json and heldout_scores.jsonl there; pass a folder that "
+              "`--keep` printed")
+        return None
+    recorded = json.loads(manifest.read_text())
+    rows = [json.loads(line) for line in scores.read_text().splitlines()]
+    return {"metrics": recorded["metrics"], "scores": rows, "wall": recorded.get("wall_s", float("nan"))}
+
+
+def pair_correct(row: dict) -> float:
+    """1 when the chosen answer scored higher, 0.5 on a tie (as the gate's accuracy counts it), else 0."""
+    return float(row["r_chosen"] > row["r_rejected"]) + 0.5 * float(row["r_chosen"] == row["r_rejected"])
+
+
+def accuracy_by_length(rows: list[dict]) -> tuple[float, int, float, int]:
+    """Accuracy where people chose the shorter answer, and where they chose the longer one (with counts)."""
+    shorter = [pair_correct(r) for r in rows if r["chosen_tokens"] < r["rejected_tokens"]]
+    longer = [pair_correct(r) for r in rows if r["chosen_tokens"] > r["rejected_tokens"]]
+    mean = lambda values: sum(values) / len(values) if values else float("nan")  # noqa: E731
+    return mean(shorter), len(shorter), mean(longer), len(longer)
+
+
+def print_paired(results: dict) -> None:
+    """Each variant minus the first on the same held-out pairs: paired bootstrap over pairs."""
+    from align import evaluation
+
+    names = list(results)
+    base = {row["prompt_id"]: pair_correct(row) for row in results[names[0]]["scores"]}
+    for name in names[1:]:
+        other = {row["prompt_id"]: pair_correct(row) for row in results[name]["scores"]}
+        shared = sorted(base.keys() & other.keys())
+        if len(shared) < len(base):
+            print(f"paired {name} - {names[0]}: only {len(shared)} of {len(base)} held-out pairs shared (another "
+                  "split?)")
+        if not shared:
+            continue
+        diff = evaluation.paired_difference([other[k] for k in shared], [base[k] for k in shared])
+        print(f"paired {name} - {names[0]}: accuracy {diff['difference']:+.3f} [{diff['low']:+.3f}, "
+              f"{diff['high']:+.3f}] over {len(shared)} pairs (bootstrap over pairs)")
+
+
 def shorter_preferred(rows: list[dict], chosen_key: str, rejected_key: str) -> float:
     """Share of pairs where the side with the higher value is the shorter answer (ties count half)."""
     total = 0.0
@@ -140,7 +203,8 @@ def print_table(results: dict, max_length: int) -> None:
     print(f"HH-RLHF harmless: {metrics['heldout_pairs']} held-out pairs, {metrics['train_pairs']} trained; {dropped} "
           f"dropped > {max_length} tokens, {metrics['bad_rankings']} malformed. Target: accuracy >= {TARGET:.2f} "
           "with |length Spearman| <= the gate's limit")
-    print(f"{'variant':<14} {'accuracy (95% CI)':<22} {'length Spearman':<18} {'prefers shorter':<16} "
+    width = max(14, *(len(name) for name in results))  # the first column fits every variant's name
+    print(f"{'variant':<{width}} {'accuracy (95% CI)':<22} {'length Spearman':<18} {'prefers shorter':<16} "
           f"{'ECE':<6} {'steps':<6} {'train s':<8} {'wall s':<7} target")
     for name, result in results.items():
         m = result["metrics"]
@@ -150,12 +214,18 @@ def print_table(results: dict, max_length: int) -> None:
         length_text = f"{m['length_correlation']:+.3f} {'ok' if length_ok else 'FAIL'}"
         shorter = shorter_preferred(result["scores"], "r_chosen", "r_rejected")
         met = m["pairwise_accuracy"] >= TARGET and length_ok
-        print(f"{name:<14} {m['pairwise_accuracy']:.3f} ({low:.3f}-{high:.3f})    {length_text:<18} "
+        print(f"{name:<{width}} {m['pairwise_accuracy']:.3f} ({low:.3f}-{high:.3f})    {length_text:<18} "
               f"{shorter:<16.1%} {m['ece']:<6.3f} {m['train_steps']:<6} {m['train_runtime_s']:<8.0f} "
               f"{result['wall']:<7.0f} {'MET' if met else 'not met'}")
-    print(f"{'prefer shorter':<14} {people_shorter:.3f}")
-    print(f"{'prefer longer':<14} {1 - people_shorter:.3f}")
+    print(f"{'prefer shorter':<{width}} {people_shorter:.3f}")
+    print(f"{'prefer longer':<{width}} {1 - people_shorter:.3f}")
     print(f"people chose the shorter answer in {people_shorter:.1%} of the held-out pairs")
+    print()
+    for name, result in results.items():
+        on_shorter, shorter_count, on_longer, longer_count = accuracy_by_length(result["scores"])
+        print(f"{name}: accuracy {on_shorter:.3f} where the chosen answer is shorter ({shorter_count} pairs), "
+              f"{on_longer:.3f} where it is longer ({longer_count})")
+    print_paired(results)
 
 
 if __name__ == "__main__":

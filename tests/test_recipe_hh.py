@@ -81,6 +81,7 @@ def test_the_hh_recipe_runs_sft_reward_dpo_and_compare_on_hh_files(runs_root, ti
     assert sft["config"]["num_train_epochs"] == 1
     assert reward["config"]["ranked_files"] == [hh_files["train"]]
     assert reward["config"]["length_decorrelation"] == 1.0
+    assert reward["config"]["num_train_epochs"] == 2
     assert reward["config"]["train_sampling_strategy"] == "group_by_length"
     assert dpo["config"]["eval_file"] == hh_files["test"] and dpo["config"]["eval_limit"] == 64
     # Lineage through the manifests, and the data each stage read, by hash.
