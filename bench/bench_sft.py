@@ -94,6 +94,11 @@ def run_child(arm: str, model: str, steps: int, train_file: str, top_layers: int
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def arm_label(arm: str, top_layers: int) -> str:
+    """The arm's name as printed: the top-N arm says its N."""
+    return arm.replace("top-N", f"top-{top_layers}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -121,7 +126,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for arm in ARMS:
             result = run_child(arm, args.model, args.steps, args.train_file, args.top_layers)
-            label = arm.replace("top-N", f"top-{args.top_layers}")
+            label = arm_label(arm, args.top_layers)
             print(f"  repeat {repeat + 1}: {label:<20} {result['tokens_per_s']:8.0f} tokens/s "
                   f"({result['tokens']:.0f} tokens in {result['seconds']:.1f} s)", flush=True)
             if arm not in best or result["tokens_per_s"] > best[arm]["tokens_per_s"]:
@@ -129,8 +134,8 @@ def main() -> None:
 
     print("\n| settings | dtype | tokens/s | model GFLOP/s | of its dtype's peak | train loss |")
     print("|---|---|---:|---:|---:|---:|")
-    for name, result in best.items():
-        name = name.replace("top-N", f"top-{args.top_layers}")
+    for arm, result in best.items():
+        name = arm_label(arm, args.top_layers)
         flops = cost.training_flops(cost.Sizes(**result["sizes"]), result["tokens_per_s"])
         dtype = "bf16" if result["bf16"] else "fp32"
         print(f"| {name} | {dtype} | {result['tokens_per_s']:.0f} | {flops / 1e9:.1f} | "
