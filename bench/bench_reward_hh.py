@@ -22,7 +22,8 @@ and two baselines, "prefer the shorter answer" and "prefer the longer answer"
 After the table: each variant's accuracy where people chose the shorter answer and where they
 chose the longer one, and each variant minus the first on the same held-out pairs (paired
 bootstrap over pairs). `--keep` keeps each run's folder; `--reuse NAME=FOLDER` puts a kept run
-first in a later comparison without training it again.
+first in a later comparison without training it again (its data, --train_pairs and
+--max_length must be this run's). With --reuse and no --variant, nothing is trained.
 
 Variants by default: `plain` (the stage's loss) and `decorrelated`
 (`--length_decorrelation 1`, align/length_bias.py). Prints "skipped: ... not found"
@@ -69,8 +70,9 @@ def main() -> int:
                         help="a setting to compare (repeatable); default: plain and decorrelated")
     parser.add_argument("--keep", action="store_true", help="keep the temporary runs folders and print their paths")
     parser.add_argument("--reuse", action="append", default=[], metavar="NAME=FOLDER",
-                        help="add a variant from a folder an earlier --keep run printed, without training it again "
-                             "(repeatable; reused variants come first, so the paired differences are against them)")
+                        help="a run an earlier --keep printed, compared without training it again (repeatable; "
+                             "reused runs come first and the paired differences are against the first; with "
+                             "--reuse and no --variant nothing is trained)")
     parser.add_argument("stage_args", nargs="*", help="extra `python -m stages.reward` arguments (after --)")
     options = parser.parse_args()
 
@@ -96,9 +98,14 @@ def main() -> int:
         return 2
 
     results = {}
+    expected = {"ranked_files": [str(data_path)], "heldout_fraction": heldout_fraction,
+                "max_length": options.max_length}
     for text in options.reuse:
         name, _, folder = text.partition("=")
-        results[name] = read_kept_variant(name, Path(folder))
+        if not name or not folder or name in results or name in options_variant_names(options):
+            print(f"error: --reuse {text!r}: expected NAME=FOLDER, with a name no other --reuse or --variant has")
+            return 2
+        results[name] = read_kept_variant(name, Path(folder), expected)
         if results[name] is None:
             return 2
     if options.reuse and not options.variant:
@@ -137,8 +144,13 @@ def run_variant(name: str, stage_args: list[str], data_path: Path, heldout_fract
     return {"metrics": metrics, "scores": scores, "wall": wall}
 
 
-def read_kept_variant(name: str, folder: Path) -> dict | None:
-    """A variant trained earlier: the scratch folder `--keep` printed (or its runs/hh/reward inside)."""
+def options_variant_names(options) -> set[str]:
+    return {text.partition("=")[0] for text in options.variant}
+
+
+def read_kept_variant(name: str, folder: Path, expected: dict) -> dict | None:
+    """A variant trained earlier: the scratch folder `--keep` printed (or its runs/hh/reward inside). Its
+    data file, held-out fraction and max_length must be this run's, or its held-out pairs differ."""
     reward = folder / "runs" / "hh" / "reward" if (folder / "runs").is_dir() else folder
     manifest, scores = reward / "manifest.json", reward / "heldout_scores.jsonl"
     if not manifest.is_file() or not scores.is_file():
@@ -146,6 +158,13 @@ def read_kept_variant(name: str, folder: Path) -> dict | None:
               "`--keep` printed")
         return None
     recorded = json.loads(manifest.read_text())
+    for key, value in expected.items():
+        was = recorded["config"].get(key)
+        same = abs(float(was) - value) < 1e-5 if key == "heldout_fraction" and was is not None else was == value
+        if not same:
+            print(f"error: --reuse {name}={folder}: that run's {key} was {was!r}, this one's is {value!r}; rerun "
+                  f"with the same --data, --train_pairs and --max_length")
+            return None
     rows = [json.loads(line) for line in scores.read_text().splitlines()]
     return {"metrics": recorded["metrics"], "scores": rows, "wall": recorded.get("wall_s", float("nan"))}
 
@@ -172,9 +191,9 @@ def print_paired(results: dict) -> None:
     for name in names[1:]:
         other = {row["prompt_id"]: pair_correct(row) for row in results[name]["scores"]}
         shared = sorted(base.keys() & other.keys())
-        if len(shared) < len(base):
-            print(f"paired {name} - {names[0]}: only {len(shared)} of {len(base)} held-out pairs shared (another "
-                  "split?)")
+        if len(shared) < max(len(base), len(other)):
+            print(f"paired {name} - {names[0]}: only {len(shared)} held-out pairs shared ({len(other)} and "
+                  f"{len(base)}: another split?)")
         if not shared:
             continue
         diff = evaluation.paired_difference([other[k] for k in shared], [base[k] for k in shared])
