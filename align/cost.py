@@ -18,7 +18,8 @@ never padding: padding is waste, not work, so the fraction of peak says how much
 machine the useful work used. Where a trainer's batches are counted too (`count_positions`,
 from `align.training.counted`), a phase also reports its padding: positions computed per real
 token of those same batches, less one (+41% = 1.41 positions per real token); other passes in the
-phase (DPO's precomputed reference log-probs) leave the figure alone. Several processes: each counts its own share.
+phase (DPO's precomputed reference log-probs) leave the figure alone. Several processes: each
+counts its own share.
 
 Peak: a 2048 x 2048 matmul in the dtype the phase ran in, per machine, thread count and
 dtype: the best timing on record in $ALIGN_CACHE/matmul-peak.json, to which every report

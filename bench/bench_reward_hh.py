@@ -100,9 +100,10 @@ def main() -> int:
     results = {}
     expected = {"ranked_files": [str(data_path)], "heldout_fraction": heldout_fraction,
                 "max_length": options.max_length}
+    variant_names = {text.partition("=")[0] for text in options.variant}
     for text in options.reuse:
         name, _, folder = text.partition("=")
-        if not name or not folder or name in results or name in options_variant_names(options):
+        if not name or not folder or name in results or name in variant_names:
             print(f"error: --reuse {text!r}: expected NAME=FOLDER, with a name no other --reuse or --variant has")
             return 2
         results[name] = read_kept_variant(name, Path(folder), expected)
@@ -142,10 +143,6 @@ def run_variant(name: str, stage_args: list[str], data_path: Path, heldout_fract
 
         shutil.rmtree(scratch, ignore_errors=True)
     return {"metrics": metrics, "scores": scores, "wall": wall}
-
-
-def options_variant_names(options) -> set[str]:
-    return {text.partition("=")[0] for text in options.variant}
 
 
 def read_kept_variant(name: str, folder: Path, expected: dict) -> dict | None:
