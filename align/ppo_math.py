@@ -14,7 +14,7 @@ token). One update, in order:
     mask = response_mask(lengths, width)
     kl = kl_per_token(old_logp, ref_logp, "k1")
     rewards = shape_rewards(scores, kl, mask, beta)      # score on the last valid token
-    advantages, returns = gae(rewards, old_values, mask, gamma, lam)
+    advantages, returns = decoupled_gae(rewards, old_values, mask, gamma, lam, critic_lam)
     advantages = masked_whiten(advantages, mask)
     # per epoch and minibatch:
     pg_loss, stats = policy_loss(new_logp, old_logp, advantages, mask, clip)
@@ -159,6 +159,26 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         running = (delta + gamma * lam * running) * mask[:, t]
         advantages[:, t] = running
     return advantages, (advantages + values) * mask
+
+
+def decoupled_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+                  critic_lam: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE with one lambda for the policy's advantages and another for the critic's targets
+    (decoupled GAE: Yuan et al. 2025, "What's Behind PPO's Collapse in Long-CoT? Value
+    Optimization Holds the Secret", the VC-PPO paper):
+
+        A = gae(R, V, lam).advantages        the policy's, as before
+        G = gae(R, V, critic_lam).returns    the critic's target
+
+    At critic_lam = 1 and gamma = 1, G_t is the reward-to-go (the Monte Carlo return), which does
+    not lean on V at later tokens. A critic initialised from a reward model gets those wrong (the
+    reward model learned only the end-of-turn position), and at lam 0.95 a 75-token answer's
+    early targets weigh the final score by 0.95^75 ~ 0.02: the critic mostly chases its own
+    values. critic_lam None: lam for both (TRL 1.12)."""
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    if critic_lam is not None and critic_lam != lam:
+        _, returns = gae(rewards, values, mask, gamma, critic_lam)
+    return advantages, returns
 
 
 # ---------------------------------------------------------------- losses

@@ -97,6 +97,8 @@ class PPOStageArgs:
     vf_coef: float = field(default=0.1, metadata={"help": "value loss weight (TRL parity; the critic lr is the real knob)"})
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    critic_lam: float | None = field(default=None, metadata={
+        "help": "GAE lambda of the critic's targets (decoupled GAE, VC-PPO); 1.0: reward-to-go; null: lam"})
     kl_coef: float = field(default=0.05, metadata={"help": "beta of the per-token KL penalty in the reward"})
     kl_penalty_estimator: ppo_math.KLEstimator = field(default="k1", metadata={"help": "k1 | k2 | k3 in the reward"})
     kl_target: float | None = field(default=None, metadata={"help": "adaptive beta towards this KL (null: fixed beta)"})
@@ -139,6 +141,8 @@ def check_args(args: PPOStageArgs) -> None:
             raise ConfigError(f"{key}: must be > 0, got {getattr(args, key)}")
     if args.kl_coef < 0 or not 0 <= args.gamma <= 1 or not 0 <= args.lam <= 1:
         raise ConfigError("kl_coef must be >= 0, gamma and lam in [0, 1]")
+    if args.critic_lam is not None and not 0 <= args.critic_lam <= 1:
+        raise ConfigError(f"critic_lam: must be in [0, 1] (or null: lam), got {args.critic_lam}")
     if args.kl_target is not None and (args.kl_target <= 0 or args.kl_horizon <= 0):
         raise ConfigError("kl_target and kl_horizon: must be > 0 for the adaptive KL coefficient")
 
@@ -390,7 +394,8 @@ class UpdateLoop:
             rewards = ppo_math.shape_rewards(scores, kl, mask, beta)
             if args.whiten_rewards:
                 rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
-            raw_advantages, returns = ppo_math.gae(rewards, old_values, mask, args.gamma, args.lam)
+            raw_advantages, returns = ppo_math.decoupled_gae(rewards, old_values, mask, args.gamma, args.lam,
+                                                             args.critic_lam)
             advantages = ppo_math.masked_whiten(raw_advantages, mask)
             steps = self.updater.update(batch, old_logp, old_values, advantages, returns,
                                         train_policy=index >= args.critic_warmup_updates)

@@ -209,6 +209,19 @@ def test_gae_pad_columns_leave_valid_entries_unchanged_and_come_out_zero():
     assert returns.tolist() == _approx_rows([row + [0.0, 0.0] for row in GAE_RETURNS])
 
 
+def test_decoupled_gae_keeps_the_policy_lambda_and_gives_the_critic_its_own():
+    """gamma 0.9, policy lam 0.8, critic lam 1: the advantages are the hand-computed example's;
+    the critic's targets are the discounted reward-to-go (row 0: 0.1 - 0.18 + 0.81 = 0.73,
+    -0.2 + 0.9 = 0.7, 1.0), where lam 0.8 gave 0.58528, 0.574, 1.0."""
+    mask = ppo_math.response_mask(GAE_LENGTHS, 3)
+    advantages, returns = ppo_math.decoupled_gae(t(GAE_REWARDS), t(GAE_VALUES), mask, 0.9, 0.8, critic_lam=1.0)
+    assert advantages.tolist() == _approx_rows(GAE_ADVANTAGES)
+    assert returns.tolist() == _approx_rows([[0.73, 0.7, 1.0], [2.0, 0.0, 0.0]])
+    for same in (None, 0.8):  # no critic lambda of its own: gae itself
+        advantages, returns = ppo_math.decoupled_gae(t(GAE_REWARDS), t(GAE_VALUES), mask, 0.9, 0.8, critic_lam=same)
+        assert advantages.tolist() == _approx_rows(GAE_ADVANTAGES) and returns.tolist() == _approx_rows(GAE_RETURNS)
+
+
 def test_the_eos_token_gets_the_score_itself_not_through_a_pad_value():
     """Where TRL 1.12 differs (design notes P1): it adds the score one column after the eos and
     bootstraps the eos token's advantage from a value read at that pad column. Here the eos of a
