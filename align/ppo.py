@@ -217,7 +217,7 @@ class PPOSettings:
     num_mini_batches: int = 2
     micro_batch_size: int = 8      # rows per forward/backward; gradients accumulate over a minibatch
     cliprange: float = 0.2
-    cliprange_value: float = 0.2
+    cliprange_value: float | None = 0.2  # None: no value clipping
     vf_coef: float = 0.1
     max_grad_norm: float | None = 1.0  # policy and critic clipped apart (None: no clipping, as TRL's loop)
     temperature: float = 1.0

@@ -224,13 +224,17 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
 
 
 def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip_v: float) -> tuple[torch.Tensor, float]:
+               clip_v: float | None) -> tuple[torch.Tensor, float]:
     """Clipped value loss, token mean over the valid tokens:
 
         V_clip = clip(V, V_old - clip_v, V_old + clip_v)
         L^V    = 1/2 * mean_m( max((V - G)^2, (V_clip - G)^2) )
 
-    and the share of tokens where the clipped branch wins (their gradient is 0)."""
+    and the share of tokens where the clipped branch wins (their gradient is 0). The clip keeps
+    a value within clip_v of its old one for the whole update, so a critic that starts off by more
+    than that needs several updates to catch up. clip_v None: no clipping, L^V = 1/2 mean_m((V - G)^2)."""
+    if clip_v is None:
+        return 0.5 * masked_mean((new_values - returns) ** 2, mask), 0.0
     clipped_values = torch.clamp(new_values, old_values - clip_v, old_values + clip_v)
     unclipped_loss = (new_values - returns) ** 2
     clipped_loss = (clipped_values - returns) ** 2

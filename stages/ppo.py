@@ -93,11 +93,12 @@ class PPOStageArgs:
     micro_batch_size: int = field(default=8, metadata={"help": "rows per forward/backward (gradients accumulate)"})
     forward_batch_size: int = field(default=8, metadata={"help": "rows per no-grad forward (old, reference, values)"})
     cliprange: float = field(default=0.2, metadata={"help": "epsilon of the clipped policy ratio"})
-    cliprange_value: float = field(default=0.2, metadata={"help": "epsilon of the clipped value"})
+    cliprange_value: float | None = field(default=None, metadata={
+        "help": "epsilon of the clipped value: a value moves at most this far per update; null: no clipping"})
     vf_coef: float = field(default=0.1, metadata={"help": "value loss weight (TRL parity; the critic lr is the real knob)"})
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
-    critic_lam: float | None = field(default=None, metadata={
+    critic_lam: float | None = field(default=1.0, metadata={
         "help": "GAE lambda of the critic's targets (decoupled GAE, VC-PPO); 1.0: reward-to-go; null: lam"})
     kl_coef: float = field(default=0.05, metadata={"help": "beta of the per-token KL penalty in the reward"})
     kl_penalty_estimator: ppo_math.KLEstimator = field(default="k1", metadata={"help": "k1 | k2 | k3 in the reward"})
@@ -108,7 +109,7 @@ class PPOStageArgs:
     critic_learning_rate: float = field(default=3e-4, metadata={"help": "critic AdamW lr (constant, eps 1e-5)"})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "gradient clipping, policy and critic apart"})
     dual_clip: float | None = field(default=None, metadata={"help": "dual-clip bound for negative advantages (> 1)"})
-    critic_warmup_updates: int = field(default=0, metadata={"help": "first N updates train the critic only"})
+    critic_warmup_updates: int = field(default=1, metadata={"help": "first N updates train the critic only"})
     critic_lora_top_layers: int | None = training.lora_top_layers_field(default=8, subject="critic LoRA")
     tis: Literal["off", "truncate", "mask"] = field(default="off", metadata={
         "help": "truncated importance sampling against the sampler's logprobs: off | truncate | mask"})
@@ -137,10 +138,13 @@ def check_args(args: PPOStageArgs) -> None:
     if args.dual_clip is not None and args.dual_clip <= 1:
         raise ConfigError(f"dual_clip: must be > 1, got {args.dual_clip}")
     for key in ("cliprange", "cliprange_value", "learning_rate", "critic_learning_rate", "tis_cap"):
-        if getattr(args, key) <= 0:
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
             raise ConfigError(f"{key}: must be > 0, got {getattr(args, key)}")
     if args.kl_coef < 0 or not 0 <= args.gamma <= 1 or not 0 <= args.lam <= 1:
         raise ConfigError("kl_coef must be >= 0, gamma and lam in [0, 1]")
+    if not 0 <= args.critic_warmup_updates < args.updates:
+        raise ConfigError(f"critic_warmup_updates: must be >= 0 and below updates ({args.updates}), got "
+                          f"{args.critic_warmup_updates}: the first N updates train the critic only")
     if args.critic_lam is not None and not 0 <= args.critic_lam <= 1:
         raise ConfigError(f"critic_lam: must be in [0, 1] (or null: lam), got {args.critic_lam}")
     if args.kl_target is not None and (args.kl_target <= 0 or args.kl_horizon <= 0):

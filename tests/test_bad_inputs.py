@@ -121,6 +121,8 @@ CASES = [
          "{file}: 'backend' is now called 'generation_backend'"),
     case("config-value-out-of-range", "candidates", "--run {run} --config {file}", "config_too_few_candidates.yaml",
          "k: a ranking needs at least 2 candidates"),
+    case("config-ppo-critic-warmup-every-update", "ppo", "--run {run} --config {file}",
+         "config_ppo_warmup_every_update.yaml", "critic_warmup_updates: must be >= 0 and below updates (4)"),
     case("config-confidence-out-of-range", "compare", "--run {run} --config {file}", "config_bad_confidence.yaml",
          "confidence: must be between 0 and 1"),
     case("config-empty-file", "compare", "--run {run} --config {file}", "empty.yaml",

@@ -338,6 +338,16 @@ def test_value_loss_by_hand_and_zero_gradient_where_the_clipped_branch_dominates
     assert new.grad.tolist() == [pytest.approx([0.0, -1.5 / 3, -0.05 / 3, 0.0])]
 
 
+def test_value_loss_without_clipping_is_half_the_squared_error_everywhere():
+    """clip_v None, the same tokens: token 0 (0.8, far from V_old = 0) keeps its gradient V - G = -0.2."""
+    new = t([[0.8, -0.5, 0.05, 7.0]]).requires_grad_(True)
+    mask = ppo_math.response_mask([3], 4).to(F64)
+    loss, clipfrac = ppo_math.value_loss(new, torch.zeros(1, 4, dtype=F64), t([[1.0, 1.0, 0.1, -7.0]]), mask, None)
+    assert loss.item() == pytest.approx(0.5 * (0.04 + 2.25 + 0.0025) / 3) and clipfrac == 0.0
+    loss.backward()
+    assert new.grad.tolist() == [pytest.approx([-0.2 / 3, -1.5 / 3, -0.05 / 3, 0.0])]
+
+
 # ---------------------------------------------------------------- truncated importance sampling
 
 def test_tis_weights_truncate_or_mask_above_the_cap():
