@@ -22,9 +22,11 @@ One update (design notes §2.2): sample `prompts_per_update` x `samples_per_prom
 from the current policy (align.generation; vLLM where it is faster); score them with the
 reward model, an answer cut at max_new_tokens `truncation_penalty` lower (PPO's
 missing-eos penalty: align.scoring.effective_reward); recompute old log-probs, reference
-log-probs and values in torch (never vLLM's); KL-shaped rewards, GAE, whitened advantages;
-K epochs x M minibatches of clipped policy and value losses; push the weights into the
-generator and check its greedy output against the policy's.
+log-probs and values in torch (never vLLM's); KL-shaped rewards, GAE (the critic's targets
+at their own `critic_lam`), whitened advantages; K epochs x M minibatches of the clipped
+policy loss and the value loss (clipped if `cliprange_value` is set; the first
+`critic_warmup_updates` train the critic only); push the weights into the generator and
+check its greedy output against the policy's.
 
 Before and after training it samples the SFT model and the PPO model on the held-out
 prompts with the same decoding and seed, and judges them with the statistics of
@@ -94,7 +96,7 @@ class PPOStageArgs:
     forward_batch_size: int = field(default=8, metadata={"help": "rows per no-grad forward (old, reference, values)"})
     cliprange: float = field(default=0.2, metadata={"help": "epsilon of the clipped policy ratio"})
     cliprange_value: float | None = field(default=None, metadata={
-        "help": "epsilon of the clipped value: a value moves at most this far per update; null: no clipping"})
+        "help": "epsilon of the clipped value loss: no gradient beyond this far from the old value; null: no clipping"})
     vf_coef: float = field(default=0.1, metadata={"help": "value loss weight (TRL parity; the critic lr is the real knob)"})
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})

@@ -13,9 +13,12 @@ from align import hardware, training
 
 @pytest.fixture
 def restored_trl(monkeypatch):
-    """Whatever a test patches into TRL's kernel module is undone after it."""
-    monkeypatch.setattr(chunked_logprob, "_addmm_fp32", chunked_logprob._addmm_fp32)
-    return chunked_logprob._addmm_fp32
+    """TRL's own product in place for the test (even if an earlier test in this process patched it),
+    and whatever the test patches undone after it."""
+    current = chunked_logprob._addmm_fp32
+    original = getattr(current, "trl_original", current)
+    monkeypatch.setattr(chunked_logprob, "_addmm_fp32", original)
+    return original
 
 
 def test_bf16_products_run_in_bf16_and_fp32_ones_are_left_to_trl(restored_trl):
@@ -43,26 +46,36 @@ def test_patch_is_applied_once(restored_trl):
     assert chunked_logprob._addmm_fp32 is patched and patched is not restored_trl
 
 
-def test_lm_head_gradient_under_bf16_autocast_stays_near_fp32(restored_trl):
-    """Three vocabulary chunks (the rounding TRL avoids is one per chunk): the hidden states'
-    gradient with the bf16 products is within bf16 rounding of the all-fp32 one."""
+def test_lm_head_gradients_under_bf16_autocast_stay_near_fp32(restored_trl, monkeypatch):
+    """Three vocabulary chunks (the rounding TRL avoids is one per chunk): the gradients of the
+    hidden states and of the head's weight (full fine-tuning) with the bf16 products are within
+    bf16 rounding of the all-fp32 ones, and every product went through the bf16 path."""
     torch.manual_seed(0)
     hidden = torch.randn(96, 64)
     weight = torch.randn(2500, 64) * 0.2
     targets = torch.randint(0, 2500, (96,))
 
-    def hidden_gradient(autocast: bool) -> torch.Tensor:
-        leaf = hidden.clone().requires_grad_(True)
+    def gradients(autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_leaf, weight_leaf = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             log_probs, *_ = chunked_logprob.ChunkedLogProbFunction.apply(
-                leaf, weight, None, targets, 1.0, 1000, None, 1.0, ("entropy",))
+                hidden_leaf, weight_leaf, None, targets, 1.0, 1000, None, 1.0, ("entropy",))
         (-log_probs.mean()).backward()
-        return leaf.grad
+        return hidden_leaf.grad, weight_leaf.grad
 
-    exact = hidden_gradient(autocast=False)
+    exact = gradients(autocast=False)
     training.bf16_lm_head_products_on_cpu()
-    ours = hidden_gradient(autocast=True)
-    assert (ours - exact).norm() / exact.norm() < 0.02
+    patched, calls = chunked_logprob._addmm_fp32, []
+
+    def counted(accumulator, a, b):
+        calls.append(a.dtype)
+        patched(accumulator, a, b)
+
+    monkeypatch.setattr(chunked_logprob, "_addmm_fp32", counted)
+    ours = gradients(autocast=True)
+    assert calls == [torch.bfloat16] * 6  # 3 chunks x (hidden, weight)
+    for mine, reference in zip(ours, exact):
+        assert (mine - reference).norm() / reference.norm() < 0.02
 
 
 @pytest.mark.parametrize("native, precision, patched", [(True, "auto", True), (True, "fp32", False),

@@ -259,9 +259,10 @@ def test_ppo_killed_after_an_update_goes_on_exactly_as_an_uninterrupted_run(runs
 
     parent = runs_root / cold_dry["run"]
 
-    def args(run: str) -> list[str]:
+    def args(run: str) -> list[str]:  # the default critic-only first update, so the kill falls right after it
         return ["--run", run, "--sft_dir", str(parent / "sft"), "--reward_dir", str(parent / "reward"),
-                "--ranked_files", str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]), *PPO_ARGS]
+                "--ranked_files", str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]), *PPO_ARGS,
+                "--critic_warmup_updates", "1"]
 
     log = tmp_path / "first.log"
     process = start_stage("ppo", args("ppo-killed"), log)
@@ -292,6 +293,9 @@ def test_ppo_killed_after_an_update_goes_on_exactly_as_an_uninterrupted_run(runs
             assert resumed_row[key] == pytest.approx(whole_row[key], rel=1e-4, abs=1e-5), (resumed_row["update"], key)
     assert manifest["metrics"]["train_steps"] == whole["metrics"]["train_steps"]
     assert manifest["metrics"]["mean_reward_ppo"] == pytest.approx(whole["metrics"]["mean_reward_ppo"], rel=1e-4)
+    # The warm-up update trained the critic only: update 2 still samples the reference (KL 0), update 3 does not
+    updates = whole["metrics"]["updates"]
+    assert updates[1]["objective/kl_k3"] == pytest.approx(0.0, abs=1e-6) and updates[2]["objective/kl_k3"] > 1e-4
 
 
 @pytest.mark.slow
