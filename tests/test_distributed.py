@@ -23,7 +23,8 @@ ORDER_MARGIN times the 2-rank difference: reward 40x (1.2e-2), SFT only ~4x (8e-
 examples differ by one topic word, so the random model's loss barely depends on which it sees).
 A doubled gradient would not show: Adam's update ignores the gradient's scale.
 Offline DPO (the cold-or-dry pairs, learning rate 0.008, `loss_type [sigmoid, sft]` at beta 0.1
-pinned, the measured setting: at beta 0.2 the same steps amplify float noise to 1.3e-3): 2 ranks within 4.9e-5 of 1 rank; the
+pinned, in fp32 as on-policy DPO below: on a bf16 CPU, since TRL's LM head runs its backward in
+bf16 there (align.training.bf16_lm_head_products_on_cpu), a batch of 2 rounds unlike one of 4; the measured setting: at beta 0.2 the same steps amplify float noise to 1.3e-3): 2 ranks within 4.9e-5 of 1 rank; the
 other data order moves the curve by 5.4e-4 (11x: the pairs all look alike, so which ones a step
 sees matters little; ORDER_MARGIN 4). At 0.02 the policy moves so fast that float noise alone
 reaches 1.2e-3, over LOSS_TOLERANCE; at 0.003 the other order moved it only 9x the noise.
@@ -192,7 +193,7 @@ def test_offline_dpo_two_ranks_match_one_rank_on_the_same_global_batch(runs_root
               "--ranked_files", str(cold_dry["ranked"]), "--eval_file", str(cold_dry["prompts"]),
               "--max_steps", str(MAX_STEPS), "--logging_steps", "1",
               "--learning_rate", "0.008", "--beta", "0.1", "--loss_type", "sigmoid", "sft", "--warmup_steps", "0",
-              "--seed", "7", "--generation_backend", "hf",
+              "--seed", "7", "--generation_backend", "hf", "--precision", "fp32",
               "--eval_max_new_tokens", "8", "--eval_samples_per_prompt", "1", "--report_to", "none"]
 
     def curve(run: str) -> list:
