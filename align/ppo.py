@@ -337,21 +337,27 @@ class PPOUpdater:
             micro = batch.rows(rows)
             weight = micro.mask.sum() / total_tokens
             with self.autocast():
-                logp = logprobs_from_logits(response_logits(self.policy, micro), micro, settings.temperature)
+                # critic warm-up: the policy does not move, so its log-probs are the old ones and its
+                # forward and backward passes would only add zero gradients
+                logp = (logprobs_from_logits(response_logits(self.policy, micro), micro, settings.temperature)
+                        if train_policy else old_logp[rows])
                 values = critic_values(self.critic, micro, grad=True)
-            pg_loss, _ = ppo_math.policy_loss(logp, old_logp[rows], advantages[rows], micro.mask, settings.cliprange,
-                                              settings.dual_clip, None if is_weights is None else is_weights[rows])
             vf_loss, _ = ppo_math.value_loss(values, old_values[rows], returns[rows], micro.mask,
                                              settings.cliprange_value)
-            loss = pg_loss * float(train_policy) + settings.vf_coef * vf_loss
+            loss = settings.vf_coef * vf_loss
+            if train_policy:
+                pg_loss, _ = ppo_math.policy_loss(logp, old_logp[rows], advantages[rows], micro.mask,
+                                                  settings.cliprange, settings.dual_clip,
+                                                  None if is_weights is None else is_weights[rows])
+                loss = loss + pg_loss
             (loss * weight).backward()
-            for sizes in self.sizes:  # policy and critic: forward and backward on these tokens
+            for sizes in self.sizes if train_policy else self.sizes[1:]:  # forward and backward on these tokens
                 cost.count_training(sizes, *real_tokens(micro))
             new_logp.append(logp.detach())
             new_values.append(values.detach())
-        processes.sum_gradients(trainable(self.policy) + trainable(self.critic))
-        grad_policy = self._clip_and_step(self.policy, self.policy_optimizer, train_policy)
-        grad_critic = self._clip_and_step(self.critic, self.critic_optimizer, True)
+        processes.sum_gradients((trainable(self.policy) if train_policy else []) + trainable(self.critic))
+        grad_policy = self._clip_and_step(self.policy, self.policy_optimizer) if train_policy else 0.0
+        grad_critic = self._clip_and_step(self.critic, self.critic_optimizer)
         self.steps += 1
         # statistics over the whole minibatch, from the detached pieces of every rank
         logp = processes.gather_rows(torch.cat(new_logp))
@@ -365,14 +371,13 @@ class PPOUpdater:
                 "val/ratio_var": stats["ratio_var"], "val/clipfrac_avg": vf_clipfrac,
                 "grad_norm/policy": grad_policy, "grad_norm/critic": grad_critic}
 
-    def _clip_and_step(self, model, optimizer, step: bool) -> float:
+    def _clip_and_step(self, model, optimizer) -> float:
         parameters = trainable(model)
         if self.settings.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(parameters, self.settings.max_grad_norm).item()
         else:
             norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in parameters if p.grad is not None))
-        if step:
-            optimizer.step()
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
 

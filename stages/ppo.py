@@ -299,10 +299,12 @@ def update_settings(args: PPOStageArgs) -> ppo.PPOSettings:
 
 
 def run_metrics(update_rows: list[dict]) -> dict:
-    """The run's PPO numbers for the manifest: means over every minibatch step, first and last update."""
+    """The run's PPO numbers for the manifest: means over the updates that trained the policy
+    (a critic warm-up's clip fraction is 0 by construction), first and last update."""
     first, last = update_rows[0], update_rows[-1]
-    return {"clipfrac_mean": sum(r["policy/clipfrac_avg"] for r in update_rows) / len(update_rows),
-            "approxkl_mean": sum(r["policy/approxkl_avg"] for r in update_rows) / len(update_rows),
+    trained = [row for row in update_rows if not row.get("critic_warmup")]
+    return {"clipfrac_mean": sum(r["policy/clipfrac_avg"] for r in trained) / len(trained),
+            "approxkl_mean": sum(r["policy/approxkl_avg"] for r in trained) / len(trained),
             "rollout_score_first": first["objective/scores"], "rollout_score_last": last["objective/scores"],
             "rollout_kl_last": last["objective/kl"], "value_loss_first": first["loss/value_avg"],
             "value_loss_last": last["loss/value_avg"], "explained_variance_last": last["critic/vf_explained_var"]}
@@ -351,7 +353,8 @@ class UpdateLoop:
             self.out.say(f"[ppo] update {index + 1}/{self.args.updates}: score {row['objective/scores']:.3f}, "
                          f"KL {row['objective/kl']:.3f}, clipfrac {row['policy/clipfrac_avg']:.3f}, "
                          f"value loss {row['loss/value_avg']:.4f}, explained var {row['critic/vf_explained_var']:.2f}, "
-                         f"length {row['response/length_mean']:.1f}, {row['update_s']:.1f} s")
+                         f"length {row['response/length_mean']:.1f}, {row['update_s']:.1f} s"
+                         f"{' (critic warm-up: policy unchanged)' if row['critic_warmup'] else ''}")
             self.tracked.log("update", row, index + 1, skip=("update",))
             self.checkpoints.save_update(index + 1, self.updater, {
                 "rows": rows, "step_rows": self.step_rows, "push_checks": self.push_checks,
@@ -403,18 +406,19 @@ class UpdateLoop:
             raw_advantages, returns = ppo_math.decoupled_gae(rewards, old_values, mask, args.gamma, args.lam,
                                                              args.critic_lam)
             advantages = ppo_math.masked_whiten(raw_advantages, mask)
-            steps = self.updater.update(batch, old_logp, old_values, advantages, returns,
-                                        train_policy=index >= args.critic_warmup_updates)
+            warmup = index < args.critic_warmup_updates
+            steps = self.updater.update(batch, old_logp, old_values, advantages, returns, train_policy=not warmup)
         for step in steps:
             self.step_rows.append({"update": number, "step": len(self.step_rows) + 1, **step})
 
         sync_s = agreement = None
-        if generator is not None:  # rank 0's engine; the other ranks hold the same weights already
+        # a critic warm-up leaves the policy as it was: nothing to push
+        if generator is not None and not warmup:  # rank 0's engine; the other ranks hold the same weights already
             with self.timer.phase("sync"):
                 sync_s = generator.update_weights(self.policy)
                 agreement = self.check_push(generator, number)
 
-        row = {"update": number, "episode": number * len(batch), **ppo.mean_rows(steps)}
+        row = {"update": number, "episode": number * len(batch), "critic_warmup": warmup, **ppo.mean_rows(steps)}
         row.update(rollout_metrics(batch, scores, raw_scores, old_logp, ref_logp, kl, beta, old_values, returns,
                                    raw_advantages, args.temperature))
         row.update({"kl_coef": beta, "lr/policy": args.learning_rate, "lr/critic": args.critic_learning_rate,

@@ -183,10 +183,29 @@ def test_value_loss_falls_on_a_frozen_batch():
     settings = ppo.PPOSettings(num_ppo_epochs=1, num_mini_batches=1, cliprange_value=100.0, vf_coef=1.0)
     updater = ppo.PPOUpdater(policy, critic, settings, policy_lr=1e-2, critic_lr=3e-3)
     policy_before = [p.detach().clone() for p in policy.parameters()]
+    policy_calls = []
+    policy.register_forward_hook(lambda *_: policy_calls.append(1))
     losses = [updater.update(batch, old, values, advantages, returns, train_policy=False)[0]["loss/value_avg"]
               for _ in range(20)]
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(torch.equal(a, b.detach()) for a, b in zip(policy_before, policy.parameters()))
+    assert policy_calls == []  # its log-probs are the old ones: no forward (and no backward) through the policy
+
+
+def test_a_critic_warmup_step_moves_the_critic_as_a_full_step_does():
+    """The warm-up skips the policy's passes; the critic's step must be the one a full update
+    takes (the two models share no weights), and the row reports an unmoved policy."""
+    settings = ppo.PPOSettings(num_ppo_epochs=1, num_mini_batches=1, cliprange_value=None, vf_coef=0.5)
+    critics = []
+    for train_policy in (True, False):
+        torch.manual_seed(0)
+        policy, critic = micro_policy(), micro_critic()
+        inputs = rollout_inputs(policy, critic)
+        (row,) = ppo.PPOUpdater(policy, critic, settings, 1e-2, 1e-2).update(*inputs, train_policy=train_policy)
+        critics.append(critic)
+    for full, warmup in zip(critics[0].parameters(), critics[1].parameters()):
+        torch.testing.assert_close(warmup, full, atol=1e-7, rtol=0)
+    assert row["val/ratio"] == 1.0 and row["policy/clipfrac_avg"] == 0.0 and row["grad_norm/policy"] == 0.0
 
 
 def test_sampler_mismatch_is_zero_for_the_trainers_own_logprobs():
