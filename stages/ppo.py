@@ -25,8 +25,8 @@ missing-eos penalty: align.scoring.effective_reward); recompute old log-probs, r
 log-probs and values in torch (never vLLM's); KL-shaped rewards, GAE (the critic's targets
 at their own `critic_lam`), whitened advantages; K epochs x M minibatches of the clipped
 policy loss and the value loss (clipped if `cliprange_value` is set; the first
-`critic_warmup_updates` train the critic only); push the weights into the generator and
-check its greedy output against the policy's.
+`critic_warmup_updates` train the critic only); after each update that trained the policy,
+push the weights into the generator and check its greedy output against the policy's.
 
 Before and after training it samples the SFT model and the PPO model on the held-out
 prompts with the same decoding and seed, and judges them with the statistics of
@@ -365,6 +365,7 @@ class UpdateLoop:
         import torch
 
         args, number = self.args, index + 1
+        warmup = index < args.critic_warmup_updates  # the critic only: the policy stays as it is
         settings = SamplingSettings(n=args.samples_per_prompt, temperature=args.temperature,
                                     max_new_tokens=args.max_new_tokens, seed=online.round_seed(args.seed, index))
         round_set = online.round_prompts(self.prompts, index, args.prompts_per_update, args.seed)
@@ -406,7 +407,6 @@ class UpdateLoop:
             raw_advantages, returns = ppo_math.decoupled_gae(rewards, old_values, mask, args.gamma, args.lam,
                                                              args.critic_lam)
             advantages = ppo_math.masked_whiten(raw_advantages, mask)
-            warmup = index < args.critic_warmup_updates
             steps = self.updater.update(batch, old_logp, old_values, advantages, returns, train_policy=not warmup)
         for step in steps:
             self.step_rows.append({"update": number, "step": len(self.step_rows) + 1, **step})
