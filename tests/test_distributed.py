@@ -23,11 +23,13 @@ ORDER_MARGIN times the 2-rank difference: reward 40x (1.2e-2), SFT only ~4x (8e-
 examples differ by one topic word, so the random model's loss barely depends on which it sees).
 A doubled gradient would not show: Adam's update ignores the gradient's scale.
 Offline DPO (the cold-or-dry pairs, learning rate 0.008, `loss_type [sigmoid, sft]` at beta 0.1
-pinned, in fp32 as on-policy DPO below: on a bf16 CPU, since TRL's LM head runs its backward in
-bf16 there (align.training.bf16_lm_head_products_on_cpu), a batch of 2 rounds unlike one of 4; the measured setting: at beta 0.2 the same steps amplify float noise to 1.3e-3): 2 ranks within 4.9e-5 of 1 rank; the
-other data order moves the curve by 5.4e-4 (11x: the pairs all look alike, so which ones a step
-sees matters little; ORDER_MARGIN 4). At 0.02 the policy moves so fast that float noise alone
-reaches 1.2e-3, over LOSS_TOLERANCE; at 0.003 the other order moved it only 9x the noise.
+pinned: at beta 0.2 the same steps amplify float noise to 1.3e-3): 2 ranks within 4.9e-5 of 1
+rank; the other data order moves the curve by 5.4e-4 (11x: the pairs all look alike, so which
+ones a step sees matters little; ORDER_MARGIN 4). At 0.02 the policy moves so fast that float
+noise alone reaches 1.2e-3, over LOSS_TOLERANCE; at 0.003 the other order moved it only 9x the
+noise. Those figures predate the fp32 pin, now set as for on-policy DPO below: on a bf16 CPU,
+TRL's LM head runs its backward in bf16 (align.training.bf16_lm_head_products_on_cpu), which
+rounds a batch of 2 unlike one of 4. In fp32 on the AMX Xeon the other order read 4.2x.
 On-policy DPO (2 rounds of 16 prompts x 4 samples, hf backend): rank 0 alone samples, seeded per
 round, so round 1's samples and pairs equal the 1-rank run's byte for byte; its 4 steps agree to
 3e-6 relative (another data order: 1.9e-1). Round 2 samples the pushed policy, equal to the 1-rank
