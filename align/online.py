@@ -277,7 +277,8 @@ class HeldOutArgs:
     defaults of `make compare` (same decoding, seed and cut-answer rule; tests/test_config.py checks)."""
 
     eval_file: str = field(default="data/eval_prompts.jsonl", metadata={"help": "held-out prompts, never trained on"})
-    eval_samples_per_prompt: int = field(default=2, metadata={"help": "samples per held-out prompt"})
+    eval_samples_per_prompt: int = field(default=4, metadata={
+        "help": "samples per held-out prompt (compare's samples_per_prompt)"})
     eval_temperature: float = field(default=1.0, metadata={"help": "1.0 samples the policy itself (the KL needs it)"})
     eval_max_new_tokens: int = field(default=256, metadata={"help": "answer cap on held-out prompts (as compare)"})
     eval_seed: int = field(default=1234, metadata={"help": "held-out sampling seed, the same for SFT and the policy"})

@@ -6,7 +6,11 @@ judges it against the SFT parent on the held-out prompts. Printed per arm: the r
 difference over SFT with its 95% interval, the win rate with its interval, KL to SFT,
 length change and cap hits (answers cut at max_new_tokens), the verdict, and the
 stage's wall time; then the mean and spread over seeds. `--judge stage` reads the stage's
-own held-out verdict instead (compare's statistics on the stage's samples; no compare run). Arms and seeds are
+own held-out verdict instead (compare's statistics on the stage's samples; no compare run)
+and adds, per arm, the gain pooled over seeds (per prompt, the mean over seeds and samples;
+bootstrap over prompts) and how much of the per-prompt differences' variance is sampling
+noise (which more samples per prompt remove) rather than a gain that differs from prompt to
+prompt (which only more prompts average out). Arms and seeds are
 interleaved (seed 1 of every arm, then seed 2, ...), so a machine whose load changes
 hits them alike.
 
@@ -60,7 +64,8 @@ def one(arm: str, extra: str, stage: str, seed: int, parents: Path, logs: Path, 
     sampled = sampled_answers(runs.stage_dir(name, stage), stage)
     if judge == "stage":  # the stage's own held-out verdict: compare's statistics on its own samples
         return {"arm": arm, "stage": stage, "seed": seed, "stage_s": stage_s, "sampled": sampled,
-                **stage_verdict(runs.stage_dir(name, stage), stage)}
+                **stage_verdict(runs.stage_dir(name, stage), stage),
+                "rewards": heldout_rewards(runs.stage_dir(name, stage), stage)}
     compare_args = [sys.executable, "-m", "stages.compare", "--run", name, "--checkpoints", str(parents / "sft"),
                     str(runs.stage_dir(name, stage)), "--reward_dir", str(parents / "reward"), "--force"]
     run(compare_args, logs / f"{name}-compare.log")
@@ -100,6 +105,51 @@ def stage_verdict(folder: Path, stage: str) -> dict:
             "cut_sft": m["cut_fraction_sft"], "cut_policy": m[f"cut_fraction_{stage}"], "verdict": m["verdict"]}
 
 
+def heldout_rewards(folder: Path, stage: str) -> dict:
+    """{"sft": {prompt_id: [reward, ...]}, "policy": {...}}: the held-out samples' effective rewards."""
+    rewards = {}
+    for model, name in (("sft", "sft"), ("policy", stage)):
+        per_prompt = rewards.setdefault(model, {})
+        for line in (folder / "samples" / f"eval_{name}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            per_prompt.setdefault(row["prompt_id"], []).append(row["reward"])
+    return rewards
+
+
+def noise_split(rewards: dict) -> dict:
+    """One seed's per-prompt differences (policy mean - SFT mean): their variance, and the part
+    the samples' own spread predicts (within-prompt variance / samples, SFT plus policy)."""
+    ids = sorted(rewards["sft"])
+    sft, policy = ([rewards[m][i] for i in ids] for m in ("sft", "policy"))
+    differences = [statistics.fmean(p) - statistics.fmean(s) for p, s in zip(policy, sft)]
+    noise = sum(statistics.fmean(statistics.variance(v) for v in side) / len(side[0]) for side in (sft, policy))
+    return {"variance": statistics.variance(differences), "noise": noise, "samples": len(sft[0])}
+
+
+def pooled(mine: list[dict]) -> str:
+    """The arm's gain pooled over its seeds, with the noise split: a line, or '' without samples."""
+    from align import evaluation
+
+    if not all(r.get("rewards") for r in mine):
+        return ""
+    ids = sorted(mine[0]["rewards"]["sft"])
+    per_seed = [{model: evaluation.prompt_means([r["rewards"][model][i] for i in ids]) for model in ("sft", "policy")}
+                for r in mine]
+    aligned = sum(s["policy"] for s in per_seed) / len(per_seed)
+    baseline = sum(s["sft"] for s in per_seed) / len(per_seed)
+    result = evaluation.paired_difference(aligned, baseline)
+    shared = all(r["rewards"]["sft"] == mine[0]["rewards"]["sft"] for r in mine)
+    splits = [noise_split(r["rewards"]) for r in mine]
+    variance, noise = (statistics.fmean(s[k] for s in splits) for k in ("variance", "noise"))
+    split = (f"per seed, the per-prompt differences vary {variance:.2f}, sampling noise alone predicts {noise:.2f} "
+             f"at {splits[0]['samples']} samples per prompt")
+    if len(mine) == 1:
+        return split
+    note = " (SFT samples the same in every seed: their noise does not average out)" if shared else ""
+    return (f"pooled over {len(mine)} seeds: {result['difference']:+.3f} [{result['low']:+.2f}, {result['high']:+.2f}] "
+            f"on {result['prompts']} prompts{note}; {split}")
+
+
 def show(rows: list[dict]) -> None:
     header = (f"{'arm':<22} {'stage':>5} {'seed':>4} {'reward diff [95% CI]':>24} {'win rate [95% CI]':>20} {'KL':>6} "
               f"{'length':>7} {'cut sft/pol':>11} {'verdict':>12} {'sampled':>7} {'stage s':>8}")
@@ -126,6 +176,8 @@ def summarize(rows: list[dict]) -> None:
         better = sum(r["verdict"] == "better" for r in mine)
         print(f"  {arm:<22} ({mine[0].get('stage', '?')}) reward {reward[0]:+.3f} (spread {reward[1]:.3f}) | win {win[0]:.0%} (spread {win[1]:.0%}) "
               f"| KL {kl[0]:.2f} | length {length[0]:+.0%} | {better}/{len(mine)} better | stage {wall[0]:.0f} s")
+        if line := pooled(mine):
+            print(f"  {'':<22} {line}")
 
 
 def main() -> None:
@@ -166,7 +218,8 @@ def main() -> None:
     print()
     show(rows)
     summarize(rows)
-    (logs / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (logs / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "rewards"} for r in rows],
+                                                  indent=2) + "\n")
     if not args.keep:
         for row in rows:
             shutil.rmtree(runs.runs_root() / f"bench-{row['arm']}-s{row['seed']}", ignore_errors=True)

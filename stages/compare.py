@@ -30,7 +30,7 @@ Up to date (same config, compared checkpoints, reward model, prompts, code and v
 as the finished runs/<run>/compare): one line, nothing regenerated; `--force` redoes it
 (align/runs.py). A human verdict pulled into the report stays until compare reruns.
 
-Run: make compare [RUN=name] [ARGS="--samples_per_prompt 4 ..."]
+Run: make compare [RUN=name] [ARGS="--samples_per_prompt 8 ..."]
 Then, for a human verdict: make compare-to-argilla, annotate, make compare-pull
 (stages/compare_human.py).
 """
@@ -77,7 +77,8 @@ class CompareArgs:
     generation_dtype: Precision = field(default="auto", metadata={"help": "auto | bf16 | fp32"})
     server_url: str | None = field(default=None, metadata={"help": "vLLM server for generation_backend openai"})
     seed: int = field(default=1234, metadata={"help": "sampling seed, the same for every model"})
-    samples_per_prompt: int = field(default=2, metadata={"help": "responses per prompt and model"})
+    samples_per_prompt: int = field(default=4, metadata={
+        "help": "responses per prompt and model: the interval is mostly sampling noise, so more samples narrow it"})
     temperature: float = field(default=1.0, metadata={
         "help": "sampling temperature (0 = greedy); 1.0: each model's own distribution, the KL reuses the samples"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
@@ -87,7 +88,7 @@ class CompareArgs:
         "help": "an answer cut at max_new_tokens scores this much below the reward model (align.scoring.effective_reward)"})
     # KL
     kl_temperature: float = field(default=1.0, metadata={"help": "temperature of the aligned samples the KL is estimated on"})
-    kl_samples_per_prompt: int = field(default=2, metadata={
+    kl_samples_per_prompt: int = field(default=4, metadata={
         "help": "aligned samples per prompt for the KL (= samples_per_prompt at kl_temperature: the same samples)"})
     kl_estimator: KLEstimator = field(default="k3", metadata={"help": "k3 (>= 0, low variance) | k1 (log-ratio)"})
     kl_dtype: Precision = field(default="fp32", metadata={"help": "dtype of the KL forward passes: auto | bf16 | fp32"})
