@@ -107,7 +107,7 @@ class PPOStageArgs:
     kl_target: float | None = field(default=None, metadata={"help": "adaptive beta towards this KL (null: fixed beta)"})
     kl_horizon: int = field(default=10000, metadata={"help": "adaptive beta horizon, in episodes"})
     whiten_rewards: bool = field(default=False, metadata={"help": "whiten the shaped rewards (mean kept)"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "policy AdamW lr (constant, eps 1e-5)"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "policy AdamW lr (constant, eps 1e-5)"})
     critic_learning_rate: float = field(default=3e-4, metadata={"help": "critic AdamW lr (constant, eps 1e-5)"})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "gradient clipping, policy and critic apart"})
     dual_clip: float | None = field(default=None, metadata={"help": "dual-clip bound for negative advantages (> 1)"})
