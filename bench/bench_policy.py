@@ -116,14 +116,20 @@ def heldout_rewards(folder: Path, stage: str) -> dict:
     return rewards
 
 
-def noise_split(rewards: dict) -> dict:
-    """One seed's per-prompt differences (policy mean - SFT mean): their variance, and the part
-    the samples' own spread predicts (within-prompt variance / samples, SFT plus policy)."""
+def noise_split(rewards: dict) -> dict | None:
+    """One seed's per-prompt differences (policy mean - SFT mean over n samples each): their
+    variance, and the part sampling noise predicts, var_j(policy_j - SFT_j) / n averaged over
+    prompts. Sample j of both models shares its seed (align.generation), so the samples are
+    paired by index: two independent sample sets would predict more. None below 2 samples
+    or 2 prompts."""
     ids = sorted(rewards["sft"])
-    sft, policy = ([rewards[m][i] for i in ids] for m in ("sft", "policy"))
-    differences = [statistics.fmean(p) - statistics.fmean(s) for p, s in zip(policy, sft)]
-    noise = sum(statistics.fmean(statistics.variance(v) for v in side) / len(side[0]) for side in (sft, policy))
-    return {"variance": statistics.variance(differences), "noise": noise, "samples": len(sft[0])}
+    pairs = [list(zip(rewards["policy"][i], rewards["sft"][i], strict=True)) for i in ids]
+    if len(pairs) < 2 or min(len(p) for p in pairs) < 2:
+        return None
+    sample_differences = [[a - b for a, b in prompt] for prompt in pairs]
+    noise = statistics.fmean(statistics.variance(d) / len(d) for d in sample_differences)
+    differences = [statistics.fmean(d) for d in sample_differences]
+    return {"variance": statistics.variance(differences), "noise": noise, "samples": len(pairs[0])}
 
 
 def pooled(mine: list[dict]) -> str:
@@ -140,9 +146,11 @@ def pooled(mine: list[dict]) -> str:
     result = evaluation.paired_difference(aligned, baseline)
     shared = all(r["rewards"]["sft"] == mine[0]["rewards"]["sft"] for r in mine)
     splits = [noise_split(r["rewards"]) for r in mine]
-    variance, noise = (statistics.fmean(s[k] for s in splits) for k in ("variance", "noise"))
-    split = (f"per seed, the per-prompt differences vary {variance:.2f}, sampling noise alone predicts {noise:.2f} "
-             f"at {splits[0]['samples']} samples per prompt")
+    split = "too few samples or prompts for the noise split"
+    if all(splits):
+        variance, noise = (statistics.fmean(s[k] for s in splits) for k in ("variance", "noise"))
+        split = (f"per seed, the per-prompt differences vary {variance:.2f}, sampling noise alone predicts "
+                 f"{noise:.2f} at {splits[0]['samples']} samples per prompt")
     if len(mine) == 1:
         return split
     note = " (SFT samples the same in every seed: their noise does not average out)" if shared else ""
@@ -215,11 +223,11 @@ def main() -> None:
             rows.append(one(name, extra, stage, seed, args.parents, logs, args.judge))
             print(f"[bench_policy] {name} seed {seed}: {rows[-1]['verdict']}, reward {rows[-1]['reward_diff']:+.3f}",
                   flush=True)
+    (logs / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "rewards"} for r in rows],
+                                                  indent=2) + "\n")
     print()
     show(rows)
     summarize(rows)
-    (logs / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "rewards"} for r in rows],
-                                                  indent=2) + "\n")
     if not args.keep:
         for row in rows:
             shutil.rmtree(runs.runs_root() / f"bench-{row['arm']}-s{row['seed']}", ignore_errors=True)

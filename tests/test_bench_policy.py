@@ -26,12 +26,27 @@ def test_held_out_rewards_are_read_per_prompt_from_the_stage_samples(tmp_path):
     assert rewards == {"sft": {"a": [0.0, 2.0], "b": [1.0, 3.0]}, "policy": {"a": [1.0, 3.0], "b": [2.0, 4.0]}}
 
 
-def test_a_gain_the_same_on_every_prompt_leaves_only_sampling_noise():
-    """Every prompt gains exactly 1: the per-prompt differences do not vary, while each side's two
-    samples (variance 2 per prompt) predict a variance of 2/2 + 2/2 from sampling alone."""
+def test_sampling_noise_is_the_spread_of_differences_between_samples_paired_by_index():
+    """Sample j of both models shares a seed, so the noise is var_j(policy_j - SFT_j) / n: here the
+    differences are +3 and 0 on each prompt (variance 4.5, over 2 samples: 2.25), while the per-prompt
+    mean differences (+1.5 on both prompts) do not vary at all. Unpaired, the two sides' own spreads
+    (2 and 0.5) would predict 2/2 + 0.5/2 = 1.25."""
+    rewards = {"sft": {"a": [0.0, 2.0], "b": [1.0, 3.0]}, "policy": {"a": [3.0, 2.0], "b": [4.0, 3.0]}}
+    assert bench_policy.noise_split(rewards) == pytest.approx({"variance": 0.0, "noise": 2.25, "samples": 2})
+
+
+def test_a_policy_that_moves_every_paired_sample_alike_has_no_sampling_noise():
+    """Each policy sample is its SFT twin plus 1: the pairing cancels the samples' own spread
+    (variance 2 per prompt on each side, which unpaired samples would count as 2/2 + 2/2)."""
     rewards = {"sft": {"a": [0.0, 2.0], "b": [1.0, 3.0]}, "policy": {"a": [1.0, 3.0], "b": [2.0, 4.0]}}
-    split = bench_policy.noise_split(rewards)
-    assert split == pytest.approx({"variance": 0.0, "noise": 2.0, "samples": 2})
+    assert bench_policy.noise_split(rewards) == pytest.approx({"variance": 0.0, "noise": 0.0, "samples": 2})
+
+
+def test_too_few_samples_or_prompts_give_no_split_instead_of_a_crash():
+    assert bench_policy.noise_split({"sft": {"a": [0.0], "b": [1.0]}, "policy": {"a": [1.0], "b": [2.0]}}) is None
+    assert bench_policy.noise_split({"sft": {"a": [0.0, 1.0]}, "policy": {"a": [1.0, 2.0]}}) is None
+    one_sample = [{"rewards": {"sft": {"a": [0.0], "b": [1.0]}, "policy": {"a": [1.0], "b": [2.0]}}}] * 2
+    assert bench_policy.pooled(one_sample).endswith("too few samples or prompts for the noise split")
 
 
 def test_a_gain_that_differs_between_prompts_varies_beyond_the_noise():
