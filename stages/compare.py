@@ -88,8 +88,8 @@ class CompareArgs:
         "help": "an answer cut at max_new_tokens scores this much below the reward model (align.scoring.effective_reward)"})
     # KL
     kl_temperature: float = field(default=1.0, metadata={"help": "temperature of the aligned samples the KL is estimated on"})
-    kl_samples_per_prompt: int = field(default=4, metadata={
-        "help": "aligned samples per prompt for the KL (= samples_per_prompt at kl_temperature: the same samples)"})
+    kl_samples_per_prompt: int | None = field(default=None, metadata={
+        "help": "aligned samples per prompt for the KL; null: samples_per_prompt (at kl_temperature: the same samples)"})
     kl_estimator: KLEstimator = field(default="k3", metadata={"help": "k3 (>= 0, low variance) | k1 (log-ratio)"})
     kl_dtype: Precision = field(default="fp32", metadata={"help": "dtype of the KL forward passes: auto | bf16 | fp32"})
     kl_batch_size: int = field(default=8, metadata={"help": "KL forward-pass batch"})
@@ -107,6 +107,9 @@ def main(argv=None):
     args, judge_args = parsed
     if not 0 < args.confidence < 1:
         raise ConfigError(f"confidence: must be between 0 and 1, got {args.confidence}")
+    for key in ("samples_per_prompt", "kl_samples_per_prompt"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {getattr(args, key)}")
     settings, kl_settings = sampling_settings(args)
 
     # Inputs, all checked before any generation.
@@ -181,11 +184,16 @@ def sampling_settings(args: CompareArgs) -> tuple[SamplingSettings, SamplingSett
     which are the aligned model's own distribution when temperature == kl_temperature and top_p == 1)."""
     settings = SamplingSettings(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed)
-    reuse = (args.temperature == args.kl_temperature and args.top_p == 1.0
-             and args.kl_samples_per_prompt == args.samples_per_prompt)
-    kl_settings = None if reuse else SamplingSettings(n=args.kl_samples_per_prompt, temperature=args.kl_temperature,
+    kl_samples = kl_samples_per_prompt(args)
+    reuse = args.temperature == args.kl_temperature and args.top_p == 1.0 and kl_samples == args.samples_per_prompt
+    kl_settings = None if reuse else SamplingSettings(n=kl_samples, temperature=args.kl_temperature,
                                                       max_new_tokens=args.max_new_tokens, seed=args.seed)
     return settings, kl_settings
+
+
+def kl_samples_per_prompt(args: CompareArgs) -> int:
+    """The KL's samples per prompt: `kl_samples_per_prompt`, or by default `samples_per_prompt`."""
+    return args.kl_samples_per_prompt or args.samples_per_prompt
 
 
 def checkpoints_to_compare(args: CompareArgs) -> list[runs.Checkpoint]:
@@ -288,7 +296,7 @@ def compare_results(args, labels, checkpoints, rows, kl, settings, kl_settings, 
     for label, checkpoint in zip(labels, checkpoints):
         summaries[label]["checkpoint"] = checkpoint.as_parent()
     kl_text = ("the comparison samples themselves" if kl_settings is None else
-               f"{args.kl_samples_per_prompt} separate sample(s) per prompt from each aligned model at temperature "
+               f"{kl_samples_per_prompt(args)} separate sample(s) per prompt from each aligned model at temperature "
                f"{args.kl_temperature}, top_p 1.0, seed {args.seed} (the estimate is unbiased only for the model's "
                f"own distribution)")
     return {

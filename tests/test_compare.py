@@ -156,7 +156,8 @@ def test_report_numbers_agree_with_the_samples(compare_run, tiny_data):
     assert d["difference"] == pytest.approx(float(np.mean(dpo - sft)))
     assert d["low"] <= d["difference"] <= d["high"]
     assert (w["wins"], w["losses"], w["ties"]) == (int((dpo > sft).sum()), int((dpo < sft).sum()), int((dpo == sft).sum()))
-    # k3 >= 0; models differ; at temperature 1 the KL reuses the comparison samples (2 per prompt)
+    # k3 >= 0; models differ; at temperature 1 the KL reuses the comparison samples (2 per prompt: the
+    # default kl_samples_per_prompt follows samples_per_prompt)
     assert entry["kl"]["mean"] > 0 and entry["kl"]["samples"] == 2 * len(prompts)
     for model in ("sft", "dpo"):
         m = results["models"][model]
@@ -201,6 +202,9 @@ def test_bad_inputs_fail_cleanly_without_output(compare_run, runs_root, tiny_dat
     bad.write_text('{"prompt_id": "a", "prompt": [{"role": "user", "content": "hi"}]}\n{"prompt_id": "b"}\n')
     result = run_stage("compare", "--run", run, *compare_args(bad))
     assert result.returncode == 2 and f"{bad}:2: prompt" in result.stderr
+    # a sample count below 1 is named (kl_samples_per_prompt: null means samples_per_prompt)
+    result = run_stage("compare", "--run", run, "--kl_samples_per_prompt", "0")
+    assert result.returncode == 2 and "kl_samples_per_prompt: must be >= 1, got 0" in result.stderr
     # an unknown config key is named
     result = run_stage("compare", "--run", run, "--samples_per_promt", "3")
     assert result.returncode == 2 and "samples_per_prompt" in result.stderr
