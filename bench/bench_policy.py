@@ -24,6 +24,9 @@ issue-11 question "DPO, PPO or RLOO?" at a printed sample budget (`sampled`):
         --arm dpo="" --arm ppo@ppo="--updates 16" --arm rloo@rloo=""
 
 Each run lands in runs/bench-<arm>-s<seed>/ (ALIGN_RUNS moves runs/); --keep leaves them.
+Every run draws its own SFT held-out samples (`--eval_reuse_sft false`), so stage times
+compare like for like; --reuse-sft lets later runs reuse the first's (a DPO stage ~20%
+faster; those runs' times are starred).
 """
 
 from __future__ import annotations
@@ -55,15 +58,20 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
-def one(arm: str, extra: str, stage: str, seed: int, parents: Path, logs: Path, judge: str) -> dict:
+def one(arm: str, extra: str, stage: str, seed: int, parents: Path, logs: Path, judge: str,
+        reuse_sft: bool = False) -> dict:
     name = f"bench-{arm}-s{seed}"
     # --force: a benchmark measures a run; an up-to-date output left by `--keep` must not be skipped
     policy_args = [sys.executable, "-m", f"stages.{stage}", "--run", name, "--sft_dir", str(parents / "sft"),
                    "--reward_dir", str(parents / "reward"), "--seed", str(seed), "--force", *shlex.split(extra)]
+    if not reuse_sft:  # every run draws its own SFT held-out samples: stage times compare like for like
+        policy_args += ["--eval_reuse_sft", "false"]
     stage_s = run(policy_args, logs / f"{name}-{stage}.log")
     sampled = sampled_answers(runs.stage_dir(name, stage), stage)
+    reused = json.loads((runs.stage_dir(name, stage) / runs.MANIFEST).read_text())["metrics"].get(
+        "heldout_sft_source", "").startswith("reused")
     if judge == "stage":  # the stage's own held-out verdict: compare's statistics on its own samples
-        return {"arm": arm, "stage": stage, "seed": seed, "stage_s": stage_s, "sampled": sampled,
+        return {"arm": arm, "stage": stage, "seed": seed, "stage_s": stage_s, "sampled": sampled, "sft_reused": reused,
                 **stage_verdict(runs.stage_dir(name, stage), stage),
                 "rewards": heldout_rewards(runs.stage_dir(name, stage), stage)}
     compare_args = [sys.executable, "-m", "stages.compare", "--run", name, "--checkpoints", str(parents / "sft"),
@@ -74,7 +82,7 @@ def one(arm: str, extra: str, stage: str, seed: int, parents: Path, logs: Path, 
     models = report["models"]
     baseline, aligned = models[comparison["baseline"]], models[comparison["aligned"]]
     return {
-        "arm": arm, "stage": stage, "seed": seed, "stage_s": stage_s, "sampled": sampled,
+        "arm": arm, "stage": stage, "seed": seed, "stage_s": stage_s, "sampled": sampled, "sft_reused": reused,
         "reward_diff": comparison["reward_difference"]["difference"],
         "reward_low": comparison["reward_difference"]["low"], "reward_high": comparison["reward_difference"]["high"],
         "win_rate": comparison["win_rate"]["rate"], "win_low": comparison["win_rate"]["low"],
@@ -168,7 +176,10 @@ def show(rows: list[dict]) -> None:
         sampled = "n/a" if r.get("sampled") is None else str(r["sampled"])
         print(f"{r['arm']:<22} {r.get('stage', ''):>5} {r['seed']:>4} {r['reward_diff']:+7.3f} [{r['reward_low']:+.2f}, {r['reward_high']:+.2f}] "
               f"{r['win_rate']:6.0%} [{r['win_low']:.0%}, {r['win_high']:.0%}] {kl:>6} {r['length_change']:+7.0%} "
-              f"{r['cut_sft']:5.0%}/{r['cut_policy']:<5.0%} {r['verdict']:>12} {sampled:>7} {r['stage_s']:8.0f}")
+              f"{r['cut_sft']:5.0%}/{r['cut_policy']:<5.0%} {r['verdict']:>12} {sampled:>7} {r['stage_s']:8.0f}"
+              f"{'*' if r.get('sft_reused') else ''}")
+    if any(r.get("sft_reused") for r in rows):
+        print("* reused the SFT held-out samples an earlier run drew (--reuse-sft): its stage time leaves them out")
 
 
 def summarize(rows: list[dict]) -> None:
@@ -200,6 +211,9 @@ def main() -> None:
     parser.add_argument("--judge", choices=("compare", "stage"), default="compare",
                         help="compare: make compare judges each run; stage: the stage's own held-out verdict (faster)")
     parser.add_argument("--keep", action="store_true", help="keep the bench runs (default: removed after)")
+    parser.add_argument("--reuse-sft", action="store_true",
+                        help="let runs reuse the SFT held-out samples of the first (faster; stage times then differ "
+                             "by that work; default: every run draws its own)")
     args = parser.parse_args()
     missing = [stage for stage in ("sft", "reward") if not (args.parents / stage / runs.MANIFEST).is_file()]
     if missing:  # `make bench` on a fresh checkout: say what it needs, skip
@@ -220,7 +234,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for name, stage, extra in arms:
-            rows.append(one(name, extra, stage, seed, args.parents, logs, args.judge))
+            rows.append(one(name, extra, stage, seed, args.parents, logs, args.judge, args.reuse_sft))
             print(f"[bench_policy] {name} seed {seed}: {rows[-1]['verdict']}, reward {rows[-1]['reward_diff']:+.3f}",
                   flush=True)
     (logs / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "rewards"} for r in rows],

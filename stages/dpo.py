@@ -143,7 +143,7 @@ def main(argv=None):
     tracker_names = trackers.requested_trackers(dpo_config.report_to)
 
     # Inputs, parents and the reward model, all checked before the policy loads.
-    heldout = heldout_args.heldout()
+    heldout = heldout_args.heldout("dpo")
     prompts, offline_pairs, pair_report = load_train_inputs(args, heldout.records)
     config = resolved_config(args, heldout_args, sampler, model_args, dpo_config)
     sft, fingerprint = online.policy_parents("dpo", args, config, [*args.ranked_files, heldout_args.eval_file])
@@ -192,7 +192,7 @@ def main(argv=None):
                         train_offline(trainer, None, offline_pairs, timer, out, checkpoints)
                     return
                 with timer.phase("eval"):
-                    sft_eval = heldout.sample(generator, scorer, "SFT")
+                    sft_eval = heldout.sample_sft(generator, scorer, sft, out.say)
                 if args.mode == "on_policy":
                     round_rows = run_rounds(args, heldout_args, trainer, generator, scorer, prompts, timer, tracked, out,
                                             bf16, checkpoints)

@@ -177,7 +177,7 @@ def main(argv=None):
     tracker_names = trackers.requested_trackers(args.report_to)
 
     # Inputs, parents and the reward model, all checked before the policy loads.
-    heldout = heldout_args.heldout()
+    heldout = heldout_args.heldout("ppo")
     prompts = load_train_prompts(args, heldout.records)
     config = resolved_config(args, heldout_args, sampler, model_args)
     sft, fingerprint = online.policy_parents("ppo", args, config, [*args.ranked_files, heldout_args.eval_file])
@@ -229,7 +229,7 @@ def main(argv=None):
             with engine as generator:
                 if samples_here:
                     with timer.phase("eval"):
-                        sft_eval = heldout.sample(generator, scorer, "SFT")
+                        sft_eval = heldout.sample_sft(generator, scorer, sft, out.say)
                 update_rows = loop.run(generator)
                 if not samples_here:  # another rank: its shares are trained; rank 0 evaluates and saves
                     return

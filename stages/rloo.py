@@ -106,7 +106,7 @@ def main(argv=None):
     tracker_names = trackers.requested_trackers(rloo_config.report_to)
 
     # Inputs, parents and the reward model, all checked before the policy loads.
-    heldout = heldout_args.heldout()
+    heldout = heldout_args.heldout("rloo")
     records = [record for path in args.ranked_files for record in data.load_ranked(path)]
     prompts = preferences.train_prompts(records, heldout.records, args.ranked_files)
     config = resolved_config(args, heldout_args, sampler, model_args, rloo_config)
@@ -138,7 +138,7 @@ def main(argv=None):
             with engine as generator:
                 if samples_here:
                     with timer.phase("eval"):
-                        sft_eval = heldout.sample(generator, scorer, "SFT")
+                        sft_eval = heldout.sample_sft(generator, scorer, sft, out.say)
                 reward_function = rloo.RewardModelFunction(scorer, tokenizer.eos_token_id, heldout.truncation_penalty,
                                                            timer)
                 trainer = rloo.generator_rloo_trainer(generator, timer, rloo_config.seed)(

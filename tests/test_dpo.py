@@ -155,6 +155,10 @@ def test_on_policy_round_raises_the_reward_of_fresh_samples(runs_root, cold_dry)
     sft_rows = read_rows(folder / "samples" / "eval_sft.jsonl")
     dpo_rows = read_rows(folder / "samples" / "eval_dpo.jsonl")
     assert len(sft_rows) == len(dpo_rows) == 8 * 4
+    # The SFT samples are the ones stored for later stages beside the SFT checkpoint (align.online.HeldOut.sample_sft).
+    source = metrics["heldout_sft_source"]
+    stored = json.loads(Path(source.split(" in " if source.startswith("drawn") else "reused ", 1)[1]).read_text())
+    assert [row["response"] for row in sft_rows] == [sample["text"] for group in stored["samples"] for sample in group]
     sft_mean = statistics.fmean(row["reward"] for row in sft_rows)
     dpo_mean = statistics.fmean(row["reward"] for row in dpo_rows)
     noise = statistics.stdev(row["reward"] for row in sft_rows) / len(sft_rows) ** 0.5
