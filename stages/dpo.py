@@ -86,7 +86,7 @@ class DPOStageArgs:
     offline_pairs: Literal["best_vs_worst", "all"] = field(
         default="best_vs_worst", metadata={"help": "best_vs_worst (one pair per prompt) | all"})
     # on-policy rounds
-    rounds: int = field(default=2, metadata={"help": "on-policy rounds"})
+    rounds: int = field(default=3, metadata={"help": "on-policy rounds"})
     prompts_per_round: int = field(default=64, metadata={"help": "train prompts sampled per round"})
     samples_per_prompt: int = field(default=4, metadata={"help": "K responses per prompt"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rounds"})
